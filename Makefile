@@ -1,0 +1,27 @@
+# The two newcomer commands (README): `make demo` and `make test`. Each sets itself up from
+# nothing: a virtual environment in .venv, torch 2.13.0 first (so pip never swaps in another
+# build), then this project with its test extra, then the MovieLens-100K example data.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# DeepSpeed JIT-compiles its CPU ops on first use (20-60 s); keep them with the environment.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+# One BLAS thread per process: the tests and the demo run two ranks on two cores.
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: setup demo test
+
+setup: $(VENV)/.ready
+
+$(VENV)/.ready: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install --no-deps recbole==1.2.1
+	touch $@
+
+demo: setup
+	$(PY) -m launcher demo
+
+test: setup
+	$(PY) -m pytest

@@ -1,0 +1,95 @@
+"""Import data that is already cut into blocks, in the PESO authors' format.
+
+Each `block_<k>.json` maps `user -> {"previous_block": [...], "current_block": [...]}` (item ids,
+oldest first). The files carry no timestamps, so the stream gets an ordinal clock. A user's
+`previous_block` must extend what earlier block files showed of them; the part no earlier file
+explains (activity in blocks where the user had fewer than 5 interactions) becomes history with
+window -1 ("before, window unknown"): it feeds histories but is not activity in any window, so a
+user absent from block k-1's file is dormant in block k, as the paper defines it.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+
+import numpy as np
+from tqdm import tqdm
+
+from data_tools.accounting import InputError, Ledger
+from data_tools.stream import Stream
+
+
+def block_files(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        raise InputError("--reviews for --format blocks must be the folder of block_<k>.json files", folder)
+    files = glob.glob(os.path.join(folder, "block_*.json"))
+    numbered = sorted((int(m.group(1)), f) for f in files if (m := re.search(r"block_(\d+)\.json$", f)))
+    if not numbered:
+        raise InputError("no block_<k>.json files", folder)
+    if [k for k, _ in numbered] != list(range(len(numbered))):
+        raise InputError(f"block files must be numbered 0..{len(numbered) - 1} without gaps, found {[k for k, _ in numbered]}", folder)
+    return [f for _, f in numbered]
+
+
+def _items(value, path: str, user: str, key: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
+        raise InputError(f"user {user!r}: {key} must be a list of item id strings", path)
+    return value
+
+
+def read_blocks(folder: str, ledger: Ledger, progress: bool = True) -> tuple[Stream, list[dict]]:
+    """Build the stream (windows = blocks) and describe each file as a source."""
+    users: dict[str, int] = {}
+    items: dict[str, int] = {}
+    u_col, i_col, w_col = [], [], []
+    known: dict[int, list[str]] = {}  # what earlier blocks showed of each user
+    sources = []
+    files = block_files(folder)
+    item_first: dict[int, int] = {}
+    for b, path in enumerate(tqdm(files, desc="blocks", disable=not progress, leave=False)):
+        with open(path, "rb") as f:
+            raw = f.read()
+        sources.append({"role": "block", "path": os.path.abspath(path), "sha256": hashlib.sha256(raw).hexdigest(),
+                        "bytes": len(raw), "format": "blocks"})
+        try:
+            table = json.loads(raw)
+        except ValueError as e:
+            raise InputError(f"not a JSON object ({e})", path) from None
+        if not isinstance(table, dict):
+            raise InputError("a block file must map user -> {previous_block, current_block}", path)
+        for user in sorted(table):
+            entry = table[user]
+            if not isinstance(entry, dict):
+                raise InputError(f"user {user!r}: expected an object", path)
+            prev = _items(entry.get("previous_block", []), path, user, "previous_block")
+            cur = _items(entry.get("current_block"), path, user, "current_block")
+            u = users.setdefault(user, len(users))
+            seen = known.get(u, [])
+            if prev[:len(seen)] != seen:
+                raise InputError(f"user {user!r}: previous_block does not extend the history earlier blocks gave", path)
+            extra = prev[len(seen):]
+            for src, w in [(x, -1) for x in extra] + [(x, b) for x in cur]:
+                i = items.setdefault(src, len(items))
+                item_first.setdefault(i, max(b - 1, 0) if w < 0 else b)
+                u_col.append(u)
+                i_col.append(i)
+                w_col.append(w)
+            ledger.read += len(extra) + len(cur)
+            ledger.kept += len(extra) + len(cur)
+            known[u] = prev + cur
+    n = len(u_col)
+    stream = Stream(
+        user=np.asarray(u_col, dtype=np.int32),
+        item=np.asarray(i_col, dtype=np.int32),
+        ts=np.arange(n, dtype=np.int64),  # ordinal clock: the files carry no time
+        user_ids=list(users),
+        item_ids=list(items),
+        window=np.asarray(w_col, dtype=np.int16),
+        item_first_window=np.asarray([item_first[i] for i in range(len(items))], dtype=np.int16),
+    )
+    stream.notes["history_only_interactions"] = int((stream.window < 0).sum())
+    return stream, sources

@@ -1,0 +1,306 @@
+"""`convert`: a review stream (plus item metadata) -> a dataset folder of per-window shards.
+
+One sample's path: a review line -> `formats` parses and validates it -> `stream` orders and
+re-numbers it -> `windows` labels its window and makes it a target (with its history) -> here it
+is serialized into a shard under windows/NN/, and the manifest counts it.
+
+The folder is built in a staging directory next to `--out` and renamed into place at the end,
+so an interrupted conversion never leaves a half-written dataset behind; a rerun whose inputs
+(sha256) and parameters match the existing manifest does nothing.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+from tqdm import tqdm
+
+from data_tools import __version__
+from data_tools.accounting import InputError, Ledger, Skip
+from data_tools.blocks import read_blocks
+from data_tools.dataset import ITEMS, MANIFEST, USERS, SCHEMA_VERSION, atomic_write_json, current_umask, load_manifest, window_dir
+from data_tools.formats import FORMATS, METAS, REVIEWS, default_max_seconds
+from data_tools.shards import ShardWriter
+from data_tools.stream import IdCollector, Stream, first_windows, normalize
+from data_tools.textio import LineStream, sha256_file
+from data_tools.windows import GROUPS, SPLITS, SplitRule, UserMajor, label_windows, plan_windows
+
+
+@dataclass
+class ConvertOptions:
+    format: str
+    reviews: str
+    out: str
+    meta: str | None = None
+    index: str | None = None
+    split: str = "paper"
+    min_interactions: int = 5
+    max_history: int = 20
+    min_rating: float | None = None
+    kcore: int | None = None
+    shard_size: int = 20000
+    seed: int = 0
+    collisions: str = "keep"
+    strict: bool = False
+    force: bool = False
+    progress: bool = True
+    log: object = field(default=sys.stderr, repr=False)
+
+    def parameters(self) -> dict:
+        """What determines the output bytes (with the input hashes); a rerun compares these."""
+        keep = ("format", "split", "min_interactions", "max_history", "min_rating", "kcore", "shard_size", "seed", "collisions", "strict")
+        return {k: getattr(self, k) for k in keep}
+
+
+def _say(opts: ConvertOptions, msg: str) -> None:
+    print(msg, file=opts.log, flush=True)
+
+
+def _validate(opts: ConvertOptions) -> SplitRule:
+    if opts.format not in FORMATS:
+        raise InputError(f"unknown format {opts.format!r}; choose one of {', '.join(FORMATS)}")
+    if opts.format == "blocks":
+        if opts.meta:
+            raise InputError("--meta is not used with --format blocks (block files carry no item text)")
+    else:
+        if opts.index:
+            raise InputError("--index is only for --format blocks; build an index with `python -m data_tools index`")
+        if opts.meta and opts.format not in METAS:
+            raise InputError(f"--format {opts.format} has no metadata format")
+    for name, v, lo in (("min_interactions", opts.min_interactions, 3), ("max_history", opts.max_history, 1), ("shard_size", opts.shard_size, 1)):
+        if v < lo:
+            raise InputError(f"--{name.replace('_', '-')} must be at least {lo}, got {v}")
+    return SplitRule("blocks") if opts.format == "blocks" else SplitRule.parse(opts.split)
+
+
+def _source_paths(opts: ConvertOptions) -> list[str]:
+    if opts.format == "blocks":
+        from data_tools.blocks import block_files
+
+        return block_files(opts.reviews) + ([opts.index] if opts.index else [])
+    return [opts.reviews] + ([opts.meta] if opts.meta else [])
+
+
+def up_to_date(opts: ConvertOptions) -> dict | None:
+    """The existing manifest, if it was made from these very inputs and parameters."""
+    try:
+        m = load_manifest(opts.out)
+    except (FileNotFoundError, ValueError):
+        return None
+    if m.get("parameters") != opts.parameters():
+        return None
+    recorded = {os.path.abspath(s["path"]): s for s in m["sources"]}
+    paths = _source_paths(opts)
+    if set(map(os.path.abspath, paths)) != set(recorded):
+        return None
+    for p in paths:
+        s = recorded[os.path.abspath(p)]
+        if os.path.getsize(p) != s["bytes"] or sha256_file(p) != s["sha256"]:
+            return None
+    for t in range(len(m["windows"])):
+        for split in SPLITS:
+            for shard in m["windows"][t]["shards"][split]:
+                if not os.path.isfile(os.path.join(window_dir(opts.out, t), shard["name"])):
+                    return None
+    return m
+
+
+def _read_stream(opts: ConvertOptions, reviews: Ledger, max_seconds: float) -> tuple[Stream, list[dict]]:
+    fmt = REVIEWS[opts.format]
+    lines = LineStream(opts.reviews, desc="reviews", progress=opts.progress)
+    collector = IdCollector()
+    collector.read(lines, fmt.parse, reviews, max_seconds, header=fmt.header)
+    if reviews.read == 0:
+        raise InputError("the reviews file holds no records", opts.reviews)
+    if reviews.kept == 0:
+        raise InputError(f"no usable records: {reviews.summary()}", opts.reviews)
+    source = {"role": "reviews", "path": os.path.abspath(opts.reviews), "sha256": lines.sha256,
+              "bytes": lines.size, "format": opts.format}
+    stream = normalize(collector, reviews, opts.min_rating, opts.kcore)
+    if len(stream) == 0:
+        raise InputError(f"no interactions left after filtering: {reviews.summary()}", opts.reviews)
+    return stream, [source]
+
+
+def _read_meta(opts: ConvertOptions, stream: Stream, meta: Ledger) -> tuple[dict, dict]:
+    """item dense id -> (title, text), only for items of the stream."""
+    parse = METAS[opts.format]
+    wanted = {src: i for i, src in enumerate(stream.item_ids)}
+    found: dict[int, tuple[str, str]] = {}
+    lines = LineStream(opts.meta, desc="metadata", progress=opts.progress)
+    for lineno, line in lines:
+        if opts.format == "movielens" and lineno == 1:
+            continue  # the column header of the atomic file
+        meta.read += 1
+        try:
+            src, title, text = parse(line)
+            i = wanted.get(src)
+            if i is None:
+                raise Skip("unknown_item", src[:40])
+            if i in found:
+                raise Skip("duplicate_item", src[:40])
+        except Skip as s:
+            meta.skip(s, opts.meta, lineno)
+            continue
+        found[i] = (title, text)
+        meta.kept += 1
+    return found, {"role": "meta", "path": os.path.abspath(opts.meta), "sha256": lines.sha256,
+                   "bytes": lines.size, "format": opts.format}
+
+
+def _write_id_maps(folder: str, stream: Stream, texts: dict) -> None:
+    """items.jsonl (with text and first window) and users.jsonl: dense ids back to source ids."""
+    with open(os.path.join(folder, USERS), "wb") as f:
+        for u, src in enumerate(stream.user_ids):
+            f.write(orjson.dumps({"user_id": u, "source_id": src}) + b"\n")
+    with open(os.path.join(folder, ITEMS), "wb") as f:
+        for i, src in enumerate(stream.item_ids):
+            title, text = texts.get(i, ("", ""))
+            f.write(orjson.dumps({"item_id": i, "source_id": src, "title": title, "text": text,
+                                  "first_window": int(stream.item_first_window[i])}) + b"\n")
+
+
+def _write_window(folder: str, t: int, um: UserMajor, plan, opts: ConvertOptions, bar) -> dict:
+    """Serialize one window's samples; training samples in a seeded random order."""
+    os.makedirs(folder, exist_ok=True)
+    shards = {}
+    for split in SPLITS:
+        pos, grp = plan.targets[split], plan.groups[split]
+        if split == "train":
+            perm = np.random.default_rng([opts.seed, t]).permutation(len(pos))
+            pos, grp = pos[perm], grp[perm]
+        writer = ShardWriter(folder, split, opts.shard_size)
+        user, item, ts, start = um.user, um.item, um.ts, um.start
+        H = opts.max_history
+        for p, g in zip(pos.tolist(), grp.tolist()):
+            u = int(user[p])
+            s = int(start[u])
+            writer.write(f"{u}_{t}_{p - s}", orjson.dumps({
+                "user": u, "history": item[max(s, p - H):p].tolist(), "target": int(item[p]),
+                "ts": int(ts[p]), "group": GROUPS[g]}))
+        bar.update(len(pos))
+        shards[split] = writer.finish()
+    return shards
+
+
+def convert(opts: ConvertOptions) -> dict:
+    rule = _validate(opts)
+    if not opts.force:
+        existing = up_to_date(opts)
+        if existing is not None:
+            _say(opts, f"{opts.out} is up to date with these inputs and parameters; nothing to do (--force redoes it)")
+            return existing
+    t0 = time.time()
+    out = os.path.abspath(opts.out)
+    parent, name = os.path.split(out)
+    os.makedirs(parent, exist_ok=True)
+    for stale in glob.glob(os.path.join(parent, f".{name}.staging-*")):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=f".{name}.staging-")
+    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700 folders
+    try:
+        manifest = _build(opts, rule, staging, t0)
+        _swap_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _swap_into_place(staging: str, out: str) -> None:
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.old-")
+        os.rename(out, os.path.join(old, "d"))
+        os.rename(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, out)
+
+
+def _build(opts: ConvertOptions, rule: SplitRule, folder: str, t0: float) -> dict:
+    max_seconds = default_max_seconds()
+    reviews = Ledger("reviews" if opts.format != "blocks" else "block interactions", strict=opts.strict)
+    ledgers = [reviews]
+    if opts.format == "blocks":
+        stream, sources = read_blocks(opts.reviews, reviews, progress=opts.progress)
+        spans = [{} for _ in range(int(stream.window.max()) + 1)]
+    else:
+        stream, sources = _read_stream(opts, reviews, max_seconds)
+        stream.window, spans = label_windows(stream.ts, rule)
+        stream.item_first_window = first_windows(stream)
+    _say(opts, f"{len(stream):,} interactions, {len(stream.user_ids):,} users, {len(stream.item_ids):,} items, {len(spans)} windows")
+
+    texts: dict = {}
+    if opts.meta:
+        meta = Ledger("metadata", strict=opts.strict)
+        texts, src = _read_meta(opts, stream, meta)
+        sources.append(src)
+        ledgers.append(meta)
+    _write_id_maps(folder, stream, texts)
+
+    index_info = None
+    if opts.index:
+        from data_tools.index.codes import import_codes, write_item_index
+
+        codes, method = import_codes(opts.index, {s: i for i, s in enumerate(stream.item_ids)}, opts.collisions)
+        sources.append({"role": "index", "path": method["path"], "sha256": method["sha256"],
+                        "bytes": os.path.getsize(opts.index), "format": "semantic_ids"})
+        write_item_index(folder, codes, method, codes_per_level=max(256, 1 + max(max(c) for c in codes.values())))
+        index_info = method["collisions"]
+
+    um = UserMajor(stream)
+    plans = plan_windows(um, len(spans), stream.item_first_window, opts.min_interactions)
+    warnings = []
+    for t, plan in enumerate(plans):
+        if plan.stats["users"] == 0:
+            msg = f"window {t} has no user with at least {opts.min_interactions} interactions: it has no samples"
+            if opts.strict:
+                raise InputError(msg + " [--strict]")
+            warnings.append(msg)
+    total = sum(sum(p.stats["samples"].values()) for p in plans)
+    windows = []
+    with tqdm(total=total, desc="samples", unit="sample", disable=not opts.progress, leave=False, mininterval=1.0) as bar:
+        for t, plan in enumerate(plans):
+            shards = _write_window(window_dir(folder, t), t, um, plan, opts, bar)
+            atomic_write_json(os.path.join(window_dir(folder, t), "stats.json"), plan.stats)
+            windows.append({"index": t, **spans[t], "stats": plan.stats, "shards": shards})
+
+    for ledger in ledgers:
+        ledger.check()
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "created_by": f"data_tools {__version__}",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "sources": sources,
+        "parameters": opts.parameters(),
+        "split": rule.to_json(),
+        "timestamp_unit": "ordinal" if opts.format == "blocks" else "s",
+        "future_cutoff": int(max_seconds),
+        "accounting": {lg.name: lg.to_json() for lg in ledgers},
+        "counts": {
+            "interactions": len(stream),
+            "users": len(stream.user_ids),
+            "items": len(stream.item_ids),
+            "items_without_text": len(stream.item_ids) - len(texts),
+            "history_only_interactions": stream.notes.get("history_only_interactions", 0),
+            "samples": {s: sum(w["stats"]["samples"][s] for w in windows) for s in SPLITS},
+        },
+        "index_collisions": index_info,
+        "warnings": warnings,
+        "windows": windows,
+    }
+    atomic_write_json(os.path.join(folder, MANIFEST), manifest)
+    for ledger in ledgers:
+        _say(opts, ledger.summary())
+    for w in warnings:
+        _say(opts, "warning: " + w)
+    _say(opts, f"wrote {total:,} samples in {len(windows)} windows to {opts.out} in {time.time() - t0:.1f} s")
+    return manifest

@@ -1,0 +1,64 @@
+"""The dataset folder contract (see DESIGN.md, "Dataset folder"): paths, manifest, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+ITEMS = "items.jsonl"
+USERS = "users.jsonl"
+ITEM_INDEX = "item_index.json"
+
+
+def window_dir(root: str, t: int) -> str:
+    return os.path.join(root, "windows", f"{t:02d}")
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+def load_manifest(root: str) -> dict:
+    path = os.path.join(root, MANIFEST)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{root} is not a dataset folder (no {MANIFEST}); create one with `python -m data_tools convert`")
+    with open(path) as f:
+        m = json.load(f)
+    if m.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema_version {m.get('schema_version')} is not {SCHEMA_VERSION}; reconvert with this version")
+    return m
+
+
+def split_shards(root: str, manifest: dict, t: int, split: str) -> list[tuple[str, int]]:
+    """(path, samples) of each shard of one window's split, in order."""
+    windows = manifest["windows"]
+    if not 0 <= t < len(windows):
+        raise ValueError(f"window {t} does not exist: the dataset has windows 0..{len(windows) - 1}")
+    return [(os.path.join(window_dir(root, t), s["name"]), s["samples"]) for s in windows[t]["shards"][split]]

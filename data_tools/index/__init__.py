@@ -1,0 +1,1 @@
+"""Item index: semantic IDs (RQ-VAE or imported), item tokens, tokenizers and the code trie."""

@@ -1,0 +1,146 @@
+"""The item index file: item_id -> semantic-ID tokens, with how the codes were made.
+
+A code is one integer per level; level k's token is `<{letter}_{code}>` with letters a, b, c, ...
+(`<a_12><b_200><c_7><d_33>`). `item_index.json` keys items by their dense id (as a string).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import string
+from collections import Counter
+
+from data_tools.accounting import InputError
+from data_tools.dataset import ITEM_INDEX, SCHEMA_VERSION, atomic_write_json
+
+LETTERS = string.ascii_lowercase
+TOKEN_RE = re.compile(r"^<([a-z])_(\d+)>$")
+
+
+def token(level: int, code: int) -> str:
+    return f"<{LETTERS[level]}_{code}>"
+
+
+def code_tokens(code) -> list[str]:
+    return [token(k, int(c)) for k, c in enumerate(code)]
+
+
+def parse_tokens(tokens: list[str], where: str) -> tuple[int, ...]:
+    """["<a_12>", "<b_3>"] -> (12, 3); the letters must run a, b, c, ... in order."""
+    out = []
+    for k, tok in enumerate(tokens):
+        m = TOKEN_RE.match(tok) if isinstance(tok, str) else None
+        if not m or m.group(1) != LETTERS[k]:
+            raise InputError(f"{where}: token {tok!r} at level {k} is not of the form <{LETTERS[k]}_N>")
+        out.append(int(m.group(2)))
+    return tuple(out)
+
+
+def collision_groups(codes: dict[int, tuple]) -> dict[tuple, list[int]]:
+    by_code: dict[tuple, list[int]] = {}
+    for item, code in codes.items():
+        by_code.setdefault(code, []).append(item)
+    return {c: sorted(items) for c, items in by_code.items() if len(items) > 1}
+
+
+def extend_collisions(codes: dict[int, tuple]) -> dict[int, tuple]:
+    """Make codes unique by appending one level: the rank of the item within its code group."""
+    groups = collision_groups(codes)
+    rank = {item: r for items in groups.values() for r, item in enumerate(items)}
+    return {item: code + (rank.get(item, 0),) for item, code in codes.items()}
+
+
+def import_codes(path: str, source_to_item: dict[str, int], collisions: str = "keep") -> tuple[dict[int, tuple], dict]:
+    """Read an `item_id -> tokens` JSON file (like the paper's semantic_ids.json) and validate it:
+    every code has the same depth, every item of the data has a code, every coded item is known.
+
+    `collisions`: what to do when several items share a code. `keep` (the paper's released
+    indexes have a few; items sharing a code are then indistinguishable to the model and a
+    predicted code counts for all of them), `extend` (append a level so codes are unique) or
+    `error`.
+    """
+    if collisions not in ("keep", "extend", "error"):
+        raise ValueError(f"collisions must be keep, extend or error, not {collisions!r}")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        table = json.loads(raw)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read the item index ({e})", path) from None
+    if not isinstance(table, dict) or not table:
+        raise InputError("the item index must be a non-empty JSON object item_id -> [tokens]", path)
+    codes: dict[int, tuple] = {}
+    unknown = []
+    depth = None
+    for src, tokens in table.items():
+        if not isinstance(tokens, list) or not tokens:
+            raise InputError(f"item {src!r}: expected a list of tokens, got {tokens!r:.60}", path)
+        code = parse_tokens(tokens, f"{path}: item {src!r}")
+        if depth is None:
+            depth = len(code)
+        elif len(code) != depth:
+            raise InputError(f"item {src!r} has {len(code)} levels, the others {depth}: every code needs the same depth", path)
+        item = source_to_item.get(src)
+        if item is None:
+            unknown.append(src)
+        else:
+            codes[item] = code
+    if unknown:
+        raise InputError(f"{len(unknown)} items of the index are not in the data (first: {unknown[:5]})", path)
+    missing = [src for src, item in source_to_item.items() if item not in codes]
+    if missing:
+        raise InputError(f"{len(missing)} items of the data have no code (first: {missing[:5]})", path)
+    groups = collision_groups(codes)
+    report = {
+        "items": len(codes),
+        "codes_shared": len(groups),
+        "items_sharing_a_code": sum(len(v) for v in groups.values()),
+        "policy": collisions,
+    }
+    if groups and collisions == "error":
+        raise InputError(f"{report['items_sharing_a_code']} items share {len(groups)} codes; "
+                         "use --collisions keep or extend", path)
+    if groups and collisions == "extend":
+        codes = extend_collisions(codes)
+        depth += 1
+    return codes, {"kind": "import", "path": os.path.abspath(path), "sha256": hashlib.sha256(raw).hexdigest(),
+                   "levels": depth, "collisions": report}
+
+
+def per_level_perplexity(codes: dict[int, tuple]) -> list[float]:
+    """exp(entropy) of each level's code usage: how many codes a level effectively uses."""
+    import math
+
+    depth = len(next(iter(codes.values())))
+    out = []
+    for k in range(depth):
+        counts = Counter(c[k] for c in codes.values())
+        n = sum(counts.values())
+        out.append(round(math.exp(-sum(v / n * math.log(v / n) for v in counts.values())), 3))
+    return out
+
+
+def write_item_index(root: str, codes: dict[int, tuple], method: dict, codes_per_level: int) -> dict:
+    depth = len(next(iter(codes.values())))
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "levels": depth,
+        "codes_per_level": codes_per_level,
+        "token_format": "<{letter}_{code}>",
+        "method": method,
+        "perplexity": per_level_perplexity(codes),
+        "items": {str(i): code_tokens(codes[i]) for i in sorted(codes)},
+    }
+    atomic_write_json(os.path.join(root, ITEM_INDEX), doc)
+    return doc
+
+
+def load_item_index(root: str) -> dict:
+    path = os.path.join(root, ITEM_INDEX)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{root} has no {ITEM_INDEX}; build it with `python -m data_tools index {root}`")
+    with open(path) as f:
+        return json.load(f)

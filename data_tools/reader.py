@@ -1,0 +1,95 @@
+"""The train side's reader: one window's split as a WebDataset pipeline, split by rank and worker.
+
+Each consumer (rank x DataLoader worker) reads one contiguous slice of the split's samples, cut
+by sample count, not by shard: a window with fewer shards than consumers (common: a small window
+on many GPUs) still gives every consumer its share, every sample is read exactly once, and the
+ranks' counts differ by at most one. Shards outside a consumer's slice are never opened. The
+converter already stored training samples in a seeded random order, so contiguous slices are
+random subsets; a shuffle buffer seeded by (seed, epoch, consumer) reorders them each epoch.
+Everything is deterministic, so a resumed run replays the same order and skips what it has seen.
+"""
+
+from __future__ import annotations
+
+import random
+
+import orjson
+import torch.utils.data
+import webdataset as wds
+
+from data_tools.dataset import load_manifest, split_shards
+
+
+def consumer_slice(n: int, consumer: int, consumers: int) -> tuple[int, int]:
+    """Global sample range [lo, hi) of one consumer; ranges tile 0..n and differ by <= 1 in size."""
+    return consumer * n // consumers, (consumer + 1) * n // consumers
+
+
+def rank_samples(n: int, rank: int, world_size: int) -> int:
+    """Samples a rank reads in one pass (independent of its number of DataLoader workers)."""
+    lo, hi = consumer_slice(n, rank, world_size)
+    return hi - lo
+
+
+def _consumer(rank: int, world_size: int) -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return rank * workers + worker, world_size * workers
+
+
+class _SliceSource(torch.utils.data.IterableDataset):
+    """Yields the raw tar samples of this consumer's slice (resolved inside the worker)."""
+
+    def __init__(self, shards: list[tuple[str, int]], rank: int, world_size: int):
+        self.shards, self.rank, self.world_size = shards, rank, world_size
+
+    def __iter__(self):
+        consumer, consumers = _consumer(self.rank, self.world_size)
+        lo, hi = consumer_slice(sum(n for _, n in self.shards), consumer, consumers)
+        start, urls, first = 0, [], None
+        for path, n in self.shards:
+            if start + n > lo and start < hi:
+                urls.append({"url": path})
+                first = start if first is None else first
+            start += n
+        if not urls:
+            return
+        for g, sample in enumerate(wds.tarfile_to_samples()(iter(urls)), start=first):
+            if g >= hi:
+                break
+            if g >= lo:
+                yield sample
+
+
+class _ConsumerShuffle(wds.PipelineStage):
+    def __init__(self, bufsize: int, seed: int, epoch: int, rank: int, world_size: int):
+        self.bufsize, self.seed, self.epoch, self.rank, self.world_size = bufsize, seed, epoch, rank, world_size
+
+    def run(self, src):
+        consumer, _ = _consumer(self.rank, self.world_size)
+        rng = random.Random(f"{self.seed}/{self.epoch}/{consumer}")
+        return wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(src)
+
+
+def _decode(sample: dict) -> dict:
+    out = orjson.loads(sample["json"])
+    out["key"] = sample["__key__"]
+    return out
+
+
+def window_split(root: str, window: int, split: str, *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, epoch: int = 0, shuffle_buffer: int = 0, manifest: dict | None = None) -> wds.DataPipeline:
+    """Samples (`user`, `history`, `target`, `ts`, `group`, `key`) of one window's split for this
+    rank; iterate it directly or wrap it in a torch DataLoader (workers split it further)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    shards = split_shards(root, manifest or load_manifest(root), window, split)
+    stages = [_SliceSource(shards, rank, world_size)]
+    if shuffle_buffer > 1:
+        stages.append(_ConsumerShuffle(shuffle_buffer, seed, epoch, rank, world_size))
+    stages.append(wds.map(_decode))
+    return wds.DataPipeline(*stages)
+
+
+def split_size(root: str, window: int, split: str, manifest: dict | None = None) -> int:
+    return sum(n for _, n in split_shards(root, manifest or load_manifest(root), window, split))
