@@ -99,6 +99,10 @@ def _text(*parts) -> str:
 class ReviewFormat:
     parse: Callable[[bytes, float], tuple]
     header: bool = False  # first line names the columns (MovieLens atomic files)
+    # JSON formats: (user, item, timestamp, rating) keys and the timestamp unit, for the fast
+    # path in stream.IdCollector; anything it does not accept goes through `parse`.
+    json_keys: tuple | None = None
+    unit: str = "s"
 
 
 # ---- reviews -------------------------------------------------------------------------------
@@ -165,9 +169,10 @@ def movielens_review(line: bytes, max_seconds: float):
 
 
 REVIEWS = {
-    "amazon2023": ReviewFormat(amazon2023_review),
-    "amazon2018": ReviewFormat(amazon2018_review),
-    "amazon2014": ReviewFormat(amazon2018_review),  # 2014 reviews are JSON with the 2018 keys
+    "amazon2023": ReviewFormat(amazon2023_review, json_keys=("user_id", "parent_asin", "timestamp", "rating"), unit="ms"),
+    "amazon2018": ReviewFormat(amazon2018_review, json_keys=("reviewerID", "asin", "unixReviewTime", "overall")),
+    # 2014 reviews are JSON with the 2018 keys
+    "amazon2014": ReviewFormat(amazon2018_review, json_keys=("reviewerID", "asin", "unixReviewTime", "overall")),
     "csv": ReviewFormat(csv_review),
     "movielens": ReviewFormat(movielens_review, header=True),
 }
@@ -227,6 +232,6 @@ METAS = {
 }
 
 
-def default_max_seconds() -> float:
+def default_max_seconds() -> int:
     """Reviews dated after 'now' cannot be real; one day of slack absorbs clock skew."""
-    return time.time() + 86400
+    return int(time.time()) + 86400

@@ -12,6 +12,7 @@ import os
 import zlib
 from typing import Iterator
 
+from isal import igzip, isal_zlib
 from tqdm import tqdm
 
 from data_tools.accounting import InputError
@@ -33,6 +34,13 @@ class _HashingReader:
         if self.bar is not None:
             self.bar.update(len(b))
         return b
+
+    def readinto(self, buf):
+        n = self.f.readinto(buf)
+        self.sha.update(memoryview(buf)[:n])
+        if self.bar is not None:
+            self.bar.update(n)
+        return n
 
     def drain(self):
         while self.read(CHUNK):
@@ -59,32 +67,37 @@ class LineStream:
         self.progress = progress
         self.sha256: str | None = None
 
-    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+    def chunks(self) -> Iterator[tuple[int, list[bytes]]]:
+        """(number of the first line, lines) per ~1 MiB block: the cheap way through big files."""
         with open(self.path, "rb") as raw_file:
             gz = raw_file.read(2) == GZIP_MAGIC
             raw_file.seek(0)
             bar = tqdm(total=self.size, unit="B", unit_scale=True, desc=self.desc, mininterval=1.0,
                        disable=not self.progress, leave=False)
             raw = _HashingReader(raw_file, bar)
-            stream = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw
+            # ISA-L's gzip decoder: the same format, about 4x faster than the zlib one.
+            stream = igzip.IGzipFile(fileobj=raw, mode="rb") if gz else raw
             lineno, rest = 0, b""
             try:
                 while True:
                     try:
                         chunk = stream.read(CHUNK)
-                    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+                    except (EOFError, gzip.BadGzipFile, zlib.error, isal_zlib.error) as e:
                         raise InputError(f"corrupt or truncated gzip stream after line {lineno} ({e})", self.path, lineno + 1) from None
                     if not chunk:
                         break
                     lines = (rest + chunk).split(b"\n")
                     rest = lines.pop()
-                    for line in lines:
-                        lineno += 1
-                        yield lineno, line
+                    if lines:
+                        yield lineno + 1, lines
+                        lineno += len(lines)
                 if rest:
-                    lineno += 1
-                    yield lineno, rest
+                    yield lineno + 1, [rest]
                 raw.drain()
                 self.sha256 = raw.sha.hexdigest()
             finally:
                 bar.close()
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        for first, lines in self.chunks():
+            yield from enumerate(lines, first)
