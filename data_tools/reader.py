@@ -31,8 +31,8 @@ def rank_samples(n: int, rank: int, world_size: int) -> int:
     return hi - lo
 
 
-def _consumer(rank: int, world_size: int) -> tuple[int, int]:
-    info = torch.utils.data.get_worker_info()
+def _consumer(rank: int, world_size: int, by_worker: bool) -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info() if by_worker else None
     worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
     return rank * workers + worker, world_size * workers
 
@@ -40,11 +40,11 @@ def _consumer(rank: int, world_size: int) -> tuple[int, int]:
 class _SliceSource(torch.utils.data.IterableDataset):
     """Yields the raw tar samples of this consumer's slice (resolved inside the worker)."""
 
-    def __init__(self, shards: list[tuple[str, int]], rank: int, world_size: int):
-        self.shards, self.rank, self.world_size = shards, rank, world_size
+    def __init__(self, shards: list[tuple[str, int]], rank: int, world_size: int, by_worker: bool):
+        self.shards, self.rank, self.world_size, self.by_worker = shards, rank, world_size, by_worker
 
     def __iter__(self):
-        consumer, consumers = _consumer(self.rank, self.world_size)
+        consumer, consumers = _consumer(self.rank, self.world_size, self.by_worker)
         lo, hi = consumer_slice(sum(n for _, n in self.shards), consumer, consumers)
         start, urls, first = 0, [], None
         for path, n in self.shards:
@@ -62,11 +62,12 @@ class _SliceSource(torch.utils.data.IterableDataset):
 
 
 class _ConsumerShuffle(wds.PipelineStage):
-    def __init__(self, bufsize: int, seed: int, epoch: int, rank: int, world_size: int):
-        self.bufsize, self.seed, self.epoch, self.rank, self.world_size = bufsize, seed, epoch, rank, world_size
+    def __init__(self, bufsize: int, seed: int, epoch: int, rank: int, world_size: int, by_worker: bool):
+        self.bufsize, self.seed, self.epoch = bufsize, seed, epoch
+        self.rank, self.world_size, self.by_worker = rank, world_size, by_worker
 
     def run(self, src):
-        consumer, _ = _consumer(self.rank, self.world_size)
+        consumer, _ = _consumer(self.rank, self.world_size, self.by_worker)
         rng = random.Random(f"{self.seed}/{self.epoch}/{consumer}")
         return wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(src)
 
@@ -78,15 +79,17 @@ def _decode(sample: dict) -> dict:
 
 
 def window_split(root: str, window: int, split: str, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, epoch: int = 0, shuffle_buffer: int = 0, manifest: dict | None = None) -> wds.DataPipeline:
+                 seed: int = 0, epoch: int = 0, shuffle_buffer: int = 0, manifest: dict | None = None,
+                 split_by_worker: bool = True) -> wds.DataPipeline:
     """Samples (`user`, `history`, `target`, `ts`, `group`, `key`) of one window's split for this
-    rank; iterate it directly or wrap it in a torch DataLoader (workers split it further)."""
+    rank; iterate it directly or wrap it in a torch DataLoader (workers split it further, unless
+    `split_by_worker` is off: then every worker sees the rank's whole slice, in the same order)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     shards = split_shards(root, manifest or load_manifest(root), window, split)
-    stages = [_SliceSource(shards, rank, world_size)]
+    stages = [_SliceSource(shards, rank, world_size, split_by_worker)]
     if shuffle_buffer > 1:
-        stages.append(_ConsumerShuffle(shuffle_buffer, seed, epoch, rank, world_size))
+        stages.append(_ConsumerShuffle(shuffle_buffer, seed, epoch, rank, world_size, split_by_worker))
     stages.append(wds.map(_decode))
     return wds.DataPipeline(*stages)
 

@@ -7,6 +7,10 @@ import sys
 
 import pytest
 
+# One BLAS thread per process (as `make test` sets): several tests run 2 ranks on 2 cores, and
+# oversubscribed OpenMP pools slow a CPU test down 100-fold.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The team's shared folder sits next to the checkout (CI has it; the product never needs it).
 SHARED = os.environ.get("PESO_SHARED", os.path.join(os.path.dirname(REPO), "shared"))
@@ -47,3 +51,28 @@ def ml_dataset(tmp_path_factory, movielens_files):
     convert(ConvertOptions(format="movielens", reviews=inter, meta=item, out=out, shard_size=3000, progress=False,
                            log=sys.stdout))
     return out
+
+
+@pytest.fixture(scope="session")
+def ml_indexed(tmp_path_factory, ml_dataset):
+    """MovieLens-100K with an imported item index of random (unique, seeded) codes: for tests of
+    training and evaluation that need codes but not good ones (building RQ-VAE codes takes a while)."""
+    import json
+    import random
+    import shutil
+
+    from data_tools.index.build import import_index
+
+    root = str(tmp_path_factory.mktemp("mli") / "ds")
+    shutil.copytree(ml_dataset, root)
+    with open(os.path.join(root, "items.jsonl")) as f:
+        sources = [json.loads(line)["source_id"] for line in f]
+    rng = random.Random(0)
+    codes = rng.sample(range(256 ** 2), len(sources))  # unique 2-level prefixes, then 2 more levels
+    table = {s: [f"<a_{c // 256}>", f"<b_{c % 256}>", f"<c_{rng.randrange(256)}>", f"<d_{rng.randrange(256)}>"]
+             for s, c in zip(sources, codes)}
+    path = str(tmp_path_factory.mktemp("codes") / "semantic_ids.json")
+    with open(path, "w") as f:
+        json.dump(table, f)
+    import_index(root, path, log=sys.stdout)
+    return root

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import string
 from collections import Counter
+
+import numpy as np
 
 from data_tools.accounting import InputError
 from data_tools.dataset import ITEM_INDEX, SCHEMA_VERSION, atomic_write_json
@@ -110,10 +113,74 @@ def import_codes(path: str, source_to_item: dict[str, int], collisions: str = "k
                    "levels": depth, "collisions": report}
 
 
+def assign_unique(codes: np.ndarray, residuals: np.ndarray, last_codebook: np.ndarray,
+                  taken: set[tuple]) -> tuple[np.ndarray, dict]:
+    """Make the codes of a batch of new items unique, among themselves and against the codes in
+    `taken`, by changing only their last level, so every item keeps the quantizer's depth.
+
+    codes: int [n, levels], the quantizer's choice per item; residuals: float [n, dim], what the
+    last level quantized; last_codebook: float [K, dim]. Within each prefix (the first levels),
+    an item whose last code nobody else wants keeps it; a code wanted by several new items goes
+    to the nearest of them; a code already in `taken` is lost by every new item that wants it.
+    The losers then take free codes of their prefix greedily, nearest (item, codeword) pair first.
+    Raises InputError when a prefix has more items than codes (K): the quantizer has collapsed, or
+    levels x codes is too small for the catalog.
+    Returns the new codes and a report: items, colliding_items (wanting a code someone else has
+    or wants), codes_contested, reassigned.
+    """
+    out = codes.copy()
+    K = len(last_codebook)
+    groups: dict[tuple, list[int]] = {}
+    for row, code in enumerate(codes.tolist()):
+        groups.setdefault(tuple(code[:-1]), []).append(row)
+    taken_last: dict[tuple, set[int]] = {}
+    for code in taken:
+        taken_last.setdefault(tuple(code[:-1]), set()).add(code[-1])
+    colliding = contested = reassigned = 0
+    for prefix, rows in groups.items():
+        held = taken_last.get(prefix, set())
+        claims: dict[int, list[int]] = {}
+        for row in rows:
+            claims.setdefault(int(codes[row, -1]), []).append(row)
+        if all(len(r) == 1 and c not in held for c, r in claims.items()):
+            continue
+        if len(rows) + len(held) > K:
+            where = "".join(code_tokens(prefix)) or "the root"
+            raise InputError(f"{len(rows) + len(held)} items share the prefix {where} but the last level has only {K} codes; "
+                             "index with more --codes or --levels")
+        kept, losers = set(held), []
+        for c, claimants in claims.items():
+            if len(claimants) == 1 and c not in held:
+                kept.add(c)
+                continue
+            colliding += len(claimants)
+            contested += 1
+            if c in held:
+                losers += claimants
+            else:
+                dist = ((residuals[claimants] - last_codebook[c]) ** 2).sum(1)
+                winner = claimants[int(np.argmin(dist))]  # argmin: the first (lowest row) on a tie
+                kept.add(c)
+                losers += [r for r in claimants if r != winner]
+        losers.sort()
+        dist = ((residuals[losers, None, :] - last_codebook[None]) ** 2).sum(-1)
+        dist[:, sorted(kept)] = np.inf
+        done: set[int] = set()
+        for flat in np.argsort(dist, axis=None, kind="stable").tolist():
+            i, c = divmod(flat, K)
+            if i in done or c in kept:
+                continue
+            out[losers[i], -1] = c
+            kept.add(c)
+            done.add(i)
+            if len(done) == len(losers):
+                break
+        reassigned += len(losers)
+    return out, {"items": len(codes), "colliding_items": colliding, "codes_contested": contested, "reassigned": reassigned}
+
+
 def per_level_perplexity(codes: dict[int, tuple]) -> list[float]:
     """exp(entropy) of each level's code usage: how many codes a level effectively uses."""
-    import math
-
     depth = len(next(iter(codes.values())))
     out = []
     for k in range(depth):

@@ -1,0 +1,65 @@
+"""Which periods remain, and how one is launched on this machine.
+
+The run's state.json (written by train/main.py when a period is done) is the truth: a rerun
+continues with the first period not done, and never repeats a finished one. A period that was
+interrupted resumes inside itself from its own checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from data_tools.dataset import load_manifest
+from train.run_folder import RunFolder
+from train.trainer import EXIT_REQUEUE
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAIN = os.path.join(REPO, "train", "main.py")
+
+
+class PeriodFailed(RuntimeError):
+    def __init__(self, period: int, code: int):
+        super().__init__(f"period {period} failed (exit code {code}); fix the cause and rerun: finished periods are kept "
+                         "and this one resumes from its last checkpoint")
+        self.period, self.code = period, code
+
+
+def remaining_periods(data: str, run: str) -> list[int]:
+    manifest = load_manifest(data)
+    done = set(RunFolder(run).state()["done"])
+    return [t for t in range(len(manifest["windows"])) if t not in done]
+
+
+def train_args(config: str, data: str, run: str, ds_config: str, overrides: list[str], period: int | None = None) -> list[str]:
+    args = ["--ds_config", ds_config, "--config", config, "--data", data, "--run_dir", run]
+    if period is not None:
+        args += ["--period", str(period)]
+    return args + list(overrides)
+
+
+def local_command(nproc: int, args: list[str]) -> list[str]:
+    """torchrun for several ranks (it picks a free port: several runs can share a machine)."""
+    if nproc <= 1:
+        return [sys.executable, MAIN, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", MAIN, *args]
+
+
+def run_local(config: str, data: str, run: str, ds_config: str, nproc: int, overrides: list[str] = (),
+              env: dict | None = None, upto: int | None = None) -> list[int]:
+    """Train every remaining period (up to period `upto`) on this machine; returns those trained."""
+    trained = []
+    for t in remaining_periods(data, run):
+        if upto is not None and t > upto:
+            break
+        print(f"== period {t}: {os.path.basename(config)} on {nproc} rank(s)", flush=True)
+        code = subprocess.call(local_command(nproc, train_args(config, data, run, ds_config, list(overrides), t)),
+                               env=env, cwd=REPO)
+        if code == EXIT_REQUEUE:
+            print(f"period {t} stopped on a signal after a checkpoint; rerun to resume", flush=True)
+            break
+        if code != 0:
+            raise PeriodFailed(t, code)
+        trained.append(t)
+    return trained

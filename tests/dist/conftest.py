@@ -1,0 +1,73 @@
+"""Helpers for tests that run real multi-process DeepSpeed on the CPU (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+MAIN = os.path.join(REPO, "train", "main.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "tests/dist/" in str(item.fspath):
+            item.add_marker(pytest.mark.dist)
+
+
+def env() -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    e.pop("RANK", None)
+    return e
+
+
+def train_command(nproc: int, args: list[str]) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, MAIN, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", MAIN, *args]
+
+
+def train(nproc: int, args: list[str], timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run train/main.py on `nproc` CPU ranks; on failure, show its output."""
+    proc = subprocess.run(train_command(nproc, args), env=env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def ds_configs(tmp_path_factory) -> dict:
+    """ZeRO-2 and ZeRO-3 configs; ZeRO-3 with stage3_param_persistence_threshold 0, so that even
+    the tiny model's parameters are really partitioned."""
+    out = tmp_path_factory.mktemp("ds")
+    paths = {}
+    for stage in (2, 3):
+        with open(os.path.join(REPO, "ds_configs", f"zero{stage}.json")) as f:
+            cfg = json.load(f)
+        if stage == 3:
+            cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        paths[stage] = str(out / f"zero{stage}.json")
+        with open(paths[stage], "w") as f:
+            json.dump(cfg, f)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def cds_data(tmp_path_factory, cds_blocks) -> str:
+    """The paper's CDs blocks with their semantic IDs, as a dataset folder."""
+    from data_tools.convert import ConvertOptions, convert
+
+    out = str(tmp_path_factory.mktemp("cds") / "ds")
+    convert(ConvertOptions(format="blocks", reviews=cds_blocks, index=os.path.join(cds_blocks, "semantic_ids.json"),
+                           out=out, progress=False, log=sys.stdout))
+    return out
+
+
+# Small, quick settings for the tiny model on the CDs blocks (overrides of configs/tiny.yaml).
+QUICK = ["data.micro_batch_size=4", "schedule.global_batch_size=8", "logging.every_steps=1", "logging.progress=false",
+         "eval.every_period=false", "data.eval_batch_size=64"]

@@ -1,0 +1,153 @@
+"""Run by tests/dist/test_methods.py under torchrun (2 ranks, ZeRO-3, every parameter partitioned)
+or as a single plain process (the reference). Computes, with the project's own code:
+
+- peso / l2: the proximal term and the full gradient it puts on every LoRA parameter (the loss is
+  0 x logits + term, so the gradient is the term's alone);
+- cumulative: the logits of a model whose earlier adapters are frozen and summed in.
+
+and saves them (rank 0) to OUT for the test to compare.
+
+    python probe_methods.py {zero3|plain} {kl|l2|cumulative} OUT
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+from train.config import load_config  # noqa: E402
+from train.model import apply_lora  # noqa: E402
+from train.regularizers import ProximalTerm, attach_frozen_adapters, lora_layers  # noqa: E402
+
+NEW_TOKENS = list(range(200, 232))
+
+
+def build(tmp: str):
+    """The same tiny model, LoRA factors (A and B both random) and anchor on every rank."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=232, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, tie_word_embeddings=False)
+    base = os.path.join(tmp, "base")
+    if not os.path.isdir(base):
+        LlamaForCausalLM(config).save_pretrained(base)
+    return base
+
+
+def lora_model(base: str, cfg):
+    model = LlamaForCausalLM.from_pretrained(base)
+    model = apply_lora(model, cfg, NEW_TOKENS, seed=1)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            for m in (layer.lora_A["default"], layer.lora_B["default"]):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.3)
+    return model
+
+
+def anchor_of(model) -> dict:
+    g = torch.Generator().manual_seed(3)
+    out = {}
+    for name, layer in lora_layers(model).items():
+        for which in ("lora_A", "lora_B"):
+            w = getattr(layer, which)["default"].weight.detach()
+            out[f"{name}.{which}.weight"] = w + 0.05 * torch.randn(w.shape, generator=g)
+    return out
+
+
+def frozen_adapters(tmp: str, model) -> list[str]:
+    """Two earlier adapters on disk (random factors), in peft's key names."""
+    dirs = []
+    for k in range(2):
+        g = torch.Generator().manual_seed(10 + k)
+        state = {}
+        for name, layer in lora_layers(model).items():
+            for which in ("lora_A", "lora_B"):
+                w = getattr(layer, which)["default"].weight
+                state[f"{name}.{which}.weight"] = torch.randn(tuple(getattr(w, "ds_shape", w.shape)), generator=g)
+        d = os.path.join(tmp, f"adapter{k}")
+        os.makedirs(d, exist_ok=True)
+        save_file(state, os.path.join(d, "adapter_model.safetensors"))
+        dirs.append(d)
+    return dirs
+
+
+def main():
+    mode, kind, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    tmp = os.path.dirname(out)
+    cfg = load_config(None, ["model.shape=tiny", "lora.r=4", "lora.dropout=0.0", "method.reduce=sum"])
+    ids = torch.randint(0, 232, (2, 12), generator=torch.Generator().manual_seed(4))
+    if mode == "plain":
+        base = build(tmp)
+        model = lora_model(base, cfg)
+        if kind == "cumulative":
+            attach_frozen_adapters(model, frozen_adapters(tmp, model))
+            with torch.no_grad():
+                logits = model(input_ids=torch.cat([ids, ids + 1])).logits
+            save_file({"logits": logits.contiguous()}, out)
+            return
+        prox = ProximalTerm(model, anchor_of(model), kind, "sum")
+        with prox.collect():
+            logits = model(input_ids=ids).logits
+        term = prox.term()
+        (0.0 * logits.sum() + term).backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+        save_file({"term": term.detach().reshape(1), **grads}, out)
+        return
+
+    from train.strategy import DeepSpeedStrategy
+
+    strategy = DeepSpeedStrategy()
+    base = build(tmp) if strategy.is_rank0 else os.path.join(tmp, "base")
+    strategy.barrier()
+    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 2 * strategy.world_size,
+          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "zero_allow_untested_optimizer": True}
+    strategy.use_ds_config(ds)
+    model = lora_model(base, cfg)
+    anchor = anchor_of(model)
+    frozen = frozen_adapters(tmp, model) if kind == "cumulative" else None
+    if frozen:
+        attach_frozen_adapters(model, frozen)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine = strategy.initialize(model, [{"params": params}], lambda g: torch.optim.SGD(g, lr=0.0), lambda o: None)
+    lora = [p for n, p in engine.module.named_parameters() if "lora_" in n and p.requires_grad]
+    assert all(p.numel() == 0 for p in lora), "parameters are not partitioned"
+    if kind == "cumulative":
+        # Each rank decodes its own half of the batch: the forward gathers the frozen sums too.
+        x = ids if strategy.rank == 0 else ids + 1
+        with torch.no_grad():
+            logits = engine(input_ids=x).logits
+        import deepspeed.comm as dist
+
+        both = [torch.zeros_like(logits) for _ in range(strategy.world_size)]
+        dist.all_gather(both, logits)
+        if strategy.is_rank0:
+            save_file({"logits": torch.cat(both).contiguous()}, out)
+        strategy.close()
+        return
+    prox = ProximalTerm(engine.module, anchor, kind, "sum")
+    with prox.collect():
+        logits = engine(input_ids=ids).logits  # the same batch on both ranks: averaged gradients equal one process's
+    term = prox.term()
+    # As in training, the loss also holds the model's output (here x 0): the term's gradient
+    # reaches each LoRA weight together with the backward through its module, which is when
+    # ZeRO-3 has that weight whole again.
+    engine.backward(0.0 * logits.sum() + term)
+    from deepspeed.utils import safe_get_full_grad
+
+    grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters() if "lora_" in n and p.requires_grad}
+    if strategy.is_rank0:
+        save_file({"term": term.detach().reshape(1), **grads}, out)
+    strategy.close()
+
+
+if __name__ == "__main__":
+    main()
+    sys.stdout.flush()
+    os._exit(0)  # see train/main.py: skip a teardown that sometimes aborts

@@ -1,0 +1,90 @@
+"""The continual methods: exact under ZeRO-3 against one plain process; peso's edge cases."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.dist.conftest import QUICK, REPO, env, train
+
+PROBE = os.path.join(REPO, "tests", "dist", "probe_methods.py")
+CONFIG = os.path.join(REPO, "configs", "tiny.yaml")
+
+
+def probe(tmp_path, mode: str, kind: str) -> dict:
+    out = str(tmp_path / f"{mode}-{kind}.safetensors")
+    cmd = [sys.executable, PROBE, mode, kind, out]
+    if mode == "zero3":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", PROBE, mode, kind, out]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return load_file(out)
+
+
+@pytest.mark.parametrize("kind", ["kl", "l2"])
+def test_proximal_term_and_gradient_exact_under_zero3(tmp_path, kind):
+    plain, zero3 = probe(tmp_path, "plain", kind), probe(tmp_path, "zero3", kind)
+    assert plain["term"].item() > 1e-4  # the anchor differs: a real, non-zero term
+    assert abs(plain["term"].item() - zero3["term"].item()) <= 1e-6
+    grads = [k for k in plain if k != "term"]
+    assert len(grads) == 2 * 7 * 2  # every LoRA A and B of the 7 projections in 2 layers
+    for k in grads:
+        assert plain[k].abs().max() > 0, k
+        assert torch.allclose(plain[k], zero3[k], atol=1e-6, rtol=0), f"{k}: {(plain[k] - zero3[k]).abs().max()}"
+
+
+def test_cumulative_forward_exact_under_zero3(tmp_path):
+    plain, zero3 = probe(tmp_path, "plain", "cumulative"), probe(tmp_path, "zero3", "cumulative")
+    assert torch.allclose(plain["logits"], zero3["logits"], atol=1e-6, rtol=0), (plain["logits"] - zero3["logits"]).abs().max()
+
+
+@pytest.fixture(scope="module")
+def after_two_periods(tmp_path_factory, cds_data, ds_configs):
+    """A run whose periods 0 (full) and 1 (first LoRA) are done: period 2 has an anchor."""
+    run = str(tmp_path_factory.mktemp("two") / "run")
+    for _ in range(2):
+        train(1, ["--ds_config", ds_configs[2], "--config", CONFIG, "--data", cds_data, "--run", run,
+                  "schedule.max_steps=3", *QUICK])
+    return run
+
+
+def _period2(base_run: str, where, cds_data, ds, *overrides) -> str:
+    run = str(where)
+    shutil.copytree(base_run, run)
+    train(1, ["--ds_config", ds, "--config", CONFIG, "--data", cds_data, "--run", run, "schedule.max_steps=4", *QUICK, *overrides])
+    return run
+
+
+def test_peso_with_lambda_zero_equals_single_bit_for_bit(after_two_periods, cds_data, ds_configs, tmp_path):
+    peso = _period2(after_two_periods, tmp_path / "peso", cds_data, ds_configs[2], "method.name=peso", "method.lam=0")
+    single = _period2(after_two_periods, tmp_path / "single", cds_data, ds_configs[2], "method.name=single")
+    a = load_file(os.path.join(peso, "periods", "2", "adapter", "adapter_model.safetensors"))
+    b = load_file(os.path.join(single, "periods", "2", "adapter", "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert os.path.exists(os.path.join(peso, "periods", "2", "anchor.safetensors"))
+
+
+def test_proximal_term_is_zero_at_the_start_and_positive_after_a_step(after_two_periods, cds_data, ds_configs, tmp_path):
+    from tests.dist.test_engine import scalars
+
+    run = _period2(after_two_periods, tmp_path / "peso", cds_data, ds_configs[2], "method.name=peso", "method.lam=1.0")
+    prox = scalars(run, "train/proximal")
+    first = min(prox)
+    assert prox[first] == 0.0  # the adapter starts at its anchor
+    assert all(prox[s] > 0 for s in prox if s > first)
+    anchor = load_file(os.path.join(run, "periods", "2", "anchor.safetensors"))
+    previous = load_file(os.path.join(run, "periods", "1", "adapter", "adapter_model.safetensors"))
+    assert anchor.keys() == {k for k in previous if "lora_" in k}
+    for k in anchor:
+        assert torch.equal(anchor[k], previous[k])
+    with open(os.path.join(run, "periods", "2", "config.json")) as f:
+        assert json.load(f)["config"]["method"]["name"] == "peso"

@@ -1,0 +1,105 @@
+"""Evaluation: metrics against hand-computed ranks; constrained beam search on a memorized
+dataset and on adversarial models."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from data_tools.index.prompt import PromptTemplate
+from data_tools.index.tokenizer import ItemCodebook, add_code_tokens, train_sentencepiece_tokenizer
+from train.evaluate import NEG, constrained_beam_search, rank_metrics
+
+
+def test_rank_metrics_by_hand():
+    ranks = [0, 2, None, 9, 4]  # 0-based rank of each user's target (None: not returned)
+    m = rank_metrics(ranks, [1, 5, 10])
+    assert m["hit@1"] == pytest.approx(1 / 5)
+    assert m["hit@5"] == pytest.approx(3 / 5)
+    assert m["hit@10"] == pytest.approx(4 / 5)
+    assert m["ndcg@1"] == pytest.approx(1 / 5)
+    assert m["ndcg@5"] == pytest.approx((1 + 1 / math.log2(4) + 1 / math.log2(6)) / 5)
+    assert m["ndcg@10"] == pytest.approx((1 + 1 / math.log2(4) + 1 / math.log2(6) + 1 / math.log2(11)) / 5)
+    assert rank_metrics([], [5]) == {"hit@5": 0.0, "ndcg@5": 0.0}
+
+
+@pytest.fixture(scope="module")
+def vocab(tmp_path_factory):
+    """A SentencePiece tokenizer with 4 x 8 code tokens and a 24-item catalog of random codes."""
+    rng = random.Random(0)
+    tok = train_sentencepiece_tokenizer([PromptTemplate().text.replace("{history}", "")], str(tmp_path_factory.mktemp("tok")))
+    add_code_tokens(tok, 4, 8)
+    codes = rng.sample([(a, b, c, d) for a in range(8) for b in range(8) for c in range(8) for d in range(8)], 24)
+    index = {"levels": 4, "codes_per_level": 8,
+             "items": {str(i): [f"<{'abcd'[k]}_{c}>" for k, c in enumerate(code)] for i, code in enumerate(codes)}}
+    return tok, ItemCodebook(index, tok)
+
+
+def _forward(model):
+    def forward(ids, mask, position, cache):
+        return model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True,
+                     logits_to_keep=1).logits[:, -1]
+    return forward
+
+
+def test_memorized_dataset_scores_hit_at_1(vocab):
+    tok, book = vocab
+    template = PromptTemplate()
+    rng = random.Random(1)
+    examples = [([rng.randrange(24) for _ in range(3)], t) for t in range(12)]
+    enc = [template.encode(tok, book, h, t) for h, t in examples]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id))
+    width = max(len(e["input_ids"]) for e in enc)
+    ids = torch.full((len(enc), width), tok.pad_token_id)
+    labels = torch.full((len(enc), width), -100)
+    mask = torch.zeros((len(enc), width), dtype=torch.long)
+    for i, e in enumerate(enc):
+        n = len(e["input_ids"])
+        ids[i, width - n:], labels[i, width - n:], mask[i, width - n:] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+    position = (mask.cumsum(1) - 1).clamp(min=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss = model(input_ids=ids, attention_mask=mask, position_ids=position, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 1e-3:
+            break
+    model.eval()
+    prompts = [template.encode_prompt(tok, book, h) for h, _ in examples]
+    seqs, scores = constrained_beam_search(_forward(model), prompts, book.trie, 4, 5, tok.pad_token_id, "cpu")
+    ranks = []
+    for i, (_, target) in enumerate(examples):
+        top = [book.item_of(tuple(seqs[i, j].tolist())) for j in range(5)]
+        assert None not in top  # constrained: every output is a catalog item
+        ranks.append(top.index(target) if target in top else None)
+    assert rank_metrics(ranks, [1])["hit@1"] == 1.0
+
+
+def test_every_output_is_in_the_catalog_and_dead_beams_are_guarded(vocab):
+    tok, book = vocab
+    catalog = {tuple(book.item_token_ids(i)) for i in range(24)}
+    g = torch.Generator().manual_seed(0)
+    vocab_size = len(tok)
+
+    def random_model(ids, mask, position, cache):
+        out = torch.randn(ids.shape[0], vocab_size, generator=g) * 5
+        out[0] = float("-inf")  # the first prompt's model gives nothing any probability
+        return out
+
+    beams = 30  # more beams than the 24 items: some beams must die
+    seqs, scores = constrained_beam_search(random_model, [[1, 5, 9], [1, 7], [2, 3, 4, 5]], book.trie, 4, beams,
+                                           tok.pad_token_id, "cpu")
+    assert not torch.isnan(scores).any()
+    assert (scores[0] == NEG).all()  # no finite beam for the degenerate prompt
+    for i in (1, 2):
+        finite = [tuple(seqs[i, j].tolist()) for j in range(beams) if scores[i, j] != NEG]
+        assert set(finite) <= catalog and len(finite) == len(set(finite))
+        assert 0 < len(finite) <= 24
+        assert list(scores[i, : len(finite)]) == sorted(scores[i, : len(finite)].tolist(), reverse=True)

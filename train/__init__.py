@@ -1,0 +1,1 @@
+"""One period of continual training on DeepSpeed: model, data, loop, export, evaluation."""

@@ -1,0 +1,69 @@
+"""Checkpoints inside a period: DeepSpeed's engine state plus where the data stood.
+
+A checkpoint counts only once every rank has finished writing it: then rank 0 writes
+`COMPLETE.json` (atomically) naming its tag, and only then are older tags pruned. A run killed
+at any moment, even in the middle of a save, resumes from the last complete checkpoint.
+Frozen base weights are not saved (they are in the backbone folder). Each rank also saves its
+RNG state (LoRA dropout), loaded back with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+from data_tools.dataset import atomic_write_json
+
+COMPLETE = "COMPLETE.json"
+
+
+class Checkpointer:
+    def __init__(self, strategy, folder: str, keep: int):
+        self.strategy, self.folder, self.keep = strategy, folder, keep
+
+    def latest(self) -> dict | None:
+        try:
+            with open(os.path.join(self.folder, COMPLETE)) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
+    def save(self, engine, step: int, client_state: dict) -> None:
+        tag = f"step-{step:08d}"
+        engine.save_checkpoint(self.folder, tag=tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=True)
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, os.path.join(self.folder, tag, f"rng-{self.strategy.rank}.pt"))
+        self.strategy.barrier()
+        if self.strategy.is_rank0:
+            atomic_write_json(os.path.join(self.folder, COMPLETE),
+                              {"tag": tag, "world_size": self.strategy.world_size, "client_state": client_state})
+            tags = sorted(d for d in os.listdir(self.folder) if d.startswith("step-") and d != tag)
+            for old in tags[: max(0, len(tags) - (self.keep - 1))]:
+                shutil.rmtree(os.path.join(self.folder, old), ignore_errors=True)
+        self.strategy.barrier()
+
+    def load(self, engine) -> dict | None:
+        """Restore the latest complete checkpoint; its client state, or None to start fresh."""
+        info = self.latest()
+        if info is None:
+            return None
+        if info["world_size"] != self.strategy.world_size:
+            raise RuntimeError(
+                f"{self.folder} was written by {info['world_size']} ranks and this run has {self.strategy.world_size}: "
+                "a ZeRO checkpoint resumes only on the same number of ranks. Rerun with that many, or delete "
+                "ds_ckpt/ to restart the period (periods hand over through adapters, on any number of ranks).")
+        path, _ = engine.load_checkpoint(self.folder, tag=info["tag"], load_module_strict=False,
+                                         load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {info['tag']} from {self.folder}")
+        rng = torch.load(os.path.join(self.folder, info["tag"], f"rng-{self.strategy.rank}.pt"), weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        return info["client_state"]

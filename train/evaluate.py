@@ -1,0 +1,190 @@
+"""Evaluation: batched beam search constrained by the prefix trie of real item codes, Hit@K and
+NDCG@K overall and by user group, per window, for the R[i][j] matrix of forgetting.
+
+Decoding: the prompt runs once; its KV cache is repeated for the beams; then one token per code
+level, each step's candidates restricted to the continuations the trie allows after the beam's
+prefix. So every output is a real item (the count of invalid outputs is reported and must be
+0). Beams that cannot continue (fewer valid continuations than beams, or an empty allowed set)
+score -inf and never rank. A prediction is a hit when its code equals the target's code.
+
+Under ZeRO-3 every forward is a collective, so every rank runs the same number of batches of the
+same number of steps: ranks pad with masked copies that count for nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from data_tools.dataset import atomic_write_json
+from data_tools.reader import split_size, window_split
+from data_tools.windows import GROUPS
+
+NEG = float("-inf")
+
+
+def rank_metrics(ranks: list[int | None], ks: list[int]) -> dict[str, float]:
+    """Mean Hit@K and NDCG@K over users, from each user's 0-based rank of the target (None = not
+    in the returned list). NDCG with one relevant item: 1 / log2(rank + 2) if rank < K."""
+    n = len(ranks)
+    out = {}
+    for k in ks:
+        hits = [r is not None and r < k for r in ranks]
+        out[f"hit@{k}"] = sum(hits) / n if n else 0.0
+        out[f"ndcg@{k}"] = sum(1.0 / math.log2(r + 2) for r in ranks if r is not None and r < k) / n if n else 0.0
+    return out
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax, with -inf (not NaN) for a row whose logits are all -inf."""
+    return torch.log_softmax(logits.float(), -1).nan_to_num(nan=NEG)
+
+
+@torch.no_grad()
+def constrained_beam_search(forward, prompts: list[list[int]], trie, levels: int, beams: int, pad_id: int,
+                            device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top `beams` code sequences per prompt: (tokens [B, beams, levels], log-prob scores [B, beams]).
+
+    `forward(input_ids, attention_mask, position_ids, cache)` returns last-position logits [N, V]."""
+    b = len(prompts)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    position = (mask.cumsum(1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    logits = forward(ids, mask, position, cache)  # [B, V]
+    vocab_size = logits.shape[-1]
+    logp = _log_probs(logits)
+    logp = logp.masked_fill(~trie.allowed_mask([()] * b, vocab_size).to(device), NEG)
+    scores, tokens = logp.topk(beams, dim=-1)  # [B, beams]; -inf when fewer continuations exist
+    seqs = tokens.unsqueeze(-1)  # [B, beams, 1]
+    cache.batch_repeat_interleave(beams)
+    mask = mask.repeat_interleave(beams, 0)
+    last_pos = position[:, -1:].repeat_interleave(beams, 0)
+    for step in range(1, levels):
+        flat = seqs.reshape(b * beams, step)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        logits = forward(flat[:, -1:], mask, last_pos + step, cache)  # [B*beams, V]
+        logp = _log_probs(logits)
+        allowed = trie.allowed_mask([tuple(s) for s in flat.tolist()], vocab_size).to(device)
+        cand = (scores.reshape(-1, 1) + logp).masked_fill(~allowed, NEG)  # dead beams stay -inf
+        scores, idx = cand.reshape(b, beams * vocab_size).topk(beams, dim=-1)
+        parent, token = idx // vocab_size, idx % vocab_size
+        seqs = torch.cat([seqs.gather(1, parent.unsqueeze(-1).expand(-1, -1, step)), token.unsqueeze(-1)], -1)
+        cache.reorder_cache((parent + torch.arange(b, device=device).unsqueeze(1) * beams).reshape(-1))
+    return seqs, scores
+
+
+@dataclass
+class WindowResult:
+    ranks: list  # per user: rank of the target or None
+    groups: list
+    invalid: int
+
+    def metrics(self, ks) -> dict:
+        out = {"users": len(self.ranks), "invalid_outputs": self.invalid, "overall": rank_metrics(self.ranks, ks), "groups": {}}
+        for g in GROUPS:
+            sel = [r for r, gg in zip(self.ranks, self.groups) if gg == g]
+            out["groups"][g] = {"users": len(sel), **rank_metrics(sel, ks)}
+        return out
+
+
+def evaluate_window(cfg, strategy, engine, tokenizer, codebook, template, manifest, window: int) -> dict:
+    """One window's test users (the first eval.max_users, if set), shared round-robin by the
+    ranks, combined across ranks."""
+    users = window_split(cfg.data.path, window, "test", manifest=manifest)  # one sample per user: small
+    samples = list(itertools.islice(users, cfg.eval.max_users))[strategy.rank::strategy.world_size]
+    n = split_size(cfg.data.path, window, "test", manifest)
+    per_rank = math.ceil(min(n, cfg.eval.max_users or n) / strategy.world_size)
+    batch = cfg.data.eval_batch_size
+    batches = math.ceil(per_rank / batch)
+    trie, levels, beams = codebook.trie, codebook.levels, cfg.eval.beams
+
+    def forward(ids, mask, position, cache):
+        out = engine(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache,
+                     use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    ranks, groups, invalid = [], [], 0
+    engine.eval()
+    dummy = template.encode_prompt(tokenizer, codebook, [0])
+    for k in range(batches):
+        chunk = samples[k * batch:(k + 1) * batch]
+        prompts = [template.encode_prompt(tokenizer, codebook, s["history"][-cfg.data.max_history:]) for s in chunk]
+        prompts += [dummy] * (batch - len(prompts))  # padding for the collective: results ignored
+        seqs, scores = constrained_beam_search(forward, prompts, trie, levels, beams, tokenizer.pad_token_id,
+                                               strategy.device)
+        for i, s in enumerate(chunk):
+            target = tuple(codebook.item_token_ids(s["target"]))
+            rank = None
+            valid = 0
+            for j in range(beams):
+                if scores[i, j] == NEG:
+                    continue
+                code = tuple(seqs[i, j].tolist())
+                if codebook.item_of(code) is None:
+                    invalid += 1
+                    continue
+                if code == target and rank is None:
+                    rank = valid
+                valid += 1
+            ranks.append(rank)
+            groups.append(s["group"])
+    engine.train()
+    return _combine(strategy, WindowResult(ranks, groups, invalid), cfg.eval.ks)
+
+
+def _combine(strategy, local: WindowResult, ks) -> dict:
+    """Sum hits, NDCG and counts across ranks (overall and per group), then average."""
+    keys = [f"{m}@{k}" for k in ks for m in ("hit", "ndcg")]
+    vec = []
+    for sel in [None] + list(GROUPS):
+        ranks = [r for r, g in zip(local.ranks, local.groups) if sel is None or g == sel]
+        m = rank_metrics(ranks, ks)
+        vec += [len(ranks)] + [m[key] * len(ranks) for key in keys]
+    vec.append(local.invalid)
+    total = strategy.all_reduce_sum(vec)
+    out, pos = {}, 0
+    for sel in [None] + list(GROUPS):
+        users = total[pos]
+        vals = {key: (total[pos + 1 + i] / users if users else 0.0) for i, key in enumerate(keys)}
+        pos += 1 + len(keys)
+        if sel is None:
+            out["users"], out["overall"] = int(users), vals
+        else:
+            out.setdefault("groups", {})[sel] = {"users": int(users), **vals}
+    out["invalid_outputs"] = int(total[pos])
+    return out
+
+
+def evaluate_period(cfg, strategy, engine, tokenizer, codebook, template, manifest, period: int, run, logger, step: int) -> dict:
+    """After period i: the test sets of windows 0..i (row i of R), written to metrics.json."""
+    windows = {}
+    for j in range(period + 1):
+        if manifest["windows"][j]["stats"]["samples"]["test"] == 0:
+            continue
+        windows[str(j)] = evaluate_window(cfg, strategy, engine, tokenizer, codebook, template, manifest, j)
+        if windows[str(j)]["invalid_outputs"]:
+            raise RuntimeError(f"constrained decoding produced {windows[str(j)]['invalid_outputs']} invalid items in window {j}")
+    current = windows.get(str(period))
+    result = {"period": period, "method": cfg.method.name, "ks": cfg.eval.ks, "windows": windows,
+              "overall": current["overall"] if current else {}, "groups": current["groups"] if current else {}}
+    if strategy.is_rank0:
+        atomic_write_json(run.metrics_path(period), result)
+        for j, w in windows.items():
+            logger.scalars({f"eval/window{j}/{k}": v for k, v in w["overall"].items()}, step)
+        if current:
+            logger.scalars({f"eval/current/{k}": v for k, v in current["overall"].items()}, step)
+            for g, vals in current["groups"].items():
+                logger.scalars({f"eval/current_{g}/{k}": v for k, v in vals.items() if k != "users"}, step)
+        strategy.print0(f"period {period} test (window {period}): " +
+                        ", ".join(f"{k} {v:.4f}" for k, v in result["overall"].items()))
+    return result

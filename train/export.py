@@ -1,0 +1,82 @@
+"""Hand-off between periods: the adapter (or, after a full period 0, the whole model).
+
+Under ZeRO-3 with real partitioning, peft's `save_pretrained` writes 0-element tensors without
+any error (notes/zero3-lora-probes.md). So the trainable parameters are gathered on ALL ranks
+(a collective) and rank 0 writes them inside the gather; every tensor is checked non-empty
+before it is written; the folder appears atomically (written aside, then renamed). The export
+loads with `PeftModel.from_pretrained` onto a plain CPU model, on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+from train.model import adapter_state_keys
+
+
+def _check_nonempty(state: dict[str, torch.Tensor], what: str) -> None:
+    empty = [k for k, v in state.items() if v.numel() == 0]
+    if empty:
+        raise RuntimeError(f"{what}: {len(empty)} tensors are empty after gathering (first: {empty[0]}); "
+                           "a ZeRO-3 partition was not gathered")
+
+
+def _replace_dir(tmp: str, final: str) -> None:
+    if os.path.isdir(final):
+        old = final + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def gather_adapter_state(strategy, model) -> dict[str, torch.Tensor] | None:
+    """The adapter's tensors (peft key names) as whole CPU tensors on rank 0; None elsewhere."""
+    live = adapter_state_keys(model)
+    with strategy.gathered(list(live.values())):
+        if not strategy.is_rank0:
+            return None
+        return {k: p.detach().to("cpu", copy=True).contiguous() for k, p in live.items()}
+
+
+def export_adapter(strategy, model, out_dir: str, metadata: dict | None = None) -> None:
+    """Write the adapter in PEFT format (adapter_config.json + adapter_model.safetensors)."""
+    state = gather_adapter_state(strategy, model)
+    if strategy.is_rank0:
+        _check_nonempty(state, out_dir)
+        tmp = out_dir + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        model.peft_config["default"].save_pretrained(tmp)
+        save_file(state, os.path.join(tmp, "adapter_model.safetensors"),
+                  metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}})
+        _replace_dir(tmp, out_dir)
+    strategy.barrier()
+
+
+def export_full_model(strategy, model, tokenizer, out_dir: str) -> None:
+    """Write the whole model (Hugging Face format), gathering one module at a time so no rank
+    holds more than one layer's parameters beyond its partition."""
+    state = {}
+    for prefix, module in model.named_modules():
+        params = dict(module.named_parameters(recurse=False))
+        if not params:
+            continue
+        with strategy.gathered(list(params.values())):
+            if strategy.is_rank0:
+                for name, p in params.items():
+                    state[f"{prefix}.{name}" if prefix else name] = p.detach().to("cpu", copy=True)
+    if strategy.is_rank0:
+        _check_nonempty(state, out_dir)
+        tmp = out_dir + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, out_dir)
+    strategy.barrier()

@@ -1,0 +1,221 @@
+"""Train one period of the continual recommender on DeepSpeed.
+
+    deepspeed --num_gpus 8 train/main.py --ds_config ds_configs/zero3.json --config configs/tiny.yaml \\
+        --data data/cds --run runs/cds-peso [--period t] [optim.lr=1e-4 ...]
+    torchrun --nproc_per_node 2 train/main.py ... --run_dir RUN   (torchrun takes "--run" for its own
+                                                                  --run-path); a plain `python train/main.py` also works
+
+Read top to bottom: configuration (every error before any rank trains) -> distributed set-up
+-> vocabulary -> model -> data -> DeepSpeed engine -> train (resuming if a checkpoint exists)
+-> export the adapter -> evaluate -> mark the period done in state.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import warnings
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ds_config", required=True, help="DeepSpeed config (ds_configs/zero2.json, zero3.json, zero3_offload.json)")
+    p.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
+    p.add_argument("--data", help="dataset folder (python -m data_tools convert); default: data.path in the config")
+    # torchrun reads "--run" as an abbreviation of its own --run-path: spell it --run_dir there.
+    p.add_argument("--run", "--run_dir", dest="run", required=True, help="run folder: periods, checkpoints, TensorBoard, state.json")
+    p.add_argument("--period", type=int, help="period to train (default: the next one by the run's state.json)")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 schedule.epochs=2")
+    return p.parse_args(argv)
+
+
+def check_inputs(args):
+    """Everything that can be checked before a process group exists."""
+    from data_tools.dataset import ITEM_INDEX, load_manifest
+    from train.config import ConfigError, accumulation_steps, load_config
+    from train.ds_config import load_ds_config
+    from train.run_folder import RunFolder
+
+    cfg = load_config(args.config, args.overrides)
+    ds_template = load_ds_config(args.ds_config)
+    data_root = args.data or cfg.data.path
+    if not data_root:
+        raise ConfigError("no dataset: pass --data DIR or set data.path")
+    if not os.path.isdir(data_root):
+        raise ConfigError(f"the dataset folder {data_root} does not exist; create it with `python -m data_tools convert`")
+    manifest = load_manifest(data_root)
+    if not os.path.isfile(os.path.join(data_root, ITEM_INDEX)):
+        raise ConfigError(f"{data_root} has no {ITEM_INDEX} (the items' codes); build it with "
+                          f"`python -m data_tools index {data_root}` (or --import an existing one)")
+    cfg.data.path = data_root
+    windows = len(manifest["windows"])
+    run = RunFolder(args.run)
+    period = run.next_period(windows) if args.period is None else args.period
+    if not 0 <= period < windows:
+        raise ConfigError(f"period {period} is beyond the dataset's last window ({windows} windows: 0..{windows - 1})")
+    if manifest["windows"][period]["stats"]["samples"]["train"] == 0:
+        raise ConfigError(f"window {period} has no training samples (no eligible user); nothing to train")
+    if cfg.model.path and not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
+        raise ConfigError(f"model.path {cfg.model.path} is not a Hugging Face model folder (no config.json)")
+    if cfg.model.period0 == "full" and period > 0 and not os.path.isdir(run.model_dir(0)):
+        raise ConfigError(f"period {period} needs period 0's model ({run.model_dir(0)}); train period 0 first")
+    accumulation_steps(cfg, int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1))
+    return cfg, ds_template, manifest, run, period
+
+
+def main(argv=None) -> int:
+    from train.config import ConfigError
+
+    # DeepSpeed 0.19 calls collectives that torch 2.13 renamed; the warning repeats every step.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+    args = parse_args(argv)
+    try:
+        cfg, ds_template, manifest, run, period = check_inputs(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return train_period(cfg, ds_template, manifest, run, period)
+
+
+def train_period(cfg, ds_template, manifest, run, period: int) -> int:
+    from train.checkpoint import Checkpointer
+    from train.config import accumulation_steps
+    from train.data import WindowData
+    from train.ds_config import fill_ds_config, resolve_dtype
+    from train.export import export_adapter, export_full_model
+    from train.flops import FlopCounter, device_peak_flops
+    from train.metrics import MetricsLogger
+    from train.model import (apply_lora, backbone_dir, build_shape_backbone, hidden_size, load_adapter_weights,
+                             load_backbone, param_groups)
+    from train.regularizers import make_regularizer, previous_adapter
+    from train.schedule import make_optimizer, make_scheduler
+    from train.strategy import DeepSpeedStrategy
+    from train.trainer import EXIT_REQUEUE, StopRequested, Trainer
+    from train.vocab import SampleEncoder, load_vocab
+
+    # ---- distributed set-up and vocabulary -----------------------------------------------------
+    strategy = DeepSpeedStrategy()
+    accumulation = accumulation_steps(cfg, strategy.world_size)
+    dtype = resolve_dtype(cfg, strategy.cuda, strategy.bf16_supported)
+    if strategy.is_rank0:
+        os.makedirs(run.period_dir(period), exist_ok=True)
+        run.save_state(period=period, phase="training")
+    tokenizer, codebook, template = load_vocab(cfg, run, cfg.data.path, strategy)
+
+    # ---- model ---------------------------------------------------------------------------------
+    if cfg.model.shape and period == 0:
+        build_shape_backbone(cfg, run, tokenizer, dtype, strategy)
+    source = backbone_dir(cfg, run, period)
+    lr = cfg.optim.lr * (cfg.optim.later_lr_factor if period > 0 else 1.0)
+    ds_config = fill_ds_config(ds_template, cfg, strategy.world_size, hidden_size(source), dtype, lr)
+    strategy.use_ds_config(ds_config)  # before from_pretrained: ZeRO-3 loads partitioned
+    model = load_backbone(source, cfg, dtype, len(tokenizer))
+    full = cfg.model.period0 == "full" and period == 0
+    if full:
+        model.requires_grad_(True)
+    else:
+        model = apply_lora(model, cfg, codebook.code_token_ids, seed=cfg.model.seed + period)
+        start_from = previous_adapter(cfg, run, period)
+        if start_from:
+            load_adapter_weights(strategy, model, start_from)
+    regularizer = make_regularizer(cfg, run, period, model, strategy)
+
+    # ---- data and engine -----------------------------------------------------------------------
+    encoder = SampleEncoder(tokenizer, codebook, template, cfg.data.max_history)
+    data = WindowData(cfg.data.path, manifest, period, cfg, strategy.rank, strategy.world_size, accumulation,
+                      encoder, tokenizer.pad_token_id, encoder.response_len)
+    total_steps = cfg.schedule.epochs * data.train_plan.steps
+    if cfg.schedule.max_steps:
+        total_steps = min(total_steps, cfg.schedule.max_steps)
+    groups = param_groups(model, cfg.optim.weight_decay)
+    trainable = sum(p.numel() for g in groups for p in g["params"])  # before ZeRO-3 partitions them
+    engine = strategy.initialize(model, groups, lambda g: make_optimizer(g, cfg, lr, strategy.cuda),
+                                 lambda opt: make_scheduler(opt, cfg, total_steps))
+
+    # ---- bookkeeping -----------------------------------------------------------------------------
+    step_offset = run.state().get("global_step", 0)
+    logger = MetricsLogger(run.root, strategy.is_rank0)
+    if strategy.is_rank0:
+        with open(os.path.join(run.period_dir(period), "config.json"), "w") as f:
+            json.dump({"config": cfg.to_dict(), "ds_config": ds_config, "world_size": strategy.world_size}, f, indent=1)
+        logger.text("config", {"period": period, "config": cfg.to_dict(), "ds_config": ds_config}, step_offset)
+        strategy.print0(f"period {period}: {'full training' if full else f'LoRA r={cfg.lora.r}'} of {source}, "
+                        f"{trainable:,} trainable parameters, {data.train_plan.samples:,} samples, "
+                        f"{data.train_plan.steps} steps/epoch x {cfg.schedule.epochs} epochs "
+                        f"(capped at {total_steps}), ZeRO-{strategy.zero_stage}, {strategy.world_size} ranks, {dtype}")
+    flops = FlopCounter(engine.module.config, None if full else cfg.lora.r, cfg.lora.targets, full,
+                        cfg.model.gradient_checkpointing)
+
+    def export():
+        if full:
+            export_full_model(strategy, engine.module, tokenizer, run.model_dir(period))
+        else:
+            export_adapter(strategy, engine.module, run.adapter_dir(period), {"period": period})
+
+    trainer = Trainer(cfg=cfg, strategy=strategy, engine=engine, data=data,
+                      checkpointer=Checkpointer(strategy, run.ckpt_dir(period), cfg.checkpoint.keep),
+                      export=export, logger=logger, flops=flops,
+                      peak_flops=device_peak_flops(strategy.cuda, dtype, cfg.logging.peak_tflops),
+                      step_offset=step_offset, period=period, response_len=encoder.response_len,
+                      regularizer=regularizer, total_steps=total_steps)
+    trainer.install_signal_handlers()
+
+    # ---- train, evaluate, hand off -----------------------------------------------------------------
+    try:
+        progress = trainer.fit()
+    except StopRequested:
+        strategy.print0(f"period {period}: checkpointed on a signal; rerun to resume")
+        logger.close()
+        strategy.close()
+        return EXIT_REQUEUE
+    if not full:
+        load_adapter_weights(strategy, engine.module, run.adapter_dir(period))  # the best epoch's weights
+    if strategy.is_rank0:
+        run.save_state(phase="evaluating")
+    metrics = None
+    if cfg.eval.every_period:
+        from train.evaluate import evaluate_period
+
+        metrics = evaluate_period(cfg, strategy, engine, tokenizer, codebook, template, manifest, period, run, logger,
+                                  step_offset + engine.global_steps)
+    if strategy.is_rank0:
+        summary = {"period": period, "steps": engine.global_steps, "samples_seen": progress.samples_seen,
+                   "nonfinite_skipped": progress.nonfinite_skipped, "best_epoch": progress.best_epoch,
+                   "val_losses": progress.val_losses, "world_size": strategy.world_size}
+        with open(os.path.join(run.period_dir(period), "train_summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        state = run.state()
+        run.save_state(done=sorted(set(state["done"]) | {period}), phase="done",
+                       global_step=step_offset + engine.global_steps)
+        logger.hparams({f"{k}": v for k, v in _flat(cfg.to_dict()).items()},
+                       {"hparam/best_val_loss": progress.best_val or math.nan,
+                        **({f"hparam/{k}": v for k, v in metrics["overall"].items()} if metrics else {})})
+    logger.close()
+    strategy.close()
+    return 0
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Leave without interpreter teardown: there, now and then, a C++ thread of the CPU collectives
+    # aborts the process ("terminate called without an active exception", SIGABRT; about 1 exit
+    # in 45 in notes/zero3-lora-probes.md, after all results were written). Everything this
+    # process had to write is written and closed by now.
+    os._exit(code)

@@ -1,0 +1,146 @@
+"""Build the recommender for one period: the backbone, the item code tokens, LoRA or full training.
+
+Where the backbone comes from:
+- `model.path`: a local Hugging Face folder (a real pretrained model);
+- `model.shape`: random weights of a named shape (train/shapes.py), built once by rank 0 into
+  `<run>/base/` so every rank, period and restart loads the very same weights;
+- after a full-training period 0 (`model.period0: full`), its exported model is the backbone of
+  every later period.
+Under ZeRO-3 the strategy's HfDeepSpeedConfig is alive before `from_pretrained`, so each rank
+only ever materializes its own partition.
+
+Trainable per LoRA period: the LoRA factors on the chosen projections and the embedding and
+output rows of the item code tokens (peft's trainable tokens); everything else is frozen.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import peft
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+
+from train.config import Config
+from train.run_folder import RunFolder
+from train.shapes import shape_config
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def backbone_dir(cfg: Config, run: RunFolder, period: int) -> str:
+    if cfg.model.period0 == "full" and period > 0:
+        return run.model_dir(0)
+    return cfg.model.path if cfg.model.path else run.base_dir
+
+
+def build_shape_backbone(cfg: Config, run: RunFolder, tokenizer, dtype: str, strategy) -> None:
+    """Rank 0 writes the random-weight backbone of `model.shape` once; the others wait."""
+    if strategy.is_rank0 and not os.path.isfile(os.path.join(run.base_dir, "config.json")):
+        config = shape_config(cfg.model.shape, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
+                              tokenizer.pad_token_id)
+        torch.manual_seed(cfg.model.seed)
+        model = LlamaForCausalLM(config).to(DTYPES[dtype])
+        tmp = run.base_dir + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        os.replace(tmp, run.base_dir)
+    strategy.barrier()
+
+
+def hidden_size(source: str) -> int:
+    return AutoConfig.from_pretrained(source).hidden_size
+
+
+def load_backbone(source: str, cfg: Config, dtype: str, vocab_size: int) -> torch.nn.Module:
+    if not os.path.isfile(os.path.join(source, "config.json")):
+        raise FileNotFoundError(f"{source} is not a Hugging Face model folder (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], attn_implementation=cfg.model.attn_implementation)
+    if model.get_input_embeddings().num_embeddings < vocab_size:
+        # New rows for the item code tokens (mean-initialized; they are trained every period).
+        model.resize_token_embeddings(vocab_size)
+    if cfg.model.gradient_checkpointing:
+        # Reentrant checkpointing silently drops gradients of terms computed in LoRA hooks and
+        # breaks ZeRO-3 reduction (notes/zero3-lora-probes.md): always non-reentrant.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+def _patch_peft_trainable_tokens_for_cpu() -> None:
+    """peft gathers the rows of new tokens under ZeRO-3 into a receive buffer it puts on
+    `cuda` unconditionally (https://github.com/huggingface/peft/pull/2605, "right now, only CUDA
+    is implemented"), which fails on CPU ranks. The buffer belongs on the weight's own device,
+    which is `cuda` on GPUs, so this keeps GPU behaviour and fixes the CPU."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    if getattr(TrainableTokensLayer, "_peso_patched", False):
+        return
+
+    def collect(self, weight, rows, embed_dim):
+        import deepspeed
+        import torch.distributed as dist
+
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+            if dist.get_rank() == 0:
+                values = weight[rows].clone()
+            else:
+                values = torch.empty((len(rows), embed_dim), dtype=weight.dtype, device=weight.device)
+        dist.broadcast(values, src=0)
+        return values
+
+    TrainableTokensLayer._collect_token_weights = collect
+    TrainableTokensLayer._peso_patched = True
+
+
+def apply_lora(model: torch.nn.Module, cfg: Config, code_token_ids: list[int], seed: int) -> peft.PeftModel:
+    """LoRA on the chosen projections plus trainable rows for the code tokens. Seeded, so every
+    rank (and a resumed run) starts from the same factors."""
+    _patch_peft_trainable_tokens_for_cpu()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    # Untied: both the embedding and the output layer need the rows (the list form would wrap
+    # only the embedding, leaving the output rows untrained and unsaved). Tied: one shared delta.
+    tokens = list(code_token_ids) if tied else {"embed_tokens": list(code_token_ids), "lm_head": list(code_token_ids)}
+    lora = peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                           target_modules=list(cfg.lora.targets), trainable_token_indices=tokens, task_type="CAUSAL_LM")
+    torch.manual_seed(seed)
+    return peft.get_peft_model(model, lora)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on norms, biases and the new-token rows (embeddings)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "trainable_tokens" in name or "embed" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adapter_state_keys(model: peft.PeftModel) -> dict[str, torch.nn.Parameter]:
+    """Saved-key -> live parameter for everything an adapter export holds (peft's key names)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = name.replace(".default.", ".").replace(".default", "")
+        out[key] = p
+    return out
+
+
+def load_adapter_weights(strategy, model: peft.PeftModel, adapter_dir: str) -> None:
+    """Copy an exported adapter into the live (possibly partitioned) trainable parameters."""
+    state = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    live = adapter_state_keys(model)
+    missing, unexpected = set(live) - set(state), set(state) - set(live)
+    if missing or unexpected:
+        raise ValueError(f"{adapter_dir} does not fit this model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    params = list(live.values())
+    partitioned = any(hasattr(p, "ds_id") for p in params)  # after deepspeed.initialize under ZeRO-3
+    with strategy.gathered(params, modify=True):
+        if strategy.is_rank0 or not partitioned:
+            with torch.no_grad():
+                for key, p in live.items():
+                    p.copy_(state[key].to(p.dtype))

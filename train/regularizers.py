@@ -1,0 +1,164 @@
+"""The continual methods beyond plain fine-tuning (`method.name`, DESIGN.md "One period").
+
+- single: start from the previous period's adapter; no regularizer.
+- peso: single + lambda * reduce_m (KL_A + KL_B), with, for each LoRA matrix M of wrapped layer m,
+  KL(softmax(vec M) || softmax(vec M_prev)): one softmax over all entries of the matrix, in fp32.
+- l2: the same with ||M - M_prev||^2 (an ablation).
+- cumulative: a new adapter each period, initialized from the last; the earlier adapters frozen,
+  each with A and B divided by their Frobenius norms, and summed into the forward.
+
+M_prev is the adapter exported at the end of period t-1 (the period's anchor, also saved as
+periods/<t>/anchor.safetensors). Exact under ZeRO-3: a LoRA weight is only whole while its
+module runs, so the term is computed in a forward hook on every lora_A / lora_B (never by
+reading the weights outside their forward, which is silently 0 with partitioned parameters).
+Non-reentrant gradient checkpointing runs those hooks again during recomputation; they then
+compute the same ops (so the saved-tensor counts match) but only the first, real forward adds
+its terms (notes/zero3-lora-probes.md, "Fix 1").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import peft
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+
+def previous_adapter(cfg, run, period: int) -> str | None:
+    """The adapter this period starts from (and is pulled toward): period t-1's export."""
+    if period == 0:
+        return None
+    path = run.adapter_dir(period - 1)
+    if os.path.isfile(os.path.join(path, "adapter_model.safetensors")):
+        return path
+    if cfg.model.period0 == "full" and period == 1:
+        return None  # period 0 trained the whole model; the first adapter starts fresh
+    raise FileNotFoundError(f"period {period} starts from period {period - 1}'s adapter, and {path} has none; "
+                            f"train period {period - 1} first")
+
+
+def lora_layers(model: nn.Module) -> dict[str, peft.tuners.lora.LoraLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)
+            and "default" in m.lora_A}
+
+
+def lora_factors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Only the LoRA A/B tensors of an adapter's state (not the new-token rows)."""
+    return {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
+
+
+class ProximalTerm:
+    """Distance of the live LoRA factors to the anchor's, collected during the forward."""
+
+    def __init__(self, model: nn.Module, anchor: dict[str, torch.Tensor], kind: str, reduce: str):
+        self.kind, self.reduce = kind, reduce
+        self.collecting = False
+        self.terms: list[torch.Tensor] = []
+        layers = lora_layers(model)
+        self.n_layers = len(layers)
+        self.handles = []
+        missing = []
+        for name, layer in layers.items():
+            for which in ("lora_A", "lora_B"):
+                key = f"{name}.{which}.weight"
+                if key not in anchor:
+                    missing.append(key)
+                    continue
+                ref = anchor[key].float()
+                # KL needs log softmax(vec M_prev) (fixed: computed once); L2 needs M_prev.
+                target = torch.log_softmax(ref.reshape(-1), 0) if kind == "kl" else ref
+                self.handles.append(layer.__getattr__(which)["default"].register_forward_hook(self._hook(target)))
+        if missing:
+            raise ValueError(f"the anchor lacks {len(missing)} LoRA matrices (first: {missing[0]}); "
+                             "was the previous period trained with other lora.targets?")
+
+    def _hook(self, target: torch.Tensor):
+        def hook(module, inputs, output):
+            w = module.weight
+            if hasattr(w, "ds_numel") and w.numel() != w.ds_numel:
+                raise RuntimeError("a LoRA weight is partitioned inside its own forward; the proximal term would be wrong")
+            w32 = w.float().reshape(-1)
+            t = target.to(w32.device)
+            if self.kind == "kl":
+                logp = torch.log_softmax(w32, 0)
+                d = (logp.exp() * (logp - t)).sum()
+            else:
+                d = (w32 - t.reshape(-1)).pow(2).sum()
+            if self.collecting:
+                self.terms.append(d)
+        return hook
+
+    @contextlib.contextmanager
+    def collect(self):
+        self.terms = []
+        self.collecting = True
+        try:
+            yield
+        finally:
+            self.collecting = False
+
+    def term(self) -> torch.Tensor:
+        if not self.terms:
+            raise RuntimeError("no proximal terms were collected: was the forward run inside collect()?")
+        total = torch.stack(self.terms).sum()
+        return total / self.n_layers if self.reduce == "mean" else total
+
+
+class FrozenLoraSum(nn.Module):
+    """sum_i scaling * B_i A_i x over earlier adapters, each factor divided by its Frobenius norm,
+    as one rank-(periods x r) product. Its weights are frozen parameters, so ZeRO-3 partitions
+    them and gathers them when this module runs, like any other layer."""
+
+    def __init__(self, factors: list[tuple[torch.Tensor, torch.Tensor]], scaling: float):
+        super().__init__()
+        a = torch.cat([fa / fa.norm() for fa, _ in factors], 0)
+        b = torch.cat([fb / fb.norm() for _, fb in factors], 1)
+        self.A = nn.Linear(a.shape[1], a.shape[0], bias=False)
+        self.B = nn.Linear(b.shape[1], b.shape[0], bias=False)
+        with torch.no_grad():
+            self.A.weight.copy_(a)
+            self.B.weight.copy_(b)
+        self.requires_grad_(False)
+        self.scaling = scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.B(self.A(x.to(self.A.weight.dtype))) * self.scaling
+
+
+def attach_frozen_adapters(model: nn.Module, adapter_dirs: list[str]) -> int:
+    """Add the frozen, normalized earlier adapters to every LoRA layer's output."""
+    states = [load_file(os.path.join(d, "adapter_model.safetensors")) for d in adapter_dirs]
+    count = 0
+    for name, layer in lora_layers(model).items():
+        factors = [(s[f"{name}.lora_A.weight"].float(), s[f"{name}.lora_B.weight"].float()) for s in states]
+        frozen = FrozenLoraSum(factors, layer.scaling["default"]).to(layer.lora_A["default"].weight.dtype)
+        layer.add_module("frozen_sum", frozen)  # a child module: ZeRO-3 sees and partitions it
+        layer.register_forward_hook(lambda mod, inputs, out: out + mod.frozen_sum(inputs[0]).to(out.dtype))
+        count += 1
+    return count
+
+
+def make_regularizer(cfg, run, period: int, model: nn.Module, strategy) -> ProximalTerm | None:
+    """Set up the method for this period; returns the proximal term (peso, l2) or None."""
+    name = cfg.method.name
+    previous = previous_adapter(cfg, run, period)
+    if name == "cumulative":
+        first = 1 if cfg.model.period0 == "full" else 0
+        earlier = [run.adapter_dir(t) for t in range(first, period)]
+        if earlier:
+            n = attach_frozen_adapters(model, earlier)
+            strategy.print0(f"cumulative: {len(earlier)} frozen adapters summed into {n} layers")
+        return None
+    if name == "single" or previous is None:
+        if name in ("peso", "l2") and previous is None:
+            strategy.print0(f"{name}: no previous adapter in period {period}, so no proximal term this period")
+        return None
+    anchor = lora_factors(load_file(os.path.join(previous, "adapter_model.safetensors")))
+    if strategy.is_rank0:
+        tmp = run.anchor_path(period) + ".tmp"
+        save_file(anchor, tmp)
+        os.replace(tmp, run.anchor_path(period))
+    return ProximalTerm(model, anchor, "kl" if name == "peso" else "l2", cfg.method.reduce)

@@ -1,0 +1,183 @@
+"""The one object that owns everything distributed (OpenRLHF's rule): process group, DeepSpeed
+engine, ZeRO-3 parameter gathering, collectives and checkpoints. No other module of train/ calls
+torch.distributed or deepspeed.comm; they ask the strategy.
+
+The same code runs on the CPU (gloo; tests and the demo) and on GPUs (NCCL), started by the
+`deepspeed` launcher (which passes --local_rank), by torchrun, or as a plain single process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _quiet_cpu_accelerator() -> None:
+    """Tell DeepSpeed it is on the CPU (else it warns at every start that it guessed so)."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def _env_from_slurm() -> None:
+    """Under `srun` (one task per rank, as slurm/continual.sh launches), the ranks come from
+    SLURM; MASTER_ADDR and MASTER_PORT are exported by the launcher before srun."""
+    e = os.environ
+    if "RANK" in e or "SLURM_PROCID" not in e or "MASTER_ADDR" not in e:
+        return
+    tasks_here = e.get("SLURM_NTASKS_PER_NODE") or e.get("SLURM_TASKS_PER_NODE", "1").split("(")[0].split(",")[0]
+    e.update(RANK=e["SLURM_PROCID"], WORLD_SIZE=e["SLURM_NTASKS"], LOCAL_RANK=e.get("SLURM_LOCALID", "0"),
+             LOCAL_WORLD_SIZE=tasks_here)
+
+
+def _single_process_env() -> None:
+    """A bare `python train/main.py` is a world of one (DeepSpeed would otherwise look for MPI)."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+class DeepSpeedStrategy:
+    def __init__(self, timeout_minutes: int = 30):
+        _env_from_slurm()
+        _single_process_env()
+        _quiet_cpu_accelerator()
+        import deepspeed
+
+        self.cuda = torch.cuda.is_available()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.cuda:
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+            # Ranks share the cores: one BLAS pool each unless the user chose (torchrun sets 1).
+            if "OMP_NUM_THREADS" not in os.environ:
+                local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo", verbose=False,
+                                   timeout=datetime.timedelta(minutes=timeout_minutes))
+        from deepspeed import comm
+
+        self.comm = comm
+        self.rank = comm.get_rank()
+        self.world_size = comm.get_world_size()
+        self.ds_config: dict | None = None
+        self._hf_ds_config = None
+        self.engine = None
+
+    # ---- set-up -----------------------------------------------------------------------------
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def bf16_supported(self) -> bool:
+        return self.cuda and torch.cuda.is_bf16_supported()
+
+    @property
+    def zero_stage(self) -> int:
+        return int((self.ds_config or {}).get("zero_optimization", {}).get("stage", 0))
+
+    def use_ds_config(self, ds_config: dict) -> None:
+        """Adopt the resolved ds_config. Under ZeRO-3, HfDeepSpeedConfig must be alive (and stay
+        referenced) before `from_pretrained`, so each rank only ever loads its partition."""
+        self.ds_config = ds_config
+        if self.zero_stage == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(ds_config)
+
+    def initialize(self, model: torch.nn.Module, param_groups: list[dict], make_optimizer, make_scheduler):
+        """Wrap the model in a DeepSpeed engine. The optimizer is ours unless the ds_config names
+        one (offload needs DeepSpeed's CPU Adam); the scheduler is a factory over the optimizer."""
+        import deepspeed
+
+        optimizer = None if "optimizer" in self.ds_config else make_optimizer(param_groups)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=param_groups if optimizer is None else None,
+            lr_scheduler=make_scheduler, config=self.ds_config)
+        engine.checkpoint_engine = _safe_checkpoint_engine(engine.checkpoint_engine)
+        self.engine = engine
+        return engine
+
+    # ---- ZeRO-3 parameters --------------------------------------------------------------------
+
+    def gathered(self, params: list[torch.nn.Parameter], modify: bool = False):
+        """Whole parameters inside the block (collective: every rank must enter it). With
+        `modify`, rank 0's changes are scattered back to the partitions on exit."""
+        if self.zero_stage != 3 or not params:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+    # ---- collectives --------------------------------------------------------------------------
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            self.comm.all_reduce(t, op=self.comm.ReduceOp.SUM)
+        return t.tolist()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on any rank (a decision all ranks must share)."""
+        return self.all_reduce_sum([1.0 if flag else 0.0])[0] > 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            self.comm.barrier()
+
+    def broadcast_object(self, obj):
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def print0(self, *args, **kwargs) -> None:
+        if self.is_rank0:
+            print(*args, **kwargs, flush=True)
+
+    def close(self) -> None:
+        self.barrier()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _safe_checkpoint_engine(engine):
+    """DeepSpeed's torch checkpoint engine loads with `weights_only=False`, which can execute code
+    from a tampered file. Ours loads with `weights_only=True` and allows only the few DeepSpeed
+    types its own checkpoints contain."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if type(engine) is not TorchCheckpointEngine:
+        return engine  # another engine (nebula, fast...) was configured: leave it alone
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(_checkpoint_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    safe = SafeTorchCheckpointEngine.__new__(SafeTorchCheckpointEngine)
+    safe.__dict__.update(engine.__dict__)
+    return safe
+
+
+def _checkpoint_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, fragment_address]

@@ -1,0 +1,225 @@
+"""The training loop of one period: epochs of micro-batches, validation after each epoch, the
+best epoch exported, checkpoints, and everything reported to TensorBoard.
+
+The loss is the cross-entropy of the response tokens (the target item's codes and EOS), on
+logits divided by `method.temperature`, plus `method.lam` times the regularizer's proximal term
+when there is one (train/regularizers.py). A micro-batch whose loss is not finite on any rank
+is skipped on every rank (no backward; the step uses the others), counted, and too many in a
+row stop the run with an error. SIGUSR1 or SIGTERM (a SLURM time limit or preemption) makes
+every rank checkpoint at the next step boundary and exit with EXIT_REQUEUE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from train.checkpoint import Checkpointer
+from train.data import IGNORE
+from train.metrics import Throughput, memory_stats
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: "checkpointed on a signal, run me again"
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class StopRequested(Exception):
+    """Raised after the checkpoint that a SIGUSR1/SIGTERM asked for."""
+
+
+@dataclass
+class Progress:
+    """Where a period stands; saved in every checkpoint (DeepSpeed restores the step count)."""
+
+    epoch: int = 0
+    micro: int = 0  # next micro-batch of `epoch`
+    samples_seen: int = 0  # by all ranks together
+    nonfinite_skipped: int = 0
+    best_val: float | None = None
+    best_epoch: int | None = None
+    val_losses: list = field(default_factory=list)
+    finished: bool = False  # the last epoch's end (validation, export) is done
+
+
+def response_loss(engine, batch: dict, response_len: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy over response tokens, their count) for one micro-batch."""
+    out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=batch["position_ids"], logits_to_keep=response_len + 1)
+    logits = out.logits[:, :-1].float() / temperature
+    targets = batch["targets"]
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    return total, (targets != IGNORE).sum()
+
+
+class Trainer:
+    def __init__(self, *, cfg, strategy, engine, data, checkpointer: Checkpointer, export, logger, flops,
+                 peak_flops: tuple[float, str], step_offset: int, period: int, response_len: int,
+                 regularizer=None, total_steps: int):
+        self.cfg, self.strategy, self.engine, self.data = cfg, strategy, engine, data
+        self.checkpointer, self.export, self.logger, self.flops = checkpointer, export, logger, flops
+        self.peak_flops, self.peak_label = peak_flops
+        self.step_offset, self.period, self.response_len = step_offset, period, response_len
+        self.regularizer = regularizer
+        self.total_steps = total_steps
+        self.stop_signal = False
+        self._nan_at = {int(x) for x in os.environ.get("PESO_FAULT_NAN_AT", "").split(",") if x}  # fault injection for tests
+
+    # ---- signals ----------------------------------------------------------------------------
+
+    def _on_signal(self, signum, frame):
+        self.stop_signal = True
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    # ---- one micro-batch --------------------------------------------------------------------
+
+    def _micro_step(self, batch: dict, micro_index: int) -> tuple[float, float | None, bool]:
+        with self.regularizer.collect() if self.regularizer is not None else contextlib.nullcontext():
+            ce_sum, count = response_loss(self.engine, batch, self.response_len, self.cfg.method.temperature)
+        ce = ce_sum / count.clamp(min=1)
+        loss, prox = ce, None
+        if self.regularizer is not None:
+            prox_t = self.regularizer.term()
+            loss = ce + self.cfg.method.lam * prox_t
+            prox = float(prox_t.detach())
+        if micro_index in self._nan_at and self.strategy.is_rank0:
+            loss = loss * float("nan")
+        skip = self.strategy.any(not bool(torch.isfinite(loss.detach())))
+        if not skip:
+            self.engine.backward(loss)
+        self.engine.step()
+        return float(ce.detach()), prox, skip
+
+    # ---- validation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        self.engine.eval()
+        total = count = 0.0
+        for batch in self.data.valid():
+            s, n = response_loss(self.engine, batch, self.response_len, self.cfg.method.temperature)
+            total += float(s)
+            count += float(n)
+        self.engine.train()
+        total, count = self.strategy.all_reduce_sum([total, count])
+        return total / max(count, 1.0)
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def _client_state(self, p: Progress) -> dict:
+        return dict(p.__dict__)
+
+    def fit(self) -> Progress:
+        cfg, engine, strategy = self.cfg, self.engine, self.strategy
+        saved = self.checkpointer.load(engine)
+        p = Progress(**saved) if saved else Progress()
+        if saved:
+            strategy.print0(f"resumed period {self.period} at epoch {p.epoch}, micro-batch {p.micro}, step {engine.global_steps}")
+        engine.train()  # from_pretrained returns eval mode and deepspeed.initialize keeps it
+        plan = self.data.train_plan
+        accumulation = engine.gradient_accumulation_steps()
+        bar = tqdm(total=self.total_steps, initial=engine.global_steps, desc=f"period {self.period}", unit="step",
+                   disable=not (strategy.is_rank0 and cfg.logging.progress), dynamic_ncols=True)
+        try:
+            while not p.finished:
+                if p.micro < plan.micro_batches and engine.global_steps < self.total_steps:
+                    self._train_epoch(p, bar, accumulation)
+                self._end_epoch(p)
+        finally:
+            bar.close()
+        return p
+
+    def _train_epoch(self, p: Progress, bar, accumulation: int) -> None:
+        """Micro-batches from p.micro to the epoch's end (or the step cap)."""
+        cfg, engine, strategy, plan = self.cfg, self.engine, self.strategy, self.data.train_plan
+        meter = Throughput()
+        losses, proxes, bad_in_a_row = [], [], 0
+        loader = iter(self.data.train(p.epoch, start=p.micro))
+        while p.micro < plan.micro_batches and engine.global_steps < self.total_steps:
+            t0 = time.perf_counter()
+            batch = next(loader)
+            waited = time.perf_counter() - t0
+            ce, prox, skipped = self._micro_step(batch, p.epoch * plan.micro_batches + p.micro)
+            p.micro += 1
+            p.samples_seen += batch["input_ids"].shape[0] * strategy.world_size  # equal batches on every rank
+            if skipped:
+                p.nonfinite_skipped += 1
+                bad_in_a_row += 1
+                if bad_in_a_row > cfg.optim.max_nonfinite_in_a_row:
+                    raise NonFiniteLossError(
+                        f"{bad_in_a_row} micro-batches in a row had a non-finite loss (period {self.period}, "
+                        f"epoch {p.epoch}, step {engine.global_steps}); lower optim.lr or check the data")
+            else:
+                bad_in_a_row = 0
+                losses.append(ce)
+                if prox is not None:
+                    proxes.append(prox)
+            tokens = int(batch["attention_mask"].sum())
+            meter.add(tokens, int((batch["targets"] != IGNORE).sum()), batch["input_ids"].shape[0],
+                      self.flops.micro_batch(tokens, batch["input_ids"].shape[1], batch["input_ids"].shape[0] * self.response_len),
+                      waited)
+            if p.micro % accumulation:
+                continue
+            bar.update(1)
+            step = engine.global_steps
+            if step % cfg.logging.every_steps == 0 or step == self.total_steps:
+                self._log(step, losses, proxes, meter, p)
+                losses, proxes = [], []
+                meter.reset()
+            stop = strategy.any(self.stop_signal)
+            if stop or step % cfg.checkpoint.every_steps == 0:
+                self.checkpointer.save(engine, step, self._client_state(p))
+            if stop:
+                raise StopRequested()
+
+    def _end_epoch(self, p: Progress) -> None:
+        val = self.validate()
+        p.val_losses.append(val)
+        step = self.engine.global_steps
+        self.logger.scalars({"val/loss": val, "val/epoch": p.epoch}, self.step_offset + step)
+        improved = p.best_val is None or val < p.best_val
+        if improved:
+            p.best_val, p.best_epoch = val, p.epoch
+            self.export()
+        self.strategy.print0(f"period {self.period} epoch {p.epoch}: validation loss {val:.4f}"
+                             + (" (best so far, exported)" if improved else f" (best: epoch {p.best_epoch}, {p.best_val:.4f})"))
+        p.epoch += 1
+        p.micro = 0
+        p.finished = p.epoch >= self.cfg.schedule.epochs or step >= self.total_steps
+        self.checkpointer.save(self.engine, step, self._client_state(p))
+
+    def _log(self, step: int, losses: list, proxes: list, meter: Throughput, p: Progress) -> None:
+        local = [sum(losses), len(losses), sum(proxes), len(proxes)]
+        total_ce, n_ce, total_prox, n_prox = self.strategy.all_reduce_sum(local)
+        values = {
+            "train/loss_ce": total_ce / n_ce if n_ce else math.nan,
+            "train/lr": self.engine.get_lr()[0],
+            "train/grad_norm": self.engine.get_global_grad_norm(),
+            "train/nonfinite_skipped": p.nonfinite_skipped,
+            "train/samples_seen": p.samples_seen,
+            "train/epoch": p.epoch,
+            "period": self.period,
+            **meter.report(self.peak_flops, self.peak_label),
+            **memory_stats(self.strategy.cuda),
+        }
+        if n_prox:
+            values["train/proximal"] = total_prox / n_prox
+            values["train/loss"] = values["train/loss_ce"] + self.cfg.method.lam * values["train/proximal"]
+        else:
+            values["train/loss"] = values["train/loss_ce"]
+        grad_norm = values["train/grad_norm"]
+        if isinstance(grad_norm, torch.Tensor):
+            values["train/grad_norm"] = float(grad_norm)
+        self.logger.scalars(values, self.step_offset + step)
