@@ -134,7 +134,9 @@ class WindowData:
 
     def _loader(self, dataset) -> torch.utils.data.DataLoader:
         workers = self.cfg.data.num_workers
-        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+        # A generator of its own: a DataLoader draws its workers' seed from the global RNG when
+        # iterated, which would shift LoRA dropout's random stream in a resumed run.
+        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, generator=torch.Generator(),
                                            persistent_workers=False, prefetch_factor=4 if workers else None)
 
     def train(self, epoch: int, start: int = 0):

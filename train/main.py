@@ -133,7 +133,7 @@ def train_period(cfg, ds_template, manifest, run, period: int) -> int:
     if cfg.schedule.max_steps:
         total_steps = min(total_steps, cfg.schedule.max_steps)
     groups = param_groups(model, cfg.optim.weight_decay)
-    trainable = sum(p.numel() for g in groups for p in g["params"])  # before ZeRO-3 partitions them
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for g in groups for p in g["params"])  # ds_numel: partitioned
     engine = strategy.initialize(model, groups, lambda g: make_optimizer(g, cfg, lr, strategy.cuda),
                                  lambda opt: make_scheduler(opt, cfg, total_steps))
 

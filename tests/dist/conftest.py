@@ -40,6 +40,25 @@ def train(nproc: int, args: list[str], timeout: int = 300, check: bool = True) -
     return proc
 
 
+def kill_all_with(marker: str) -> int:
+    """SIGKILL every process whose command line contains `marker` (torchrun's workers live in
+    process groups of their own, so killing the launcher's group would orphan them)."""
+    import signal
+
+    killed = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed += 1
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            pass
+    return killed
+
+
 @pytest.fixture(scope="session")
 def ds_configs(tmp_path_factory) -> dict:
     """ZeRO-2 and ZeRO-3 configs; ZeRO-3 with stage3_param_persistence_threshold 0, so that even

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
+import re
 import subprocess
 import time
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.dist.conftest import QUICK, REPO, env, train, train_command
+from tests.dist.conftest import QUICK, REPO, env, kill_all_with, train, train_command
 
 CONFIG = os.path.join(REPO, "configs", "tiny.yaml")
 
@@ -164,16 +164,18 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, cds_data, 
         while time.time() < deadline:
             if os.path.exists(complete):
                 with open(complete) as f:
-                    if json.load(f)["client_state"]["micro"] >= 2 * 4:  # at least 4 steps in
+                    if json.load(f)["client_state"]["micro"] >= 4:  # 4 steps in (one micro-batch per step)
                         break
             if proc.poll() is not None:
                 pytest.fail("the run ended before it could be killed")
             time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
+        assert kill_all_with(killed) >= 3  # the launcher and both ranks, at once
     finally:
         proc.wait()
     assert not os.path.exists(os.path.join(killed, "periods", "0", "train_summary.json"))
-    train(2, _resume_args(ds_configs[3], cds_data, killed))
+    resumed = train(2, _resume_args(ds_configs[3], cds_data, killed))
+    step = int(re.search(r"resumed period 0 at epoch 0, micro-batch \d+, step (\d+)", resumed.stdout).group(1))
+    assert 4 <= step < 10  # it really resumed mid-epoch, with steps left to train
     a = load_file(os.path.join(straight, "periods", "0", "adapter", "adapter_model.safetensors"))
     b = load_file(os.path.join(killed, "periods", "0", "adapter", "adapter_model.safetensors"))
     for k in a:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "slurm", "continual.sh")
-OVERRIDES = ("schedule.max_steps=6 checkpoint.every_steps=2 data.micro_batch_size=4 schedule.global_batch_size=8 "
+OVERRIDES = ("schedule.max_steps=30 checkpoint.every_steps=2 data.micro_batch_size=4 schedule.global_batch_size=8 "
              "eval.max_users=16 data.eval_batch_size=16 logging.progress=false logging.every_steps=2")
 
 
@@ -128,7 +128,7 @@ def test_a_signalled_job_requeues_resumes_and_ends_like_an_uninterrupted_run(slu
             assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), (t, k)
     for run_dir in (uninterrupted[0], run):
         with open(os.path.join(run_dir, "periods", "1", "train_summary.json")) as f:
-            assert json.load(f)["samples_seen"] == 6 * 8
+            assert json.load(f)["samples_seen"] == 30 * 8
 
 
 def test_a_failed_period_stops_the_chain_and_a_resubmission_completes_it(slurm, three_windows, tmp_path):
