@@ -4,8 +4,9 @@ best epoch exported, checkpoints, and everything reported to TensorBoard.
 The loss is the cross-entropy of the response tokens (the target item's codes and EOS), on
 logits divided by `method.temperature`, plus `method.lam` times the regularizer's proximal term
 when there is one (train/regularizers.py). A micro-batch whose loss is not finite on any rank
-is skipped on every rank (no backward; the step uses the others), counted, and too many in a
-row stop the run with an error. SIGUSR1 or SIGTERM (a SLURM time limit or preemption) makes
+is skipped on every rank (no backward, and it does not count toward the accumulation window,
+so the optimizer step waits for the next good micro-batch), counted, and too many in a row stop
+the run with an error. SIGUSR1 or SIGTERM (a SLURM time limit or preemption) makes
 every rank checkpoint at the next step boundary and exit with EXIT_REQUEUE.
 """
 
@@ -99,7 +100,7 @@ class Trainer:
         skip = self.strategy.any(not bool(torch.isfinite(loss.detach())))
         if not skip:
             self.engine.backward(loss)
-        self.engine.step()
+            self.engine.step()
         return float(ce.detach()), prox, skip
 
     # ---- validation -------------------------------------------------------------------------
@@ -129,19 +130,18 @@ class Trainer:
             strategy.print0(f"resumed period {self.period} at epoch {p.epoch}, micro-batch {p.micro}, step {engine.global_steps}")
         engine.train()  # from_pretrained returns eval mode and deepspeed.initialize keeps it
         plan = self.data.train_plan
-        accumulation = engine.gradient_accumulation_steps()
         bar = tqdm(total=self.total_steps, initial=engine.global_steps, desc=f"period {self.period}", unit="step",
                    disable=not (strategy.is_rank0 and cfg.logging.progress), dynamic_ncols=True)
         try:
             while not p.finished:
                 if p.micro < plan.micro_batches and engine.global_steps < self.total_steps:
-                    self._train_epoch(p, bar, accumulation)
+                    self._train_epoch(p, bar)
                 self._end_epoch(p)
         finally:
             bar.close()
         return p
 
-    def _train_epoch(self, p: Progress, bar, accumulation: int) -> None:
+    def _train_epoch(self, p: Progress, bar) -> None:
         """Micro-batches from p.micro to the epoch's end (or the step cap)."""
         cfg, engine, strategy, plan = self.cfg, self.engine, self.strategy, self.data.train_plan
         meter = Throughput()
@@ -151,6 +151,7 @@ class Trainer:
             t0 = time.perf_counter()
             batch = next(loader)
             waited = time.perf_counter() - t0
+            steps_before = engine.global_steps
             ce, prox, skipped = self._micro_step(batch, p.epoch * plan.micro_batches + p.micro)
             p.micro += 1
             p.samples_seen += batch["input_ids"].shape[0] * strategy.world_size  # equal batches on every rank
@@ -170,8 +171,8 @@ class Trainer:
             meter.add(tokens, int((batch["targets"] != IGNORE).sum()), batch["input_ids"].shape[0],
                       self.flops.micro_batch(tokens, batch["input_ids"].shape[1], batch["input_ids"].shape[0] * self.response_len),
                       waited)
-            if p.micro % accumulation:
-                continue
+            if engine.global_steps == steps_before:
+                continue  # inside an accumulation window
             bar.update(1)
             step = engine.global_steps
             if step % cfg.logging.every_steps == 0 or step == self.total_steps:

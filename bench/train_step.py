@@ -1,0 +1,123 @@
+"""Training throughput: tokens per second per rank and MFU, ZeRO-2 against ZeRO-3, side by side.
+
+    python bench/train_step.py [--steps 60] [--nproc 2]
+
+CPU (always): the tiny model trained in full (period 0) on 2 ranks, under ZeRO-2 and under
+ZeRO-3 (its default persistence threshold), each for --steps steps of 32 samples, through the
+real entry point (train/main.py); the figures are TensorBoard's, averaged over the log points
+after the first (start-up excluded). MFU on the CPU is against a nominal peak (train/flops.py).
+GPU (where one is lent): the 1B- and 8B-shaped models under ZeRO-3 with LoRA, bf16, tokens/s
+per GPU, MFU and peak memory. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+CDS = os.path.join(os.path.dirname(REPO), "shared", "data", "amazon-cds-blocks")
+
+
+def dataset(cache: str) -> str:
+    """The paper's CDs blocks (real codes) when present, else MovieLens-100K with random codes."""
+    from data_tools.convert import ConvertOptions, convert
+
+    out = os.path.join(cache, "cds" if os.path.isdir(CDS) else "ml")
+    if os.path.isdir(CDS):
+        convert(ConvertOptions(format="blocks", reviews=CDS, index=os.path.join(CDS, "semantic_ids.json"), out=out, progress=False))
+        return out
+    import random
+
+    from data_tools.examples import movielens_100k
+    from data_tools.index.build import import_index
+
+    inter, item = movielens_100k()
+    convert(ConvertOptions(format="movielens", reviews=inter, meta=item, out=out, progress=False))
+    if not os.path.exists(os.path.join(out, "item_index.json")):
+        with open(os.path.join(out, "items.jsonl")) as f:
+            n = sum(1 for _ in f)
+        rng = random.Random(0)
+        codes = os.path.join(cache, "codes.json")
+        with open(os.path.join(out, "items.jsonl")) as f, open(codes, "w") as g:
+            json.dump({json.loads(line)["source_id"]: [f"<{'abcd'[k]}_{rng.randrange(256)}>" for k in range(4)] for line in f}, g)
+        import_index(out, codes, collisions="extend")
+    return out
+
+
+def scalars(run: str) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(run, "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["scalars"]:
+        values = [e.value for e in acc.Scalars(tag)]
+        out[tag] = statistics.mean(values[1:] if len(values) > 1 else values)
+    return out
+
+
+def train(data: str, ds: str, run: str, nproc: int, overrides: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(REPO, "train", "main.py"), "--ds_config", ds, "--config", os.path.join(REPO, "configs", "tiny.yaml"),
+           "--data", data, "--run_dir", run, "eval.every_period=false", "logging.progress=false", *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-4000:])
+    return scalars(run)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--cache", default=os.environ.get("PESO_BENCH_CACHE", "/tmp/peso-bench"))
+    a = ap.parse_args()
+    os.makedirs(a.cache, exist_ok=True)
+    data = dataset(a.cache)
+    result = {"bench": "train_step", "dataset": os.path.basename(data), "steps": a.steps, "ranks": a.nproc}
+    with tempfile.TemporaryDirectory() as tmp:
+        cpu = {}
+        for stage in (2, 3):
+            s = train(data, os.path.join(REPO, "ds_configs", f"zero{stage}.json"), os.path.join(tmp, f"z{stage}"), a.nproc,
+                      [f"schedule.max_steps={a.steps}", "logging.every_steps=10", "checkpoint.every_steps=100000"])
+            cpu[stage] = s
+            result[f"cpu_zero{stage}"] = {
+                "input_tokens_per_s_per_rank": round(s["perf/input_tokens_per_s_per_rank"], 1),
+                "samples_per_s_per_rank": round(s["perf/samples_per_s_per_rank"], 2),
+                "tflops_per_rank": round(s["perf/tflops_per_rank"], 4),
+                "mfu_cpu_nominal": round(s["perf/mfu_cpu_nominal"], 4),
+                "data_wait_share": round(s["perf/data_wait_share"], 4),
+                "max_rss_gib": round(s["memory/cpu_max_rss_gib"], 2)}
+        result["ratio_zero3_to_zero2_tokens_per_s"] = round(
+            cpu[3]["perf/input_tokens_per_s_per_rank"] / cpu[2]["perf/input_tokens_per_s_per_rank"], 3)
+        if torch.cuda.is_available():
+            for shape in ("1b", "8b"):
+                s = train(data, os.path.join(REPO, "ds_configs", "zero3.json"), os.path.join(tmp, shape), torch.cuda.device_count(),
+                          [f"model.shape={shape}", "model.period0=lora", "model.gradient_checkpointing=true",
+                           "schedule.max_steps=30", "logging.every_steps=5", "checkpoint.every_steps=100000",
+                           "data.micro_batch_size=8", f"schedule.global_batch_size={8 * torch.cuda.device_count()}"])
+                result[f"gpu_{shape}_zero3_lora"] = {
+                    "input_tokens_per_s_per_gpu": round(s["perf/input_tokens_per_s_per_rank"], 1),
+                    "mfu": round(s.get("perf/mfu", 0.0), 4),
+                    "max_allocated_gib": round(s["memory/gpu_max_allocated_gib"], 2)}
+        else:
+            result["gpu"] = "no GPU here: the 1B/8B figures need a GPU machine"
+    result.update(machine=f"{platform.machine()} {os.cpu_count()} cores", date=time.strftime("%Y-%m-%d"))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
