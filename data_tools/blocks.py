@@ -17,7 +17,7 @@ import os
 import re
 
 import numpy as np
-from tqdm import tqdm
+from data_tools.progress import progress_bar
 
 from data_tools.accounting import InputError, Ledger
 from data_tools.stream import Stream
@@ -50,7 +50,7 @@ def read_blocks(folder: str, ledger: Ledger, progress: bool = True) -> tuple[Str
     sources = []
     files = block_files(folder)
     item_first: dict[int, int] = {}
-    for b, path in enumerate(tqdm(files, desc="blocks", disable=not progress, leave=False)):
+    for b, path in enumerate(progress_bar(files, desc="blocks", enabled=progress)):
         with open(path, "rb") as f:
             raw = f.read()
         sources.append({"role": "block", "path": os.path.abspath(path), "sha256": hashlib.sha256(raw).hexdigest(),

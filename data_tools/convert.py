@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import orjson
-from tqdm import tqdm
 
 from data_tools import __version__
 from data_tools.accounting import InputError, Ledger, Skip
@@ -33,6 +32,7 @@ from data_tools.shards import write_tar
 from data_tools.stream import IdCollector, Stream, first_windows, normalize
 from data_tools.textio import LineStream, sha256_file
 from data_tools.windows import GROUPS, SPLITS, SplitRule, UserMajor, label_windows, plan_windows
+from data_tools.progress import progress_bar
 
 
 @dataclass
@@ -225,7 +225,7 @@ def _write_samples(folder: str, um: UserMajor, plans: list, opts: ConvertOptions
     total = sum(j.hi - j.lo for j in jobs)
     workers = max(1, min(opts.workers or os.cpu_count() or 1, len(jobs)))
     try:
-        with tqdm(total=total, desc="samples", unit="sample", disable=not opts.progress, leave=False, mininterval=1.0) as bar:
+        with progress_bar(total=total, desc="samples", unit="sample", enabled=opts.progress) as bar:
             pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
             results = pool.imap(_write_shard, jobs) if pool else map(_write_shard, jobs)
             for job, info in zip(jobs, results):

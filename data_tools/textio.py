@@ -13,9 +13,9 @@ import zlib
 from typing import Iterator
 
 from isal import igzip, isal_zlib
-from tqdm import tqdm
 
 from data_tools.accounting import InputError
+from data_tools.progress import progress_bar
 
 CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
@@ -72,8 +72,7 @@ class LineStream:
         with open(self.path, "rb") as raw_file:
             gz = raw_file.read(2) == GZIP_MAGIC
             raw_file.seek(0)
-            bar = tqdm(total=self.size, unit="B", unit_scale=True, desc=self.desc, mininterval=1.0,
-                       disable=not self.progress, leave=False)
+            bar = progress_bar(total=self.size, unit="B", unit_scale=True, desc=self.desc, enabled=self.progress)
             raw = _HashingReader(raw_file, bar)
             # ISA-L's gzip decoder: the same format, about 4x faster than the zlib one.
             stream = igzip.IGzipFile(fileobj=raw, mode="rb") if gz else raw

@@ -9,35 +9,19 @@ skipped when its outputs already exist, so a rerun only redoes what is missing.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 
 from data_tools.convert import ConvertOptions, convert
 from data_tools.examples import movielens_100k
 from data_tools.index.build import build_index
 from data_tools.inspect import window_table
-from launcher.periods import REPO, run_local
+from launcher.periods import REPO, run_local, start_from_period0
 from launcher.report import report
-from train.run_folder import RunFolder
 
 CONFIG = os.path.join(REPO, "configs", "demo.yaml")
 DS_CONFIG = os.path.join(REPO, "ds_configs", "zero3.json")
 METHODS = ("peso", "single", "cumulative")
 PERIOD0_STEPS = 600
-
-
-def _seed_from_period0(src: str, dst: str) -> None:
-    """Start a method's run from the shared period 0 (same backbone, tokenizer and model)."""
-    if os.path.exists(os.path.join(dst, "state.json")):
-        return
-    os.makedirs(os.path.join(dst, "periods"), exist_ok=True)
-    for name in ("tokenizer", "base", "tb"):
-        if os.path.exists(os.path.join(src, name)):
-            shutil.copytree(os.path.join(src, name), os.path.join(dst, name), dirs_exist_ok=True)
-    shutil.copytree(os.path.join(src, "periods", "0"), os.path.join(dst, "periods", "0"), dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("ds_ckpt"))
-    state = RunFolder(src).state()
-    RunFolder(dst).save_state(done=[0], global_step=state["global_step"], period=0, phase="done")
 
 
 def run_demo(workdir: str, nproc: int = 2) -> None:
@@ -55,7 +39,7 @@ def run_demo(workdir: str, nproc: int = 2) -> None:
     run_local(CONFIG, data, first, DS_CONFIG, nproc, [f"schedule.max_steps={PERIOD0_STEPS}"], env=env, upto=0)
     for run in runs.values():
         if run != first:
-            _seed_from_period0(first, run)
+            start_from_period0(first, run)
     for method, run in runs.items():
         run_local(CONFIG, data, run, DS_CONFIG, nproc, [f"method.name={method}"], env=env)
 

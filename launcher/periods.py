@@ -8,6 +8,7 @@ interrupted resumes inside itself from its own checkpoints.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -63,3 +64,20 @@ def run_local(config: str, data: str, run: str, ds_config: str, nproc: int, over
             raise PeriodFailed(t, code)
         trained.append(t)
     return trained
+
+
+def start_from_period0(src: str, dst: str) -> None:
+    """Start run `dst` from run `src`'s finished period 0 (same backbone, tokenizer and model),
+    to compare methods on the later periods without training period 0 again."""
+    if os.path.exists(os.path.join(dst, "state.json")):
+        return
+    os.makedirs(os.path.join(dst, "periods"), exist_ok=True)
+    for name in ("tokenizer", "base", "tb"):
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copytree(os.path.join(src, name), os.path.join(dst, name), dirs_exist_ok=True)
+    shutil.copytree(os.path.join(src, "periods", "0"), os.path.join(dst, "periods", "0"), dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("ds_ckpt"))
+    state = RunFolder(src).state()
+    if 0 not in state["done"]:
+        raise ValueError(f"{src} has not finished period 0")
+    RunFolder(dst).save_state(done=[0], global_step=state["global_step"], period=0, phase="done")

@@ -28,6 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # torchrun reads "--run" as an abbreviation of its own --run-path: spell it --run_dir there.
     p.add_argument("--run", "--run_dir", dest="run", required=True, help="run folder: periods, checkpoints, TensorBoard, state.json")
     p.add_argument("--period", type=int, help="period to train (default: the next one by the run's state.json)")
+    p.add_argument("--eval_only", action="store_true", help="evaluate the period's exported model again; no training")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 schedule.epochs=2")
     return p.parse_args(argv)
@@ -64,12 +65,20 @@ def check_inputs(args):
     if cfg.model.period0 == "full" and period > 0 and not os.path.isdir(run.model_dir(0)):
         raise ConfigError(f"period {period} needs period 0's model ({run.model_dir(0)}); train period 0 first")
     accumulation_steps(cfg, int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1))
+    if args.eval_only:
+        export = run.model_dir(period) if cfg.model.period0 == "full" and period == 0 else run.adapter_dir(period)
+        if not os.path.isdir(export):
+            raise ConfigError(f"--eval_only needs period {period}'s export ({export}); train the period first")
     return cfg, ds_template, manifest, run, period
 
 
 def main(argv=None) -> int:
     from train.config import ConfigError
 
+    if not sys.stderr.isatty():  # a log file: no "Writing model shards" bars from transformers
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     # DeepSpeed 0.19 calls collectives that torch 2.13 renamed; the warning repeats every step.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
@@ -79,14 +88,15 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return train_period(cfg, ds_template, manifest, run, period)
+    return train_period(cfg, ds_template, manifest, run, period, args.eval_only)
 
 
-def train_period(cfg, ds_template, manifest, run, period: int) -> int:
+def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool = False) -> int:
     from train.checkpoint import Checkpointer
     from train.config import accumulation_steps
     from train.data import WindowData
     from train.ds_config import fill_ds_config, resolve_dtype
+    from train.evaluate import evaluate_period
     from train.export import export_adapter, export_full_model
     from train.flops import FlopCounter, device_peak_flops
     from train.metrics import MetricsLogger
@@ -102,7 +112,7 @@ def train_period(cfg, ds_template, manifest, run, period: int) -> int:
     strategy = DeepSpeedStrategy()
     accumulation = accumulation_steps(cfg, strategy.world_size)
     dtype = resolve_dtype(cfg, strategy.cuda, strategy.bf16_supported)
-    if strategy.is_rank0:
+    if strategy.is_rank0 and not eval_only:
         os.makedirs(run.period_dir(period), exist_ok=True)
         run.save_state(period=period, phase="training")
     tokenizer, codebook, template = load_vocab(cfg, run, cfg.data.path, strategy)
@@ -110,12 +120,12 @@ def train_period(cfg, ds_template, manifest, run, period: int) -> int:
     # ---- model ---------------------------------------------------------------------------------
     if cfg.model.shape and period == 0:
         build_shape_backbone(cfg, run, tokenizer, dtype, strategy)
-    source = backbone_dir(cfg, run, period)
+    full = cfg.model.period0 == "full" and period == 0
+    source = run.model_dir(0) if eval_only and full else backbone_dir(cfg, run, period)
     lr = cfg.optim.lr * (cfg.optim.later_lr_factor if period > 0 else 1.0)
     ds_config = fill_ds_config(ds_template, cfg, strategy.world_size, hidden_size(source), dtype, lr)
     strategy.use_ds_config(ds_config)  # before from_pretrained: ZeRO-3 loads partitioned
     model = load_backbone(source, cfg, dtype, len(tokenizer))
-    full = cfg.model.period0 == "full" and period == 0
     if full:
         model.requires_grad_(True)
     else:
@@ -164,6 +174,14 @@ def train_period(cfg, ds_template, manifest, run, period: int) -> int:
                       step_offset=step_offset, period=period, response_len=encoder.response_len,
                       regularizer=regularizer, total_steps=total_steps)
     trainer.install_signal_handlers()
+    if eval_only:
+        if not full:
+            load_adapter_weights(strategy, engine.module, run.adapter_dir(period))
+        evaluate_period(cfg, strategy, engine, tokenizer, codebook, template, manifest, period, run, logger,
+                        step_offset)
+        logger.close()
+        strategy.close()
+        return 0
 
     # ---- train, evaluate, hand off -----------------------------------------------------------------
     try:
@@ -179,8 +197,6 @@ def train_period(cfg, ds_template, manifest, run, period: int) -> int:
         run.save_state(phase="evaluating")
     metrics = None
     if cfg.eval.every_period:
-        from train.evaluate import evaluate_period
-
         metrics = evaluate_period(cfg, strategy, engine, tokenizer, codebook, template, manifest, period, run, logger,
                                   step_offset + engine.global_steps)
     if strategy.is_rank0:

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from data_tools.progress import progress_bar
 from train.checkpoint import Checkpointer
 from train.data import IGNORE
 from train.metrics import Throughput, memory_stats
@@ -130,8 +130,9 @@ class Trainer:
             strategy.print0(f"resumed period {self.period} at epoch {p.epoch}, micro-batch {p.micro}, step {engine.global_steps}")
         engine.train()  # from_pretrained returns eval mode and deepspeed.initialize keeps it
         plan = self.data.train_plan
-        bar = tqdm(total=self.total_steps, initial=engine.global_steps, desc=f"period {self.period}", unit="step",
-                   disable=not (strategy.is_rank0 and cfg.logging.progress), dynamic_ncols=True)
+        bar = progress_bar(total=self.total_steps, initial=engine.global_steps, desc=f"period {self.period}", unit="step",
+                           enabled=strategy.is_rank0 and cfg.logging.progress, dynamic_ncols=True, leave=True)
+        self.bar_shown = not bar.disable
         try:
             while not p.finished:
                 if p.micro < plan.micro_batches and engine.global_steps < self.total_steps:
@@ -224,3 +225,8 @@ class Trainer:
         if isinstance(grad_norm, torch.Tensor):
             values["train/grad_norm"] = float(grad_norm)
         self.logger.scalars(values, self.step_offset + step)
+        if not self.bar_shown:  # no terminal (a SLURM log): one line per log step instead of a bar
+            self.strategy.print0(
+                f"period {self.period} step {step}/{self.total_steps}: loss {values['train/loss']:.4f}"
+                + (f" (proximal {values['train/proximal']:.3g})" if n_prox else "")
+                + f", lr {values['train/lr']:.3g}, {values['perf/input_tokens_per_s_per_rank']:.0f} tokens/s/rank")

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from data_tools.progress import progress_bar
 
 from data_tools.accounting import InputError
 
@@ -89,7 +89,7 @@ class Embedder:
         tok, model = self._tokenizer, self._model
         out = np.empty((len(texts), model.config.hidden_size), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        with tqdm(total=len(texts), desc="embed", unit="item", disable=not self.progress, leave=False) as bar:
+        with progress_bar(total=len(texts), desc="embed", unit="item", enabled=self.progress) as bar:
             for lo in range(0, len(order), self.batch_size):
                 rows = order[lo:lo + self.batch_size]
                 enc = tok([texts[i] for i in rows], padding=True, truncation=True, max_length=self._max_length,

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
+from data_tools.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -219,7 +219,7 @@ def fit_rqvae(embeddings: np.ndarray, config: RQVAEConfig, progress: bool = True
         epochs = config.epochs_for(len(x))
         model.train()
         restarts = 0
-        for epoch in tqdm(range(epochs), desc="rq-vae", unit="epoch", disable=not progress, leave=False):
+        for epoch in progress_bar(range(epochs), desc="rq-vae", unit="epoch", enabled=progress):
             usage = torch.zeros(config.levels, config.codes, dtype=torch.long)
             for idx in torch.randperm(len(xs), generator=gen).split(config.batch_size):
                 recon, commit, codes, residuals = model.losses(xs[idx])
