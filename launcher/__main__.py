@@ -43,13 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     if a.command == "run":
-        from launcher.periods import PeriodFailed, run_local
+        from launcher.periods import PeriodFailed, remaining_periods, run_local
+        from launcher.report import write_report
 
         try:
             run_local(a.config, a.data, a.run, a.ds_config, a.nproc, a.overrides)
         except PeriodFailed as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+        if not remaining_periods(a.data, a.run):
+            print(write_report(a.run))
+            print(f"\nreport: {a.run}/report.md and report.png")
         return 0
     if a.command == "report":
         from launcher.report import report

@@ -118,3 +118,11 @@ def report(run_dirs: list[str], out_png: str | None = None, metric: str = "ndcg@
     if out_png:
         plot(runs, out_png, metric)
     return text
+
+
+def write_report(run: str) -> str:
+    """<run>/report.md and <run>/report.png, for a run whose periods are done; returns the text."""
+    text = report([run], os.path.join(run, "report.png"))
+    with open(os.path.join(run, "report.md"), "w") as f:
+        f.write(text + "\n")
+    return text

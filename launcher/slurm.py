@@ -22,6 +22,7 @@ import subprocess
 import sys
 
 from launcher.periods import MAIN, REPO, remaining_periods, train_args
+from launcher.report import write_report
 from train.trainer import EXIT_REQUEUE
 
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
@@ -142,9 +143,5 @@ def slurm_step(config: str, data: str, run: str, ds_config: str, overrides: list
 
 
 def _final_report(run: str) -> None:
-    from launcher.report import report
-
-    text = report([run], os.path.join(run, "report.png"))
-    with open(os.path.join(run, "report.md"), "w") as f:
-        f.write(text + "\n")
+    text = write_report(run)
     print(f"== all periods done; report in {run}/report.md and report.png\n{text}", flush=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -83,20 +82,6 @@ def constrained_beam_search(forward, prompts: list[list[int]], trie, levels: int
     return seqs, scores
 
 
-@dataclass
-class WindowResult:
-    ranks: list  # per user: rank of the target or None
-    groups: list
-    invalid: int
-
-    def metrics(self, ks) -> dict:
-        out = {"users": len(self.ranks), "invalid_outputs": self.invalid, "overall": rank_metrics(self.ranks, ks), "groups": {}}
-        for g in GROUPS:
-            sel = [r for r, gg in zip(self.ranks, self.groups) if gg == g]
-            out["groups"][g] = {"users": len(sel), **rank_metrics(sel, ks)}
-        return out
-
-
 def evaluate_window(cfg, strategy, engine, tokenizer, codebook, template, manifest, window: int) -> dict:
     """One window's test users (the first eval.max_users, if set), shared round-robin by the
     ranks, combined across ranks."""
@@ -139,18 +124,18 @@ def evaluate_window(cfg, strategy, engine, tokenizer, codebook, template, manife
             ranks.append(rank)
             groups.append(s["group"])
     engine.train()
-    return _combine(strategy, WindowResult(ranks, groups, invalid), cfg.eval.ks)
+    return _combine(strategy, ranks, groups, invalid, cfg.eval.ks)
 
 
-def _combine(strategy, local: WindowResult, ks) -> dict:
+def _combine(strategy, ranks: list, groups: list, invalid: int, ks) -> dict:
     """Sum hits, NDCG and counts across ranks (overall and per group), then average."""
     keys = [f"{m}@{k}" for k in ks for m in ("hit", "ndcg")]
     vec = []
     for sel in [None] + list(GROUPS):
-        ranks = [r for r, g in zip(local.ranks, local.groups) if sel is None or g == sel]
-        m = rank_metrics(ranks, ks)
-        vec += [len(ranks)] + [m[key] * len(ranks) for key in keys]
-    vec.append(local.invalid)
+        chosen = [r for r, g in zip(ranks, groups) if sel is None or g == sel]
+        m = rank_metrics(chosen, ks)
+        vec += [len(chosen)] + [m[key] * len(chosen) for key in keys]
+    vec.append(invalid)
     total = strategy.all_reduce_sum(vec)
     out, pos = {}, 0
     for sel in [None] + list(GROUPS):
