@@ -88,3 +88,24 @@ def test_proximal_term_is_zero_at_the_start_and_positive_after_a_step(after_two_
         assert torch.equal(anchor[k], previous[k])
     with open(os.path.join(run, "periods", "2", "config.json")) as f:
         assert json.load(f)["config"]["method"]["name"] == "peso"
+
+
+def test_gradient_checkpointing_gives_the_same_peso_period_under_zero3(after_two_periods, cds_data, ds_configs, tmp_path):
+    """Non-reentrant checkpointing recomputes the LoRA forwards (and reruns the proximal hooks,
+    which then must not add terms twice): the losses and the proximal term match a run without it."""
+    from tests.dist.test_engine import scalars
+
+    runs = {}
+    for gc in ("false", "true"):
+        run = str(tmp_path / f"gc-{gc}")
+        shutil.copytree(after_two_periods, run)
+        train(2, ["--ds_config", ds_configs[3], "--config", CONFIG, "--data", cds_data, "--run_dir", run,
+                  "schedule.max_steps=4", *QUICK, "method.name=peso", "method.lam=1.0",
+                  f"model.gradient_checkpointing={gc}"])
+        runs[gc] = run
+    for tag in ("train/loss", "train/proximal"):
+        a, b = scalars(runs["false"], tag), scalars(runs["true"], tag)
+        assert a.keys() == b.keys() and len(a) >= 4  # the copied periods 0-1 (loss) and period 2's 4 steps
+        for step in a:
+            assert abs(a[step] - b[step]) < 1e-5, (tag, step, a[step], b[step])
+    assert max(scalars(runs["true"], "train/proximal").values()) > 0
