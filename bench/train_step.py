@@ -46,8 +46,6 @@ def dataset(cache: str) -> str:
     inter, item = movielens_100k()
     convert(ConvertOptions(format="movielens", reviews=inter, meta=item, out=out, progress=False))
     if not os.path.exists(os.path.join(out, "item_index.json")):
-        with open(os.path.join(out, "items.jsonl")) as f:
-            n = sum(1 for _ in f)
         rng = random.Random(0)
         codes = os.path.join(cache, "codes.json")
         with open(os.path.join(out, "items.jsonl")) as f, open(codes, "w") as g:

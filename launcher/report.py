@@ -56,7 +56,7 @@ def _fmt(x) -> str:
 
 def markdown(runs: dict[str, dict], metric: str = "ndcg@10") -> str:
     """`runs`: name -> load_run(...)."""
-    lines = [f"Average over the incremental windows (periods >= 1), each period on its own test window:", "",
+    lines = ["Average over the incremental windows (periods >= 1), each period on its own test window:", "",
              "| run | method | " + " | ".join(MAIN_METRICS) + " | " + " | ".join(f"{g} {metric}" for g in GROUPS) + f" | BWT ({metric}) | forgetting |",
              "| --- | --- | " + " | ".join("---" for _ in MAIN_METRICS + list(GROUPS)) + " | --- | --- |"]
     sums = {name: summarize(p, metric) for name, p in runs.items()}

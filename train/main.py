@@ -101,7 +101,7 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
     from train.flops import FlopCounter, device_peak_flops
     from train.metrics import MetricsLogger
     from train.model import (apply_lora, backbone_dir, build_shape_backbone, hidden_size, load_adapter_weights,
-                             load_backbone, param_groups)
+                             load_backbone, load_full_weights, param_groups)
     from train.regularizers import make_regularizer, previous_adapter
     from train.schedule import make_optimizer, make_scheduler
     from train.strategy import DeepSpeedStrategy
@@ -150,7 +150,7 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
     # ---- bookkeeping -----------------------------------------------------------------------------
     step_offset = run.state().get("global_step", 0)
     logger = MetricsLogger(run.root, strategy.is_rank0)
-    if strategy.is_rank0:
+    if strategy.is_rank0 and not eval_only:
         with open(os.path.join(run.period_dir(period), "config.json"), "w") as f:
             json.dump({"config": cfg.to_dict(), "ds_config": ds_config, "world_size": strategy.world_size}, f, indent=1)
         logger.text("config", {"period": period, "config": cfg.to_dict(), "ds_config": ds_config}, step_offset)
@@ -191,8 +191,11 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
         logger.close()
         strategy.close()
         return EXIT_REQUEUE
-    if not full:
-        load_adapter_weights(strategy, engine.module, run.adapter_dir(period))  # the best epoch's weights
+    # Evaluate what was exported: the best epoch's weights, not necessarily the last epoch's.
+    if full:
+        load_full_weights(strategy, engine.module, run.model_dir(period))
+    else:
+        load_adapter_weights(strategy, engine.module, run.adapter_dir(period))
     if strategy.is_rank0:
         run.save_state(phase="evaluating")
     metrics = None

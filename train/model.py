@@ -144,3 +144,28 @@ def load_adapter_weights(strategy, model: peft.PeftModel, adapter_dir: str) -> N
             with torch.no_grad():
                 for key, p in live.items():
                     p.copy_(state[key].to(p.dtype))
+
+
+def load_full_weights(strategy, model: torch.nn.Module, model_dir: str) -> None:
+    """Copy an exported full model (period 0 trained in full) into the live, possibly partitioned,
+    model, one module at a time."""
+    from safetensors import safe_open
+
+    path = os.path.join(model_dir, "model.safetensors")
+    loaded = set()
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+        for prefix, module in model.named_modules():
+            params = dict(module.named_parameters(recurse=False))
+            names = {n: f"{prefix}.{n}" if prefix else n for n in params}
+            names = {n: k for n, k in names.items() if k in keys}  # a tied output layer is stored once
+            if not names:
+                continue
+            with strategy.gathered([params[n] for n in names], modify=True):
+                if strategy.is_rank0 or not any(hasattr(p, "ds_id") for p in params.values()):
+                    with torch.no_grad():
+                        for n, key in names.items():
+                            params[n].copy_(f.get_tensor(key).to(params[n].dtype))
+            loaded.update(names.values())
+    if loaded != keys:
+        raise ValueError(f"{path} does not fit this model: {len(keys - loaded)} tensors unused (first: {sorted(keys - loaded)[:2]})")
