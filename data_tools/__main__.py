@@ -17,7 +17,7 @@ def _convert(a) -> None:
         format=a.format, reviews=a.reviews, meta=a.meta, index=a.index, out=a.out, split=a.split,
         min_interactions=a.min_interactions, max_history=a.max_history, min_rating=a.min_rating,
         kcore=a.kcore, shard_size=a.shard_size, seed=a.seed, collisions=a.collisions,
-        strict=a.strict, force=a.force, progress=not a.no_progress))
+        strict=a.strict, force=a.force, progress=not a.no_progress, workers=a.workers))
     print(window_table(manifest))
 
 
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--collisions", default="keep", choices=["keep", "extend", "error"], help="items sharing a code in --index")
     c.add_argument("--strict", action="store_true", help="turn every counted skip into an error")
     c.add_argument("--force", action="store_true", help="convert even if the folder is up to date")
+    c.add_argument("--workers", type=int, default=None, help="processes writing shards (default: all cores; the bytes do not depend on it)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(func=_convert)
 
