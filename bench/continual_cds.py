@@ -2,12 +2,13 @@
 
     python bench/continual_cds.py [--seeds 0 1 2] [--work /tmp/peso-cds-study]
 
-For each seed: the tiny Llama (train/shapes.py) is trained in full on window 0 (D1) from random
-weights, then windows 1-4 (D2-D5) are learned with peso, single and cumulative LoRA, each
-starting from the same period 0, on two CPU ranks (DeepSpeed ZeRO-2), through the real entry
-point. Items are the paper's semantic IDs (semantic_ids.json, imported). Settings are in
-configs/cds_study.yaml. Evaluation: every period, on the test users of every window so far
-(the first 1,000 of window 0; all of windows 1-4), beam 10, Hit/NDCG@5/10.
+The tiny Llama (train/shapes.py) is trained in full on window 0 (D1) from random weights, once
+(3 epochs); then, for each seed (LoRA initialization and data order), windows 1-4 (D2-D5) are
+learned with peso, single and cumulative LoRA, each starting from that period 0, on two CPU
+ranks (DeepSpeed ZeRO-2), through the real entry point. Items are the paper's semantic IDs
+(semantic_ids.json, imported). Settings are in configs/cds_study.yaml. Evaluation: every period,
+on the test users of every window so far (the first 1,000 of window 0; all of windows 1-4),
+beam 10, Hit/NDCG@5/10 and the test loss (teacher-forced cross-entropy of the target's tokens).
 
 Writes bench/continual_cds.md (tables: mean and spread over seeds) and bench/continual_cds.png,
 and prints one JSON line. Resumable: finished periods are kept (`--work` holds the runs).
@@ -62,14 +63,12 @@ def main() -> None:
     convert(ConvertOptions(format="blocks", reviews=CDS, index=os.path.join(CDS, "semantic_ids.json"), out=data, progress=False))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     runs = {}
+    period0 = os.path.join(a.work, "period0")
+    run_local(CONFIG, data, period0, DS, a.nproc, ["schedule.epochs=3"], env=env, upto=0)
     for seed in a.seeds:
         seed_args = [f"model.seed={seed}", f"data.seed={seed}"]
-        first = os.path.join(a.work, f"seed{seed}", METHODS[0])
-        run_local(CONFIG, data, first, DS, a.nproc, seed_args, env=env, upto=0)
         for method in METHODS:
-            run = os.path.join(a.work, f"seed{seed}", method)
-            if run != first:
-                start_from_period0(first, run)
+            start_from_period0(period0, os.path.join(a.work, f"seed{seed}", method))
         for method in METHODS:
             run = os.path.join(a.work, f"seed{seed}", method)
             run_local(CONFIG, data, run, DS, a.nproc, [*seed_args, f"method.name={method}"], env=env)
@@ -77,8 +76,9 @@ def main() -> None:
 
     # ---- tables: mean +- sd over seeds ----------------------------------------------------------------
     sums = {key: summarize(periods, "ndcg@10") for key, periods in runs.items()}
-    lines = [f"Tiny Llama ({'hidden 64, 2 layers'}), history 20, {len(a.seeds)} seeds ({', '.join(map(str, a.seeds))}); "
-             "mean ± sd over seeds.", "",
+    lines = [f"Tiny Llama (hidden 64, 2 layers, 0.35 M parameters) trained in full on window 0 for 3 epochs, then "
+             f"LoRA r=8 for 2 epochs per window; history 20; {len(a.seeds)} seeds ({', '.join(map(str, a.seeds))}) "
+             "of the LoRA periods; mean ± sd over seeds.", "",
              "Average over windows 1-4 (each period on its own test window):", "",
              "| method | " + " | ".join(MAIN_METRICS) + " |", "| --- | " + " | ".join("---" for _ in MAIN_METRICS) + " |"]
     result = {"bench": "continual_cds", "seeds": a.seeds, "methods": {}}
@@ -100,6 +100,19 @@ def main() -> None:
         cells += [fmt([sums[(s, method)]["bwt"] for s in a.seeds]), fmt([sums[(s, method)]["forgetting"] for s in a.seeds])]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
         result["methods"][method]["bwt_ndcg@10"] = round(mean_sd([sums[(s, method)]["bwt"] for s in a.seeds])[0], 5)
+    lines += ["", "Test loss (lower is better), each period on its own window, and its forgetting: the loss on window j "
+              "after period 4 minus right after period j, averaged over j = 1..3:", "",
+              "| method | " + " | ".join(f"window {t}" for t in range(1, 5)) + " | mean | forgetting (loss) |",
+              "| --- | " + " | ".join("---" for _ in range(6)) + " |"]
+    for method in METHODS:
+        own = [[runs[(s, method)][t]["windows"][str(t)]["overall"]["test_loss"] for s in a.seeds] for t in range(1, 5)]
+        forget = [statistics.mean(runs[(s, method)][4]["windows"][str(j)]["overall"]["test_loss"]
+                                  - runs[(s, method)][j]["windows"][str(j)]["overall"]["test_loss"] for j in range(1, 4))
+                  for s in a.seeds]
+        mean_own = [statistics.mean(own[t][i] for t in range(4)) for i in range(len(a.seeds))]
+        lines.append(f"| {method} | " + " | ".join(fmt(x) for x in own) + f" | {fmt(mean_own)} | {fmt(forget)} |")
+        result["methods"][method]["test_loss"] = round(mean_sd(mean_own)[0], 5)
+        result["methods"][method]["forgetting_loss"] = round(mean_sd(forget)[0], 5)
     minutes = (time.time() - t0) / 60
     lines += ["", f"Wall time {minutes:.0f} min on {platform.machine()} with {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}."]
     with open(os.path.join(REPO, "bench", "continual_cds.md"), "w") as f:

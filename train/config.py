@@ -58,6 +58,8 @@ class DataConfig:
     seed: int = 0
     max_history: int = 20  # items of history in a prompt (<= what the shards hold)
     eval_batch_size: int = 32
+    template: str | None = None  # the prompt, with one {history}; None: the paper's instruction
+    separator: str = ", "  # between history items in the prompt
 
 
 @dataclass
@@ -235,6 +237,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
     if not 0 <= cfg.schedule.warmup_ratio < 1:
         raise ConfigError(f"schedule.warmup_ratio must be in [0, 1), got {cfg.schedule.warmup_ratio}")
+    if cfg.data.template is not None and cfg.data.template.count("{history}") != 1:
+        raise ConfigError("data.template needs exactly one {history} placeholder")
     if cfg.eval.beams < max(cfg.eval.ks):
         raise ConfigError(f"eval.beams ({cfg.eval.beams}) must be >= the largest K in eval.ks ({max(cfg.eval.ks)})")
 

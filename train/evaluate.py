@@ -1,5 +1,6 @@
 """Evaluation: batched beam search constrained by the prefix trie of real item codes, Hit@K and
-NDCG@K overall and by user group, per window, for the R[i][j] matrix of forgetting.
+NDCG@K overall and by user group, and the test loss, per window, for the R[i][j] matrix of
+forgetting.
 
 Decoding: the prompt runs once; its KV cache is repeated for the beams; then one token per code
 level, each step's candidates restricted to the continuations the trie allows after the beam's
@@ -22,6 +23,8 @@ from transformers import DynamicCache
 from data_tools.dataset import atomic_write_json
 from data_tools.reader import split_size, window_split
 from data_tools.windows import GROUPS
+from train.data import IGNORE, collate
+from train.trainer import response_loss
 
 NEG = float("-inf")
 
@@ -99,14 +102,27 @@ def evaluate_window(cfg, strategy, engine, tokenizer, codebook, template, manife
         return out.logits[:, -1]
 
     ranks, groups, invalid = [], [], 0
+    loss_sum = loss_count = 0.0
     engine.eval()
     dummy = template.encode_prompt(tokenizer, codebook, [0])
+    masked = template.encode(tokenizer, codebook, [0], 0)
+    masked = {"input_ids": masked["input_ids"], "labels": [IGNORE] * len(masked["labels"])}
     for k in range(batches):
         chunk = samples[k * batch:(k + 1) * batch]
-        prompts = [template.encode_prompt(tokenizer, codebook, s["history"][-cfg.data.max_history:]) for s in chunk]
+        histories = [s["history"][-cfg.data.max_history:] for s in chunk]
+        prompts = [template.encode_prompt(tokenizer, codebook, h) for h in histories]
         prompts += [dummy] * (batch - len(prompts))  # padding for the collective: results ignored
         seqs, scores = constrained_beam_search(forward, prompts, trie, levels, beams, tokenizer.pad_token_id,
                                                strategy.device)
+        # The test loss (cross-entropy of the target's tokens, teacher-forced): a finer signal of
+        # forgetting than the hit rates when those are near zero.
+        examples = [template.encode(tokenizer, codebook, h, s["target"]) for h, s in zip(histories, chunk)]
+        examples += [masked] * (batch - len(examples))
+        full = {key: v.to(strategy.device) for key, v in collate(examples, tokenizer.pad_token_id, levels + 1).items()}
+        with torch.no_grad():
+            total, count = response_loss(engine, full, levels + 1, cfg.method.temperature)
+        loss_sum += float(total)
+        loss_count += float(count)
         for i, s in enumerate(chunk):
             target = tuple(codebook.item_token_ids(s["target"]))
             rank = None
@@ -124,7 +140,10 @@ def evaluate_window(cfg, strategy, engine, tokenizer, codebook, template, manife
             ranks.append(rank)
             groups.append(s["group"])
     engine.train()
-    return _combine(strategy, ranks, groups, invalid, cfg.eval.ks)
+    out = _combine(strategy, ranks, groups, invalid, cfg.eval.ks)
+    loss_sum, loss_count = strategy.all_reduce_sum([loss_sum, loss_count])
+    out["overall"]["test_loss"] = loss_sum / max(loss_count, 1.0)
+    return out
 
 
 def _combine(strategy, ranks: list, groups: list, invalid: int, ks) -> dict:

@@ -87,6 +87,7 @@ class Trainer:
     # ---- one micro-batch --------------------------------------------------------------------
 
     def _micro_step(self, batch: dict, micro_index: int) -> tuple[float, float | None, bool]:
+        batch = {k: v.to(self.strategy.device, non_blocking=True) for k, v in batch.items()}
         with self.regularizer.collect() if self.regularizer is not None else contextlib.nullcontext():
             ce_sum, count = response_loss(self.engine, batch, self.response_len, self.cfg.method.temperature)
         ce = ce_sum / count.clamp(min=1)
@@ -110,6 +111,7 @@ class Trainer:
         self.engine.eval()
         total = count = 0.0
         for batch in self.data.valid():
+            batch = {k: v.to(self.strategy.device, non_blocking=True) for k, v in batch.items()}
             s, n = response_loss(self.engine, batch, self.response_len, self.cfg.method.temperature)
             total += float(s)
             count += float(n)

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from data_tools.dataset import ITEMS
 from data_tools.index.codes import load_item_index
-from data_tools.index.prompt import PromptTemplate
+from data_tools.index.prompt import DEFAULT_TEMPLATE, PromptTemplate
 from data_tools.index.tokenizer import ItemCodebook, add_code_tokens, train_sentencepiece_tokenizer
 
 
@@ -63,6 +63,6 @@ class SampleEncoder:
 def load_vocab(cfg, run, data_root: str, strategy) -> tuple:
     """(tokenizer, codebook, template) for this run."""
     index = load_item_index(data_root)
-    template = PromptTemplate()
+    template = PromptTemplate(cfg.data.template or DEFAULT_TEMPLATE, cfg.data.separator)
     tokenizer = prepare_tokenizer(cfg, run, data_root, index, template, strategy)
     return tokenizer, ItemCodebook(index, tokenizer), template
