@@ -65,7 +65,7 @@ def markdown(runs: dict[str, dict], metric: str = "ndcg@10") -> str:
             lines.append(f"| {name} | (no evaluated period) |")
             continue
         lines.append(f"| {name} | {s['method']} | " + " | ".join(_fmt(s["average_incremental"][k]) for k in MAIN_METRICS)
-                     + " | " + " | ".join(_fmt(s["groups"][g][metric]) for g in GROUPS)
+                     + " | " + " | ".join(_fmt(s["groups"][g].get(metric)) for g in GROUPS)
                      + f" | {_fmt(s['bwt'])} | {_fmt(s['forgetting'])} |")
     for name, s in sums.items():
         if not s:

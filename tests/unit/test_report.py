@@ -1,0 +1,49 @@
+"""The run report: R[i][j], the incremental average, backward transfer and forgetting by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from launcher.report import load_run, markdown, plot, summarize
+
+GROUPS = ("new", "dormant", "continuing")
+
+
+def _window(ndcg: float, users: int = 10) -> dict:
+    vals = {"hit@5": ndcg * 2, "hit@10": ndcg * 3, "ndcg@5": ndcg / 2, "ndcg@10": ndcg}
+    return {"users": users, "invalid_outputs": 0, "overall": dict(vals, test_loss=1 - ndcg),
+            "groups": {g: {"users": users // 3 if g != "dormant" else 0, **vals} for g in GROUPS}}
+
+
+@pytest.fixture
+def run(tmp_path):
+    # R[i][j] (ndcg@10): after period i on window j
+    R = {0: {0: 0.10}, 1: {0: 0.08, 1: 0.20}, 2: {0: 0.09, 1: 0.15, 2: 0.30}}
+    for i, row in R.items():
+        d = tmp_path / "run" / "periods" / str(i)
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"period": i, "method": "peso", "windows": {str(j): _window(v) for j, v in row.items()}}))
+    return str(tmp_path / "run")
+
+
+def test_summary_by_hand(run):
+    s = summarize(load_run(run))
+    assert s["R"] == {0: {0: 0.10}, 1: {0: 0.08, 1: 0.20}, 2: {0: 0.09, 1: 0.15, 2: 0.30}}
+    assert s["average_incremental"]["ndcg@10"] == pytest.approx((0.20 + 0.30) / 2)  # periods 1 and 2 on their own window
+    assert s["bwt"] == pytest.approx(((0.09 - 0.10) + (0.15 - 0.20)) / 2)
+    assert s["forgetting"] == pytest.approx(((0.10 - 0.09) + (0.20 - 0.15)) / 2)  # best earlier minus last
+    assert s["groups"]["dormant"]["ndcg@10"] is None  # no dormant user anywhere
+    assert s["groups"]["new"]["ndcg@10"] == pytest.approx(0.25)
+
+
+def test_markdown_and_plot(run, tmp_path):
+    text = markdown({"peso-run": load_run(run)})
+    assert "| peso-run | peso | 0.5000 | 0.7500 | 0.1250 | 0.2500 |" in text
+    assert "| 2 | 0.0900 | 0.1500 | 0.3000 |" in text
+    assert "test_loss" not in text and "| 1 | 0.9200 | 0.8000 | - |" in markdown({"r": load_run(run)}, "test_loss")
+    png = str(tmp_path / "plot.png")
+    plot({"peso-run": load_run(run)}, png)
+    assert os.path.getsize(png) > 5000
