@@ -186,3 +186,17 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, cds_data, 
             summaries.append(json.load(f))
     assert summaries[0]["samples_seen"] == summaries[1]["samples_seen"] == 10 * 8
     assert summaries[0]["steps"] == summaries[1]["steps"] == 10
+
+
+@pytest.mark.slow  # compiles DeepSpeed's CPU Adam on first use (about a minute)
+def test_zero3_offload_config_trains(tmp_path, cds_data):
+    """ds_configs/zero3_offload.json as shipped: optimizer and parameters offloaded to the CPU,
+    DeepSpeed's own AdamW (its "auto" values filled from the experiment), LoRA on 2 ranks."""
+    run = str(tmp_path / "run")
+    train(2, ["--ds_config", os.path.join(REPO, "ds_configs", "zero3_offload.json"), "--config", CONFIG, "--data", cds_data,
+              "--run_dir", run, "model.period0=lora", "schedule.max_steps=3", *QUICK], timeout=900)
+    with open(os.path.join(run, "periods", "0", "config.json")) as f:
+        ds = json.load(f)["ds_config"]
+    assert ds["optimizer"]["params"]["lr"] == 3e-3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    state = load_file(os.path.join(run, "periods", "0", "adapter", "adapter_model.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)  # the optimizer stepped
