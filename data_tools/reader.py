@@ -25,12 +25,6 @@ def consumer_slice(n: int, consumer: int, consumers: int) -> tuple[int, int]:
     return consumer * n // consumers, (consumer + 1) * n // consumers
 
 
-def rank_samples(n: int, rank: int, world_size: int) -> int:
-    """Samples a rank reads in one pass (independent of its number of DataLoader workers)."""
-    lo, hi = consumer_slice(n, rank, world_size)
-    return hi - lo
-
-
 def _consumer(rank: int, world_size: int, by_worker: bool) -> tuple[int, int]:
     info = torch.utils.data.get_worker_info() if by_worker else None
     worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)

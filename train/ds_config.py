@@ -80,7 +80,3 @@ def _autos(node, prefix: str = "") -> list[str]:
     if isinstance(node, dict):
         return [k for key, v in node.items() for k in _autos(v, f"{prefix}{key}.")]
     return [prefix.rstrip(".")] if node == "auto" else []
-
-
-def zero_stage(ds: dict) -> int:
-    return int(ds.get("zero_optimization", {}).get("stage", 0))

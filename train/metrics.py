@@ -83,10 +83,6 @@ class MetricsLogger:
             clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat.items()}
             self.writer.add_hparams(clean, metrics, run_name=".")
 
-    def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

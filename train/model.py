@@ -73,7 +73,8 @@ def _patch_peft_trainable_tokens_for_cpu() -> None:
     """peft gathers the rows of new tokens under ZeRO-3 into a receive buffer it puts on
     `cuda` unconditionally (https://github.com/huggingface/peft/pull/2605, "right now, only CUDA
     is implemented"), which fails on CPU ranks. The buffer belongs on the weight's own device,
-    which is `cuda` on GPUs, so this keeps GPU behaviour and fixes the CPU."""
+    which is `cuda` on GPUs, so this keeps GPU behaviour and fixes the CPU. (It replaces peft's
+    own method, collectives included: the one place outside strategy.py that calls them.)"""
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
     if getattr(TrainableTokensLayer, "_peso_patched", False):

@@ -139,13 +139,6 @@ class DeepSpeedStrategy:
         if self.world_size > 1:
             self.comm.barrier()
 
-    def broadcast_object(self, obj):
-        if self.world_size == 1:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
     def print0(self, *args, **kwargs) -> None:
         if self.is_rank0:
             print(*args, **kwargs, flush=True)
