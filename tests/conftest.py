@@ -53,26 +53,32 @@ def ml_dataset(tmp_path_factory, movielens_files):
     return out
 
 
-@pytest.fixture(scope="session")
-def ml_indexed(tmp_path_factory, ml_dataset):
-    """MovieLens-100K with an imported item index of random (unique, seeded) codes: for tests of
-    training and evaluation that need codes but not good ones (building RQ-VAE codes takes a while)."""
+def import_random_codes(root: str, seed: int = 0) -> None:
+    """Give every item of the dataset folder `root` a random, unique 4-level code (imported as an
+    index): for tests that need codes but not good ones (building RQ-VAE codes takes a while)."""
     import json
     import random
-    import shutil
 
     from data_tools.index.build import import_index
 
-    root = str(tmp_path_factory.mktemp("mli") / "ds")
-    shutil.copytree(ml_dataset, root)
     with open(os.path.join(root, "items.jsonl")) as f:
         sources = [json.loads(line)["source_id"] for line in f]
-    rng = random.Random(0)
-    codes = rng.sample(range(256 ** 2), len(sources))  # unique 2-level prefixes, then 2 more levels
+    rng = random.Random(seed)
+    prefixes = rng.sample(range(256 ** 2), len(sources))  # unique 2-level prefixes, then 2 more levels
     table = {s: [f"<a_{c // 256}>", f"<b_{c % 256}>", f"<c_{rng.randrange(256)}>", f"<d_{rng.randrange(256)}>"]
-             for s, c in zip(sources, codes)}
-    path = str(tmp_path_factory.mktemp("codes") / "semantic_ids.json")
+             for s, c in zip(sources, prefixes)}
+    path = os.path.join(os.path.dirname(root), "random_codes.json")
     with open(path, "w") as f:
         json.dump(table, f)
     import_index(root, path, log=sys.stdout)
+
+
+@pytest.fixture(scope="session")
+def ml_indexed(tmp_path_factory, ml_dataset):
+    """MovieLens-100K (5 windows) with random item codes."""
+    import shutil
+
+    root = str(tmp_path_factory.mktemp("mli") / "ds")
+    shutil.copytree(ml_dataset, root)
+    import_random_codes(root)
     return root

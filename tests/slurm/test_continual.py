@@ -22,25 +22,15 @@ OVERRIDES = ("schedule.max_steps=30 checkpoint.every_steps=2 data.micro_batch_si
 
 @pytest.fixture(scope="module")
 def three_windows(tmp_path_factory, movielens_files):
-    """MovieLens-100K in 3 windows (60% then 2 x 20%) with an imported index of random codes."""
-    import random
-
+    """MovieLens-100K in 3 windows (60% then 2 x 20%) with random item codes."""
     from data_tools.convert import ConvertOptions, convert
-    from data_tools.index.build import import_index
+    from tests.conftest import import_random_codes
 
     root = str(tmp_path_factory.mktemp("ml3") / "ds")
     inter, item = movielens_files
     convert(ConvertOptions(format="movielens", reviews=inter, meta=item, out=root, split="paper:0.6:2", progress=False,
                            log=sys.stdout))
-    with open(os.path.join(root, "items.jsonl")) as f:
-        sources = [json.loads(line)["source_id"] for line in f]
-    rng = random.Random(0)
-    table = {s: [f"<a_{c // 256}>", f"<b_{c % 256}>", f"<c_{rng.randrange(256)}>", f"<d_{rng.randrange(256)}>"]
-             for s, c in zip(sources, rng.sample(range(256 ** 2), len(sources)))}
-    path = os.path.join(os.path.dirname(root), "codes.json")
-    with open(path, "w") as f:
-        json.dump(table, f)
-    import_index(root, path, log=sys.stdout)
+    import_random_codes(root)
     ds = json.load(open(os.path.join(REPO, "ds_configs", "zero3.json")))
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # really partitioned
     ds_path = os.path.join(os.path.dirname(root), "zero3.json")
