@@ -199,10 +199,15 @@ def _write_shard(job: _Shard) -> dict:
     u = um.user[p]
     s = um.start[u]
     lo = np.maximum(s, p - H)
-    item, dumps, t = um.item, orjson.dumps, job.t
-    members = ((b"%d_%d_%d" % (uu, t, pp - ss), SAMPLE % (uu, dumps(item[ll:pp].tolist()), it, tt, GROUP_BYTES[gg]))
-               for pp, uu, ss, ll, tt, it, gg in zip(p.tolist(), u.tolist(), s.tolist(), lo.tolist(),
-                                                     um.ts[p].tolist(), item[p].tolist(), g.tolist()))
+    # Every history of the shard gathered in one numpy step into one Python list, which each
+    # sample then slices: half the cost of slicing the array and converting per sample.
+    lengths = p - lo
+    ends = np.cumsum(lengths)
+    flat = um.item[np.repeat(lo - (ends - lengths), lengths) + np.arange(int(ends[-1]) if len(ends) else 0)].tolist()
+    dumps, t = orjson.dumps, job.t
+    members = ((b"%d_%d_%d" % (uu, t, pp - ss), SAMPLE % (uu, dumps(flat[e - n:e]), it, tt, GROUP_BYTES[gg]))
+               for pp, uu, ss, n, e, tt, it, gg in zip(p.tolist(), u.tolist(), s.tolist(), lengths.tolist(), ends.tolist(),
+                                                       um.ts[p].tolist(), um.item[p].tolist(), g.tolist()))
     return write_tar(os.path.join(window_dir(folder, t), f"{job.split}-{job.index:06d}.tar"), members)
 
 

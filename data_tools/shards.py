@@ -22,12 +22,18 @@ _TAIL = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * 247  # type, linkname, mag
 _CONST_SUM = sum(_MID) + sum(_MTIME) + sum(_TAIL) + 8 * ord(" ")  # the checksum field counts as spaces
 
 
+# The whole header as one format (name, size, checksum): one allocation per member.
+_HEADER = b"%b" + _MID + b"%011o\0" + _MTIME + b"%06o\0 " + _TAIL  # the constants hold no "%"
+_SIZE_SUMS: dict[int, int] = {}  # size -> the checksum of its field: sizes repeat across members
+
+
 def tar_header(name: bytes, size: int) -> bytes:
     if len(name) > 100:
         raise ValueError(f"tar member name longer than 100 bytes: {name!r}")
-    size_field = b"%011o\0" % size
-    chk = _CONST_SUM + sum(name) + sum(size_field)
-    return name.ljust(100, b"\0") + _MID + size_field + _MTIME + b"%06o\0 " % chk + _TAIL
+    size_sum = _SIZE_SUMS.get(size)
+    if size_sum is None:
+        size_sum = _SIZE_SUMS[size] = sum(b"%011o\0" % size)
+    return _HEADER % (name.ljust(100, b"\0"), size, _CONST_SUM + sum(name) + size_sum)
 
 
 def write_tar(path: str, members) -> dict:
