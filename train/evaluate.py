@@ -81,7 +81,8 @@ def constrained_beam_search(forward, prompts: list[list[int]], trie, levels: int
         scores, idx = cand.reshape(b, beams * vocab_size).topk(beams, dim=-1)
         parent, token = idx // vocab_size, idx % vocab_size
         seqs = torch.cat([seqs.gather(1, parent.unsqueeze(-1).expand(-1, -1, step)), token.unsqueeze(-1)], -1)
-        cache.reorder_cache((parent + torch.arange(b, device=device).unsqueeze(1) * beams).reshape(-1))
+        if step < levels - 1:  # after the last level the cache is not read again: no reorder (a full copy)
+            cache.reorder_cache((parent + torch.arange(b, device=device).unsqueeze(1) * beams).reshape(-1))
     return seqs, scores
 
 
