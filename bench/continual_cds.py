@@ -69,6 +69,15 @@ def popularity(data: str, window: int, max_users: int) -> dict:
     return rank_metrics([top.index(u["target"]) if u["target"] in top else None for u in users], [5, 10])
 
 
+def loss_columns(periods: dict) -> tuple[list, float]:
+    """One run's test loss on each window 1-4 right after learning it, and its forgetting: the
+    loss on window j after period 4 minus right after period j, averaged over j = 1..3."""
+    def loss(after: int, window: int) -> float:
+        return periods[after]["windows"][str(window)]["overall"]["test_loss"]
+
+    return [loss(t, t) for t in range(1, 5)], statistics.mean(loss(4, j) - loss(j, j) for j in range(1, 4))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -139,11 +148,10 @@ def main() -> None:
               "| method | " + " | ".join(f"window {t}" for t in range(1, 5)) + " | mean | forgetting (loss) |",
               "| --- | " + " | ".join("---" for _ in range(6)) + " |"]
     for method in METHODS:
-        own = [[runs[(s, method)][t]["windows"][str(t)]["overall"]["test_loss"] for s in a.seeds] for t in range(1, 5)]
-        forget = [statistics.mean(runs[(s, method)][4]["windows"][str(j)]["overall"]["test_loss"]
-                                  - runs[(s, method)][j]["windows"][str(j)]["overall"]["test_loss"] for j in range(1, 4))
-                  for s in a.seeds]
-        mean_own = [statistics.mean(own[t][i] for t in range(4)) for i in range(len(a.seeds))]
+        per_seed = [loss_columns(runs[(s, method)]) for s in a.seeds]  # (own losses, forgetting) per seed
+        own = [[own_s[t] for own_s, _ in per_seed] for t in range(4)]
+        forget = [f for _, f in per_seed]
+        mean_own = [statistics.mean(own_s) for own_s, _ in per_seed]
         lines.append(f"| {method} | " + " | ".join(fmt(x) for x in own) + f" | {fmt(mean_own)} | {fmt(forget)} |")
         result["methods"][method]["test_loss"] = round(mean_sd(mean_own)[0], 5)
         result["methods"][method]["forgetting_loss"] = round(mean_sd(forget)[0], 5)
@@ -156,9 +164,7 @@ def main() -> None:
         rows += [(f"peso λ={lam:g}", periods) for lam, periods in lam_runs.items()]
         result["lams"] = {}
         for name, periods in rows:
-            own = [periods[t]["windows"][str(t)]["overall"]["test_loss"] for t in range(1, 5)]
-            forget = statistics.mean(periods[4]["windows"][str(j)]["overall"]["test_loss"]
-                                     - periods[j]["windows"][str(j)]["overall"]["test_loss"] for j in range(1, 4))
+            own, forget = loss_columns(periods)
             lines.append(f"| {name} | " + " | ".join(f"{x:.4f}" for x in own) + f" | {statistics.mean(own):.4f} | {forget:+.4f} |")
             result["lams"][name] = {"test_loss": round(statistics.mean(own), 5), "forgetting_loss": round(forget, 5)}
     minutes = (time.time() - t0) / 60

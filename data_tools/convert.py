@@ -203,7 +203,7 @@ def _write_shard(job: _Shard) -> dict:
     # sample then slices: half the cost of slicing the array and converting per sample.
     lengths = p - lo
     ends = np.cumsum(lengths)
-    flat = um.item[np.repeat(lo - (ends - lengths), lengths) + np.arange(int(ends[-1]) if len(ends) else 0)].tolist()
+    flat = um.item[np.repeat(lo - (ends - lengths), lengths) + np.arange(ends[-1])].tolist()
     dumps, t = orjson.dumps, job.t
     members = ((b"%d_%d_%d" % (uu, t, pp - ss), SAMPLE % (uu, dumps(flat[e - n:e]), it, tt, GROUP_BYTES[gg]))
                for pp, uu, ss, n, e, tt, it, gg in zip(p.tolist(), u.tolist(), s.tolist(), lengths.tolist(), ends.tolist(),

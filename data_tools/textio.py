@@ -95,13 +95,13 @@ class LineStream:
                         lineno += len(lines)
                 if rest:
                     yield lineno + 1, [rest]
-                if gz:
-                    stream.close()  # the reader thread has seen the end; the rest is ours
+                # The reader thread handed over the end of the stream as its last act, so the
+                # bytes after it (if any) are ours to hash.
                 raw.drain()
                 self.sha256 = raw.sha.hexdigest()
             finally:
                 if gz:
-                    stream.close()  # stops the reader thread when parsing ended early
+                    stream.close()  # joins the reader thread, also when parsing stopped early
                 bar.close()
 
     def __iter__(self) -> Iterator[tuple[int, bytes]]:
