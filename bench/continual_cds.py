@@ -1,32 +1,38 @@
-"""The real-data study: the paper's Amazon CDs blocks, peso against single and cumulative LoRA.
+"""The continual study: peso against single and cumulative LoRA on real data, with seeds, the
+popularity reference, user groups, the R matrix and a lambda sweep.
 
-    python bench/continual_cds.py [--seeds 0 1 2] [--work /tmp/peso-cds-study]
+    python bench/continual_cds.py                       # the paper's Amazon CDs blocks (about an hour on 2 cores)
+    python bench/continual_cds.py --blocks DIR          # another folder of block_<k>.json (+ semantic_ids.json)
+    python bench/continual_cds.py --movielens           # MovieLens-100K from the recbole wheel (converted, indexed)
+    python bench/continual_cds.py --data DIR            # any dataset folder that has an item index
 
-The tiny Llama (train/shapes.py) is trained in full on window 0 (D1) from random weights, once
-(3 epochs); then, for each seed (LoRA initialization and data order), windows 1-4 (D2-D5) are
-learned with peso, single and cumulative LoRA, each starting from that period 0, on two CPU
-ranks (DeepSpeed ZeRO-2), through the real entry point. Items are the paper's semantic IDs
-(semantic_ids.json, imported). Settings are in configs/cds_study.yaml. Evaluation: every period,
-on the first 1,000 test users of every window so far (of 8,494 / 1,013 / 866 / 1,078 / 1,074),
-beam 10, Hit/NDCG@5/10 and the test loss (teacher-forced cross-entropy of the target's tokens);
-the reference: the 10 most frequent training targets of each window, on the same users.
+The model of `--config` (default configs/cds_study.yaml) learns window 0 in full from random
+weights, once, until its validation loss stops improving; then, for each seed (LoRA
+initialization and data order), windows 1.. are learned with peso, single and cumulative LoRA,
+each starting from that same period 0. With `--lams`, peso also runs with other lambdas on the
+first seed. Every period goes through the real entry point (train/main.py under DeepSpeed);
+period 0 on `--nproc` ranks, the later runs as `--parallel` single-rank jobs side by side (on a
+small model, two independent jobs use two cores better than two ranks of one job).
 
-With --lams, peso also runs with stronger pulls on the first seed (an ablation).
+Every evaluation also scores the most popular items of its window on the same test users
+(metrics.json "popularity"): that is the reference each method must beat.
 
-Writes bench/continual_cds.md (tables: mean and spread over seeds) and bench/continual_cds.png,
-and prints one JSON line. Resumable: finished periods are kept (`--work` holds the runs).
+Writes bench/<name>.md (tables, mean ± sd over seeds) and bench/<name>.png (name: continual_cds,
+or --name), and prints one JSON line. Resumable: finished periods are kept (`--work`).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import yaml
 
@@ -34,11 +40,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from data_tools.convert import ConvertOptions, convert  # noqa: E402
-from data_tools.reader import window_split  # noqa: E402
+from data_tools.dataset import ITEM_INDEX, load_manifest  # noqa: E402
 from data_tools.windows import GROUPS  # noqa: E402
-from launcher.periods import run_local, start_from_period0  # noqa: E402
+from launcher.periods import local_command, run_local, start_from_period0, train_args  # noqa: E402
 from launcher.report import MAIN_METRICS, load_run, summarize  # noqa: E402
-from train.evaluate import rank_metrics  # noqa: E402
 
 CDS = os.path.join(os.path.dirname(REPO), "shared", "data", "amazon-cds-blocks")
 CONFIG = os.path.join(REPO, "configs", "cds_study.yaml")
@@ -58,154 +63,233 @@ def fmt(xs: list) -> str:
     return f"{m:.4f} ± {s:.4f}"
 
 
-def popularity(data: str, window: int, max_users: int) -> dict:
-    """The reference a model must beat: the 10 most frequent training targets of the window,
-    ranked by count, scored on the same test users the evaluation uses (the first max_users)."""
-    counts: dict = {}
-    for sample in window_split(data, window, "train"):
-        counts[sample["target"]] = counts.get(sample["target"], 0) + 1
-    top = [item for item, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:10]]
-    users = list(itertools.islice(window_split(data, window, "test"), max_users))
-    return rank_metrics([top.index(u["target"]) if u["target"] in top else None for u in users], [5, 10])
+def prepare_data(a, work: str) -> str:
+    """The dataset folder the study runs on (converted and indexed here unless --data)."""
+    if a.data:
+        if not os.path.isfile(os.path.join(a.data, ITEM_INDEX)):
+            raise SystemExit(f"{a.data} has no {ITEM_INDEX}; build it with `python -m data_tools index {a.data}`")
+        return a.data
+    data = os.path.join(work, "data")
+    if a.movielens:
+        from data_tools.examples import movielens_100k
+        from data_tools.index.build import build_index
+
+        inter, item = movielens_100k()
+        convert(ConvertOptions(format="movielens", reviews=inter, meta=item, out=data, progress=False))
+        build_index(data, embedder="minilm", progress=False)
+        return data
+    if not os.path.isdir(a.blocks):
+        raise SystemExit(f"no blocks folder at {a.blocks} (pass --blocks DIR, --movielens or --data DIR)")
+    convert(ConvertOptions(format="blocks", reviews=a.blocks, index=os.path.join(a.blocks, "semantic_ids.json"), out=data,
+                           progress=False))
+    return data
 
 
-def loss_columns(periods: dict) -> tuple[list, float]:
-    """One run's test loss on each window 1-4 right after learning it, and its forgetting: the
-    loss on window j after period 4 minus right after period j, averaged over j = 1..3."""
+def evaluate_on_every_user(a, data: str, period0: str, env: dict) -> dict:
+    """Period 0's model on every test user of window 0 (the runs evaluate a sample there, so
+    that every period's row of R stays cheap): its metrics.json, from a copy of the run."""
+    folder = os.path.join(a.work, "period0-every-user")
+    metrics = os.path.join(folder, "periods", "0", "metrics.json")
+    if not os.path.isfile(metrics):
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(period0, folder, ignore=shutil.ignore_patterns("ds_ckpt", "tb"))
+        args = train_args(a.config, data, folder, DS, [*a.overrides, "eval.max_users=null"], period=0)
+        subprocess.run(local_command(a.nproc, [*args, "--eval_only"]), env=env, cwd=REPO, check=True)
+    with open(metrics) as f:
+        return json.load(f)["windows"]["0"]
+
+
+def loss_columns(periods: dict, last: int) -> tuple[list, float]:
+    """A run's test loss on each window 1..last right after learning it, and its forgetting in
+    loss: the loss on window j after the last period minus right after period j, over j < last."""
     def loss(after: int, window: int) -> float:
         return periods[after]["windows"][str(window)]["overall"]["test_loss"]
 
-    return [loss(t, t) for t in range(1, 5)], statistics.mean(loss(4, j) - loss(j, j) for j in range(1, 4))
+    return [loss(t, t) for t in range(1, last + 1)], statistics.mean(loss(last, j) - loss(j, j) for j in range(1, last))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = ap.add_mutually_exclusive_group()
+    source.add_argument("--blocks", default=CDS, help="folder of block_<k>.json and semantic_ids.json (default: the CDs blocks)")
+    source.add_argument("--movielens", action="store_true", help="MovieLens-100K from the recbole wheel instead")
+    source.add_argument("--data", help="a dataset folder with an item index instead")
+    ap.add_argument("--config", default=CONFIG, help="experiment YAML (default: configs/cds_study.yaml)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--work", default="/tmp/peso-cds-study")
-    ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--lams", type=float, nargs="*", default=[100.0, 10000.0],
-                    help="extra peso lambdas, first seed only: does a stronger pull change anything?")
+    ap.add_argument("--lams", type=float, nargs="*", default=[0.2, 20.0, 200.0, 2000.0, 20000.0],
+                    help="more peso lambdas, first seed only (the config's lambda is the main runs')")
+    ap.add_argument("--work", default="/tmp/peso-cds-study", help="runs and data (finished periods are kept)")
+    ap.add_argument("--nproc", type=int, default=2, help="ranks of period 0")
+    ap.add_argument("--parallel", type=int, default=2, help="single-rank runs side by side after period 0")
+    ap.add_argument("--name", default="continual_cds", help="bench/<name>.md and .png")
+    ap.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
     a = ap.parse_args()
-    if not os.path.isdir(CDS):
-        raise SystemExit(f"the shared CDs blocks are not at {CDS}")
     t0 = time.time()
-    data = os.path.join(a.work, "data")
-    convert(ConvertOptions(format="blocks", reviews=CDS, index=os.path.join(CDS, "semantic_ids.json"), out=data, progress=False))
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    runs = {}
-    period0 = os.path.join(a.work, "period0")
-    run_local(CONFIG, data, period0, DS, a.nproc, ["schedule.epochs=3"], env=env, upto=0)
-    for seed in a.seeds:
-        seed_args = [f"model.seed={seed}", f"data.seed={seed}"]
-        for method in METHODS:
-            start_from_period0(period0, os.path.join(a.work, f"seed{seed}", method))
-        for method in METHODS:
-            run = os.path.join(a.work, f"seed{seed}", method)
-            run_local(CONFIG, data, run, DS, a.nproc, [*seed_args, f"method.name={method}"], env=env)
-            runs[(seed, method)] = load_run(run)
-    lam_runs = {}
-    for lam in a.lams:
-        run = os.path.join(a.work, f"seed{a.seeds[0]}", f"peso_lam{lam:g}")
-        start_from_period0(period0, run)
-        run_local(CONFIG, data, run, DS, a.nproc, [f"model.seed={a.seeds[0]}", f"data.seed={a.seeds[0]}",
-                                                   "method.name=peso", f"method.lam={lam}"], env=env)
-        lam_runs[lam] = load_run(run)
+    os.makedirs(a.work, exist_ok=True)
+    data = prepare_data(a, a.work)
+    windows = len(load_manifest(data)["windows"])
+    last = windows - 1
+    with open(a.config) as f:
+        cfg = yaml.safe_load(f)
+    main_lam = float(cfg["method"]["lam"])
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
-    # ---- tables: mean +- sd over seeds ----------------------------------------------------------------
-    sums = {key: summarize(periods, "ndcg@10") for key, periods in runs.items()}
-    lines = [f"Tiny Llama (hidden 64, 2 layers, 0.35 M parameters) trained in full on window 0 for 3 epochs, then "
-             f"LoRA r=8 for 2 epochs per window; history 20; {len(a.seeds)} seeds ({', '.join(map(str, a.seeds))}) "
-             "of the LoRA periods; mean ± sd over seeds.", "",
-             "Average over windows 1-4 (each period on its own test window):", "",
-             "| method | " + " | ".join(MAIN_METRICS) + " |", "| --- | " + " | ".join("---" for _ in MAIN_METRICS) + " |"]
-    result = {"bench": "continual_cds", "seeds": a.seeds, "methods": {}}
-    for method in METHODS:
-        per_seed = [sums[(s, method)]["average_incremental"] for s in a.seeds]
-        lines.append(f"| {method} | " + " | ".join(fmt([p[k] for p in per_seed]) for k in MAIN_METRICS) + " |")
-        result["methods"][method] = {k: round(mean_sd([p[k] for p in per_seed])[0], 5) for k in MAIN_METRICS}
-    with open(CONFIG) as f:
-        eval_users = yaml.safe_load(f)["eval"]["max_users"]
-    pop = [popularity(data, t, eval_users) for t in range(1, 5)]
-    lines.append("| most popular 10 of the window's training targets (reference) | "
-                 + " | ".join(f"{statistics.mean(p[k] for p in pop):.4f}" for k in MAIN_METRICS) + " |")
-    result["popularity"] = {k: round(statistics.mean(p[k] for p in pop), 5) for k in MAIN_METRICS}
-    lines += ["", "NDCG@10 by user group (windows 1-4):", "",
-              "| method | " + " | ".join(GROUPS) + " |", "| --- | " + " | ".join("---" for _ in GROUPS) + " |"]
-    for method in METHODS:
-        lines.append(f"| {method} | " + " | ".join(fmt([sums[(s, method)]["groups"][g]["ndcg@10"] for s in a.seeds]) for g in GROUPS) + " |")
-        result["methods"][method]["groups_ndcg@10"] = {
-            g: round(mean_sd([sums[(s, method)]["groups"][g]["ndcg@10"] for s in a.seeds])[0], 5) for g in GROUPS}
-    lines += ["", "NDCG@10 per window (each period on its own window):", "",
-              "| method | " + " | ".join(f"window {t}" for t in range(1, 5)) + " | BWT | forgetting |",
-              "| --- | " + " | ".join("---" for _ in range(6)) + " |"]
-    for method in METHODS:
-        cells = [fmt([runs[(s, method)][t]["windows"][str(t)]["overall"]["ndcg@10"] for s in a.seeds]) for t in range(1, 5)]
-        cells += [fmt([sums[(s, method)]["bwt"] for s in a.seeds]), fmt([sums[(s, method)]["forgetting"] for s in a.seeds])]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        result["methods"][method]["bwt_ndcg@10"] = round(mean_sd([sums[(s, method)]["bwt"] for s in a.seeds])[0], 5)
-    lines += ["", "Test loss (lower is better), each period on its own window, and its forgetting: the loss on window j "
-              "after period 4 minus right after period j, averaged over j = 1..3:", "",
-              "| method | " + " | ".join(f"window {t}" for t in range(1, 5)) + " | mean | forgetting (loss) |",
-              "| --- | " + " | ".join("---" for _ in range(6)) + " |"]
-    for method in METHODS:
-        per_seed = [loss_columns(runs[(s, method)]) for s in a.seeds]  # (own losses, forgetting) per seed
-        own = [[own_s[t] for own_s, _ in per_seed] for t in range(4)]
-        forget = [f for _, f in per_seed]
-        mean_own = [statistics.mean(own_s) for own_s, _ in per_seed]
-        lines.append(f"| {method} | " + " | ".join(fmt(x) for x in own) + f" | {fmt(mean_own)} | {fmt(forget)} |")
-        result["methods"][method]["test_loss"] = round(mean_sd(mean_own)[0], 5)
-        result["methods"][method]["forgetting_loss"] = round(mean_sd(forget)[0], 5)
-    if a.lams:
-        seed = a.seeds[0]
-        lines += ["", f"A stronger pull (seed {seed} only; mean reduction): the same test-loss columns.", "",
-                  "| run | " + " | ".join(f"window {t}" for t in range(1, 5)) + " | mean | forgetting (loss) |",
-                  "| --- | " + " | ".join("---" for _ in range(6)) + " |"]
-        rows = [("single", runs[(seed, "single")]), ("peso λ=2", runs[(seed, "peso")])]
-        rows += [(f"peso λ={lam:g}", periods) for lam, periods in lam_runs.items()]
-        result["lams"] = {}
-        for name, periods in rows:
-            own, forget = loss_columns(periods)
-            lines.append(f"| {name} | " + " | ".join(f"{x:.4f}" for x in own) + f" | {statistics.mean(own):.4f} | {forget:+.4f} |")
-            result["lams"][name] = {"test_loss": round(statistics.mean(own), 5), "forgetting_loss": round(forget, 5)}
+    period0 = os.path.join(a.work, "period0")
+    run_local(a.config, data, period0, DS, a.nproc, list(a.overrides), env=env, upto=0)
+    window0 = evaluate_on_every_user(a, data, period0, env)
+    jobs = {}  # run folder -> overrides
+    for seed in a.seeds:
+        for method in METHODS:
+            jobs[os.path.join(a.work, f"seed{seed}", method)] = [f"model.seed={seed}", f"data.seed={seed}", f"method.name={method}"]
+    for lam in a.lams:
+        jobs[os.path.join(a.work, f"seed{a.seeds[0]}", f"peso_lam{lam:g}")] = [
+            f"model.seed={a.seeds[0]}", f"data.seed={a.seeds[0]}", "method.name=peso", f"method.lam={lam}"]
+    for run in jobs:
+        start_from_period0(period0, run)
+
+    def run_job(job: tuple[str, list]) -> None:
+        run, overrides = job
+        with open(run + ".log", "a") as log:
+            run_local(a.config, data, run, DS, 1, [*a.overrides, *overrides], env=env, log=log)
+        print(f"{os.path.relpath(run, a.work)}: every period done ({(time.time() - t0) / 60:.0f} min; log {run}.log)", flush=True)
+
+    with ThreadPoolExecutor(a.parallel) as pool:
+        list(pool.map(run_job, jobs.items()))
+
+    runs = {(seed, method): load_run(os.path.join(a.work, f"seed{seed}", method)) for seed in a.seeds for method in METHODS}
+    lam_runs = {lam: load_run(os.path.join(a.work, f"seed{a.seeds[0]}", f"peso_lam{lam:g}")) for lam in a.lams}
+    lam_runs[main_lam] = runs[(a.seeds[0], "peso")]
+    lines, result = tables(runs, lam_runs, window0, a.seeds, last, cfg, data)
     minutes = (time.time() - t0) / 60
     lines += ["", f"{time.strftime('%Y-%m-%d')}, {platform.machine()} with {os.cpu_count()} cores; this invocation took "
               f"{minutes:.0f} min (finished periods are kept, so a rerun only redoes the tables)."]
-    with open(os.path.join(REPO, "bench", "continual_cds.md"), "w") as f:
+    with open(os.path.join(REPO, "bench", f"{a.name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    _plot(runs, a.seeds, pop, os.path.join(REPO, "bench", "continual_cds.png"))
-    result.update(minutes=round(minutes, 1), machine=f"{platform.machine()} {os.cpu_count()} cores", date=time.strftime("%Y-%m-%d"))
+    plot(runs, a.seeds, last, os.path.join(REPO, "bench", f"{a.name}.png"))
+    result.update(minutes=round(minutes, 1), machine=f"{platform.machine()} {os.cpu_count()} cores", date=time.strftime("%Y-%m-%d"),
+                  data=data, config=os.path.relpath(a.config, REPO))
     print("\n".join(lines))
     print(json.dumps(result))
 
 
-def _plot(runs: dict, seeds: list, pop: list, path: str) -> None:
+def tables(runs: dict, lam_runs: dict, w0: dict, seeds: list, last: int, cfg: dict, data: str) -> tuple[list, dict]:
+    """The markdown tables and the JSON summary (`w0`: period 0 on every test user of window 0)."""
+    sums = {key: summarize(periods, "ndcg@10") for key, periods in runs.items()}
+    shape = cfg["model"].get("shape") or cfg["model"].get("path")
+    ratio = w0["overall"]["ndcg@10"] / max(w0["popularity"]["overall"]["ndcg@10"], 1e-12)
+    lines = [f"Data: {data}. Model: `{shape}` trained in full on window 0 (from random weights, until the validation loss "
+             f"stopped improving), then LoRA r={cfg['lora']['r']} over windows 1-{last}; objective "
+             f"`{cfg['data'].get('objective', 'response')}`; {len(seeds)} seeds ({', '.join(map(str, seeds))}) of the LoRA "
+             f"periods; mean ± sd over seeds. Test users per window: all, or a seeded sample of {cfg['eval'].get('max_users')}. "
+             "The reference: the 10 most frequent training targets of each window, on the same users.", "",
+             f"After period 0, on window 0's test users ({w0['users']} of {w0['users_in_window']}): NDCG@10 "
+             f"{w0['overall']['ndcg@10']:.4f} against {w0['popularity']['overall']['ndcg@10']:.4f} for the most popular items "
+             f"({ratio:.1f}x); Hit@10 {w0['overall']['hit@10']:.4f} against {w0['popularity']['overall']['hit@10']:.4f}.", "",
+             f"Average over windows 1-{last} (each period on its own test window):", "",
+             "| method | " + " | ".join(MAIN_METRICS) + " |", "| --- | " + " | ".join("---" for _ in MAIN_METRICS) + " |"]
+    result = {"bench": "continual_cds", "seeds": seeds, "data": data, "period0_window0": {
+        "ndcg@10": round(w0["overall"]["ndcg@10"], 5), "popularity_ndcg@10": round(w0["popularity"]["overall"]["ndcg@10"], 5),
+        "ratio": round(ratio, 2), "users": w0["users"]}, "methods": {}}
+    for method in METHODS:
+        per_seed = [sums[(s, method)]["average_incremental"] for s in seeds]
+        lines.append(f"| {method} | " + " | ".join(fmt([p[k] for p in per_seed]) for k in MAIN_METRICS) + " |")
+        result["methods"][method] = {k: round(mean_sd([p[k] for p in per_seed])[0], 5) for k in MAIN_METRICS}
+    pop = sums[(seeds[0], METHODS[0])]["popularity"]
+    lines.append("| most popular 10 of each window (reference) | " + " | ".join(f"{pop[k]:.4f}" for k in MAIN_METRICS) + " |")
+    result["popularity"] = {k: round(pop[k], 5) for k in MAIN_METRICS}
+
+    pop_groups = sums[(seeds[0], METHODS[0])]["popularity_groups"]
+    lines += ["", f"NDCG@10 by user group (windows 1-{last}; users per group and window in metrics.json):", "",
+              "| method | " + " | ".join(GROUPS) + " |", "| --- | " + " | ".join("---" for _ in GROUPS) + " |"]
+    for method in METHODS:
+        lines.append(f"| {method} | " + " | ".join(fmt([sums[(s, method)]["groups"][g]["ndcg@10"] for s in seeds]) for g in GROUPS) + " |")
+        result["methods"][method]["groups_ndcg@10"] = {
+            g: round(mean_sd([sums[(s, method)]["groups"][g]["ndcg@10"] for s in seeds])[0], 5) for g in GROUPS}
+    lines.append("| most popular 10 (reference) | " + " | ".join(
+        "-" if pop_groups[g]["ndcg@10"] is None else f"{pop_groups[g]['ndcg@10']:.4f}" for g in GROUPS) + " |")
+
+    periods = range(1, last + 1)
+    lines += ["", "NDCG@10 per window (each period on its own window), backward transfer and forgetting:", "",
+              "| method | " + " | ".join(f"window {t}" for t in periods) + " | BWT | forgetting |",
+              "| --- | " + " | ".join("---" for _ in range(last + 2)) + " |"]
+    first = runs[(seeds[0], METHODS[0])]
+    for method in METHODS:
+        cells = [fmt([runs[(s, method)][t]["windows"][str(t)]["overall"]["ndcg@10"] for s in seeds]) for t in periods]
+        cells += [fmt([sums[(s, method)]["bwt"] for s in seeds]), fmt([sums[(s, method)]["forgetting"] for s in seeds])]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        result["methods"][method]["bwt_ndcg@10"] = round(mean_sd([sums[(s, method)]["bwt"] for s in seeds])[0], 5)
+        result["methods"][method]["forgetting_ndcg@10"] = round(mean_sd([sums[(s, method)]["forgetting"] for s in seeds])[0], 5)
+    lines.append("| most popular 10 (reference) | " + " | ".join(
+        f"{first[t]['windows'][str(t)]['popularity']['overall']['ndcg@10']:.4f}" for t in periods) + " | - | - |")
+
+    for method in METHODS:
+        lines += ["", f"{method}: R[i][j] = NDCG@10 after period i on window j's test users (mean over seeds)", "",
+                  "| after period | " + " | ".join(f"window {j}" for j in range(last + 1)) + " |",
+                  "| --- | " + " | ".join("---" for _ in range(last + 1)) + " |"]
+        for i in range(last + 1):
+            row = [statistics.mean(sums[(s, method)]["R"][i][j] for s in seeds) if j <= i else None for j in range(last + 1)]
+            lines.append(f"| {i} | " + " | ".join("-" if x is None else f"{x:.4f}" for x in row) + " |")
+
+    lines += ["", f"Test loss (teacher-forced cross-entropy of the target's tokens; lower is better), each period on its own "
+              f"window, and its forgetting: the loss on window j after period {last} minus right after period j, over j < {last}:", "",
+              "| method | " + " | ".join(f"window {t}" for t in periods) + " | mean | forgetting (loss) |",
+              "| --- | " + " | ".join("---" for _ in range(last + 2)) + " |"]
+    for method in METHODS:
+        per_seed = [loss_columns(runs[(s, method)], last) for s in seeds]
+        own = [[own_s[t] for own_s, _ in per_seed] for t in range(last)]
+        mean_own = [statistics.mean(own_s) for own_s, _ in per_seed]
+        lines.append(f"| {method} | " + " | ".join(fmt(x) for x in own) + f" | {fmt(mean_own)} | {fmt([f for _, f in per_seed])} |")
+        result["methods"][method]["test_loss"] = round(mean_sd(mean_own)[0], 5)
+        result["methods"][method]["forgetting_loss"] = round(mean_sd([f for _, f in per_seed])[0], 5)
+
+    lines += ["", f"The pull's strength (peso, seed {seeds[0]}; lambda 0 is single; reduce: {cfg['method'].get('reduce')}):", "",
+              "| lambda | ndcg@10 | hit@10 | dormant ndcg@10 | BWT (ndcg@10) | forgetting (ndcg@10) | test loss | forgetting (loss) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    result["lams"] = {}
+    for lam, periods_ in sorted({0.0: runs[(seeds[0], "single")], **lam_runs}.items()):
+        s = summarize(periods_, "ndcg@10")
+        own, forget = loss_columns(periods_, last)
+        dormant = s["groups"]["dormant"]["ndcg@10"]
+        lines.append(f"| {lam:g} | {s['average_incremental']['ndcg@10']:.4f} | {s['average_incremental']['hit@10']:.4f} | "
+                     + ("-" if dormant is None else f"{dormant:.4f}")
+                     + f" | {s['bwt']:+.4f} | {s['forgetting']:.4f} | {statistics.mean(own):.4f} | {forget:+.4f} |")
+        result["lams"][f"{lam:g}"] = {"ndcg@10": round(s["average_incremental"]["ndcg@10"], 5), "bwt": round(s["bwt"], 5),
+                                      "test_loss": round(statistics.mean(own), 5), "forgetting_loss": round(forget, 5)}
+    return lines, result
+
+
+def plot(runs: dict, seeds: list, last: int, path: str) -> None:
     """Three panels, mean and sd over seeds: NDCG@10 on each period's own window (with the
-    popularity reference), the test loss there, and the test loss on window 1 as later periods
-    are learned (forgetting)."""
+    popularity reference), the test loss there, and NDCG@10 on window 1 as later periods are
+    learned (forgetting)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    periods = list(range(1, last + 1))
+
     def own(method, key):
-        return [[runs[(s, method)][t]["windows"][str(t)]["overall"][key] for s in seeds] for t in range(1, 5)]
+        return [[runs[(s, method)][t]["windows"][str(t)]["overall"][key] for s in seeds] for t in periods]
 
     def window1(method):
-        return [[runs[(s, method)][t]["windows"]["1"]["overall"]["test_loss"] for s in seeds] for t in range(1, 5)]
+        return [[runs[(s, method)][t]["windows"]["1"]["overall"]["ndcg@10"] for s in seeds] for t in periods]
 
     panels = [("NDCG@10, own window", lambda m: own(m, "ndcg@10")),
               ("test loss, own window", lambda m: own(m, "test_loss")),
-              ("test loss on window 1 (forgetting)", window1)]
+              ("NDCG@10 on window 1 (forgetting)", window1)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4))
     for ax, (title, values) in zip(axes, panels):
         for method in METHODS:
             stats = [mean_sd(v) for v in values(method)]
-            ax.errorbar(range(1, 5), [m for m, _ in stats], yerr=[sd for _, sd in stats], marker="o", capsize=3, label=method)
+            ax.errorbar(periods, [m for m, _ in stats], yerr=[sd for _, sd in stats], marker="o", capsize=3, label=method)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("period")
-        ax.set_xticks(range(1, 5))
+        ax.set_xticks(periods)
         ax.grid(alpha=0.3)
-    axes[0].plot(range(1, 5), [p["ndcg@10"] for p in pop], "k--", label="popularity")
+    first = runs[(seeds[0], METHODS[0])]
+    axes[0].plot(periods, [first[t]["windows"][str(t)]["popularity"]["overall"]["ndcg@10"] for t in periods], "k--",
+                 label="most popular 10")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

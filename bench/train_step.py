@@ -1,11 +1,15 @@
-"""Training throughput: tokens per second per rank and MFU, ZeRO-2 against ZeRO-3, side by side.
+"""Training throughput: tokens per second per rank and MFU, ZeRO-2 against ZeRO-3, and the two
+training objectives, side by side.
 
     python bench/train_step.py [--steps 60] [--nproc 2]
 
-CPU (always): the tiny model trained in full (period 0) on 2 ranks, under ZeRO-2 and under
-ZeRO-3 (its default persistence threshold), each for --steps steps of 32 samples, through the
-real entry point (train/main.py); the figures are TensorBoard's, averaged over the log points
-after the first (start-up excluded). MFU on the CPU is against a nominal peak (train/flops.py).
+CPU (always): the tiny model trained in full (period 0) on 2 ranks with configs/tiny.yaml
+(objective: sequence), under ZeRO-2 and under ZeRO-3 (its default persistence threshold), and
+under ZeRO-2 with the response objective and the paper's prompt (one sample per target), each for
+--steps steps of 32 rows, through the real entry point (train/main.py); the figures are
+TensorBoard's, averaged over the log points after the first (start-up excluded). The objectives
+compare by target tokens per second: how many targets' code tokens the model learns from per
+second. MFU on the CPU is against a nominal peak (train/flops.py).
 GPU (where one is lent): the 1B- and 8B-shaped models under ZeRO-3 with LoRA, bf16, tokens/s
 per GPU, MFU and peak memory. Prints one JSON line.
 """
@@ -88,12 +92,15 @@ def main() -> None:
     result = {"bench": "train_step", "dataset": os.path.basename(data), "steps": a.steps, "ranks": a.nproc}
     with tempfile.TemporaryDirectory() as tmp:
         cpu = {}
-        for stage in (2, 3):
-            s = train(data, os.path.join(REPO, "ds_configs", f"zero{stage}.json"), os.path.join(tmp, f"z{stage}"), a.nproc,
-                      [f"schedule.max_steps={a.steps}", "logging.every_steps=10", "checkpoint.every_steps=100000"])
-            cpu[stage] = s
-            result[f"cpu_zero{stage}"] = {
+        variants = {2: ("zero2", []), 3: ("zero3", []),
+                    "response": ("zero2", ["data.objective=response", "data.template=null", "data.separator=', '"])}
+        for key, (stage, extra) in variants.items():
+            s = train(data, os.path.join(REPO, "ds_configs", f"{stage}.json"), os.path.join(tmp, f"run-{key}"), a.nproc,
+                      [f"schedule.max_steps={a.steps}", "logging.every_steps=10", "checkpoint.every_steps=100000", *extra])
+            cpu[key] = s
+            result[f"cpu_{stage}" if key != "response" else "cpu_zero2_response"] = {
                 "input_tokens_per_s_per_rank": round(s["perf/input_tokens_per_s_per_rank"], 1),
+                "target_tokens_per_s_per_rank": round(s["perf/target_tokens_per_s_per_rank"], 1),
                 "samples_per_s_per_rank": round(s["perf/samples_per_s_per_rank"], 2),
                 "tflops_per_rank": round(s["perf/tflops_per_rank"], 4),
                 "mfu_cpu_nominal": round(s["perf/mfu_cpu_nominal"], 4),
@@ -101,6 +108,8 @@ def main() -> None:
                 "max_rss_gib": round(s["memory/cpu_max_rss_gib"], 2)}
         result["ratio_zero3_to_zero2_tokens_per_s"] = round(
             cpu[3]["perf/input_tokens_per_s_per_rank"] / cpu[2]["perf/input_tokens_per_s_per_rank"], 3)
+        result["ratio_sequence_to_response_target_tokens_per_s"] = round(
+            cpu[2]["perf/target_tokens_per_s_per_rank"] / cpu["response"]["perf/target_tokens_per_s_per_rank"], 3)
         if torch.cuda.is_available():
             for shape in ("1b", "8b"):
                 s = train(data, os.path.join(REPO, "ds_configs", "zero3.json"), os.path.join(tmp, shape), torch.cuda.device_count(),

@@ -6,7 +6,8 @@ import json
 import os
 import tempfile
 
-SCHEMA_VERSION = 1
+# 2: a new user's first interaction is a training sample (empty history); 1 dropped it.
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 ITEMS = "items.jsonl"
 USERS = "users.jsonl"

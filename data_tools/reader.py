@@ -18,6 +18,7 @@ import torch.utils.data
 import webdataset as wds
 
 from data_tools.dataset import load_manifest, split_shards
+from data_tools.shards import read_tar
 
 
 def consumer_slice(n: int, consumer: int, consumers: int) -> tuple[int, int]:
@@ -90,3 +91,15 @@ def window_split(root: str, window: int, split: str, *, rank: int = 0, world_siz
 
 def split_size(root: str, window: int, split: str, manifest: dict | None = None) -> int:
     return sum(n for _, n in split_shards(root, manifest or load_manifest(root), window, split))
+
+
+def read_split(root: str, window: int, split: str, manifest: dict | None = None) -> list[dict]:
+    """Every sample of one window's split, in stored order, read at once (for the whole-split
+    needs of one process: a window's user sequences, its popular items, its test users)."""
+    out = []
+    for path, _ in split_shards(root, manifest or load_manifest(root), window, split):
+        for key, payload in read_tar(path):
+            sample = orjson.loads(payload)
+            sample["key"] = key.decode()
+            out.append(sample)
+    return out

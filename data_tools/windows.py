@@ -4,8 +4,8 @@ Split rules label every interaction of the stream with its window. Then, per win
 with at least `min_interactions` there contributes samples: the last interaction is the test
 target, the second-to-last the validation target, the others training targets. A target's
 history is everything the user did before it, earlier windows included, cut to the last
-`max_history` items. A training target with no history at all (a new user's first item) cannot
-be predicted from anything and is counted, not written.
+`max_history` items. A new user's very first item is a training target with an empty history (as in
+the authors' code: the model learns what people start with); the manifest counts them.
 """
 
 from __future__ import annotations
@@ -161,11 +161,10 @@ def plan_windows(um: UserMajor, n_windows: int, item_first_window: np.ndarray, m
         elig = in_t & (lengths >= min_interactions)
         s, e, g = run_start[elig], run_end[elig], group[elig]
         test, valid = e - 1, e - 2
-        # Training targets: s .. e-3, except a position that is the user's very first one.
+        # Training targets: s .. e-3 (a new user's first one has an empty history).
         train = _ranges(s, e - 2)
         train_group = np.repeat(g, e - 2 - s)
         no_history = um.start[um.user[train]] == train
-        train, train_group = train[~no_history], train_group[~no_history]
 
         pos = _ranges(s, e)
         items_t = np.unique(um.item[pos])

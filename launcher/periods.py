@@ -48,17 +48,19 @@ def local_command(nproc: int, args: list[str]) -> list[str]:
 
 
 def run_local(config: str, data: str, run: str, ds_config: str, nproc: int, overrides: list[str] = (),
-              env: dict | None = None, upto: int | None = None) -> list[int]:
-    """Train every remaining period (up to period `upto`) on this machine; returns those trained."""
+              env: dict | None = None, upto: int | None = None, log=None) -> list[int]:
+    """Train every remaining period (up to period `upto`) on this machine; returns those trained.
+    `log`: a file that takes the periods' output (default: this process's stdout and stderr)."""
     trained = []
+    out = log or sys.stdout
     for t in remaining_periods(data, run):
         if upto is not None and t > upto:
             break
-        print(f"== period {t}: {os.path.basename(config)} on {nproc} rank(s)", flush=True)
+        print(f"== period {t}: {os.path.basename(config)} on {nproc} rank(s)", file=out, flush=True)
         code = subprocess.call(local_command(nproc, train_args(config, data, run, ds_config, list(overrides), t)),
-                               env=env, cwd=REPO)
+                               env=env, cwd=REPO, stdout=log, stderr=log)
         if code == EXIT_REQUEUE:
-            print(f"period {t} stopped on a signal after a checkpoint; rerun to resume", flush=True)
+            print(f"period {t} stopped on a signal after a checkpoint; rerun to resume", file=out, flush=True)
             break
         if code != 0:
             raise PeriodFailed(t, code)

@@ -4,7 +4,9 @@ For each run: per period, the metrics on that period's own test window (the pape
 their average over the incremental windows (periods >= 1), the same by user group, and the
 matrix R[i][j] (model after period i, test users of window j) with backward transfer
 BWT = mean_j (R[T-1][j] - R[j][j]) and forgetting F = mean_j (max_{i<T-1} R[i][j] - R[T-1][j])
-over j < T-1. Several runs (methods) are compared side by side.
+over j < T-1. Several runs (methods) are compared side by side, with the reference every
+recommender must beat: the most popular items of each window (its most frequent training
+targets), scored by the evaluation on the same test users (metrics.json, "popularity").
 """
 
 from __future__ import annotations
@@ -40,14 +42,23 @@ def summarize(periods: dict, metric: str = "ndcg@10") -> dict:
         xs = [x for x in xs if x is not None]
         return sum(xs) / len(xs) if xs else None
 
-    avg = {k: mean([periods[t]["windows"][str(t)]["overall"].get(k) for t in incremental]) for k in MAIN_METRICS}
-    groups = {g: {k: mean([periods[t]["windows"][str(t)]["groups"][g].get(k) for t in incremental
-                           if periods[t]["windows"][str(t)]["groups"][g]["users"]]) for k in MAIN_METRICS} for g in GROUPS}
+    def averages(part) -> tuple[dict, dict]:
+        """Overall and per-group means over the incremental periods, each on its own window."""
+        own = [part(periods[t]["windows"][str(t)]) for t in incremental]
+        own = [w for w in own if w is not None]
+        overall = {k: mean([w["overall"].get(k) for w in own]) for k in MAIN_METRICS}
+        by_group = {g: {k: mean([w["groups"][g].get(k) for w in own if w["groups"][g]["users"]]) for k in MAIN_METRICS}
+                    for g in GROUPS}
+        return overall, by_group
+
+    avg, groups = averages(lambda w: w)
+    popularity, popularity_groups = averages(lambda w: w.get("popularity"))
     earlier = [j for j in range(last) if j in R.get(j, {}) and j in R[last]]
     bwt = mean([R[last][j] - R[j][j] for j in earlier])
     forgetting = mean([max(R[i][j] for i in range(j, last) if j in R.get(i, {})) - R[last][j] for j in earlier])
     return {"method": periods[last].get("method"), "periods": sorted(periods), "R": R, "metric": metric,
-            "average_incremental": avg, "groups": groups, "bwt": bwt, "forgetting": forgetting}
+            "average_incremental": avg, "groups": groups, "bwt": bwt, "forgetting": forgetting,
+            "popularity": popularity, "popularity_groups": popularity_groups}
 
 
 def _fmt(x) -> str:
@@ -67,6 +78,11 @@ def markdown(runs: dict[str, dict], metric: str = "ndcg@10") -> str:
         lines.append(f"| {name} | {s['method']} | " + " | ".join(_fmt(s["average_incremental"][k]) for k in MAIN_METRICS)
                      + " | " + " | ".join(_fmt(s["groups"][g].get(metric)) for g in GROUPS)
                      + f" | {_fmt(s['bwt'])} | {_fmt(s['forgetting'])} |")
+    reference = next((s for s in sums.values() if s and any(v is not None for v in s["popularity"].values())), None)
+    if reference is not None:
+        lines.append("| most popular items of each window | reference | "
+                     + " | ".join(_fmt(reference["popularity"][k]) for k in MAIN_METRICS)
+                     + " | " + " | ".join(_fmt(reference["popularity_groups"][g].get(metric)) for g in GROUPS) + " | - | - |")
     for name, s in sums.items():
         if not s:
             continue
@@ -77,6 +93,22 @@ def markdown(runs: dict[str, dict], metric: str = "ndcg@10") -> str:
         for i, row in sorted(s["R"].items()):
             lines.append(f"| {i} | " + " | ".join(_fmt(row.get(j)) for j in windows) + " |")
     return "\n".join(lines)
+
+
+def _popularity_curve(runs: dict[str, dict], panel: str, metric: str) -> list[tuple[int, float]]:
+    """(period, the popularity reference on that period's window) from the first run that has it."""
+    for periods in runs.values():
+        points = []
+        for t, m in sorted(periods.items()):
+            reference = m["windows"].get(str(t), {}).get("popularity")
+            if reference is None:
+                continue
+            vals = reference["overall"] if panel == "overall" else reference["groups"][panel]
+            if panel == "overall" or vals["users"]:
+                points.append((t, vals[metric]))
+        if points:
+            return points
+    return []
 
 
 def plot(runs: dict[str, dict], path: str, metric: str = "ndcg@10") -> None:
@@ -101,6 +133,9 @@ def plot(runs: dict[str, dict], path: str, metric: str = "ndcg@10") -> None:
                 xs.append(t)
                 ys.append(vals[metric])
             ax.plot(xs, ys, marker="o", label=name)
+        reference = _popularity_curve(runs, panel, metric)
+        if reference:
+            ax.plot(*zip(*reference), "k--", label="most popular items")
         ax.set_title(f"{panel}")
         ax.set_xlabel("period")
         ax.grid(alpha=0.3)

@@ -82,3 +82,22 @@ def ml_indexed(tmp_path_factory, ml_dataset):
     shutil.copytree(ml_dataset, root)
     import_random_codes(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory):
+    """A small stream (30 users x 40 interactions over 60 items, 5 windows) with random codes:
+    periods of a few steps that still run whole epochs."""
+    import random
+
+    from data_tools.convert import ConvertOptions, convert
+
+    folder = tmp_path_factory.mktemp("small")
+    rng = random.Random(3)
+    rows = [(f"i{rng.randrange(60)}", f"u{u}", 5, 1_500_000_000 + rng.randrange(3 * 10**7)) for u in range(30) for _ in range(40)]
+    path = folder / "ratings.csv"
+    path.write_text("".join(f"{i},{u},{r},{t}\n" for i, u, r, t in rows))
+    out = str(folder / "ds")
+    convert(ConvertOptions(format="csv", reviews=str(path), out=out, progress=False, log=sys.stdout))
+    import_random_codes(out)
+    return out

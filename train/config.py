@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+METHODS = ("single", "peso", "l2", "cumulative", "cumulative_all")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -43,7 +44,7 @@ class LoraConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "single"  # single | peso | cumulative | l2 (issue 5 adds the regularizers)
+    name: str = "single"  # single | peso | l2 | cumulative | cumulative_all (train/regularizers.py)
     lam: float = 0.0  # weight of the proximal term
     reduce: str = "sum"  # sum (the paper's equation) | mean over layers (the authors' code)
     temperature: float = 1.0  # cross-entropy on logits / temperature (the authors use 0.8)
@@ -52,13 +53,14 @@ class MethodConfig:
 @dataclass
 class DataConfig:
     path: str | None = None  # the dataset folder (data_tools convert); --data overrides
+    objective: str = "response"  # response: one sample per target (the paper's) | sequence: every target of a user's chunk in one pass
     micro_batch_size: int = 8  # per rank
     num_workers: int = 0  # DataLoader workers per rank (0: in the training process)
     shuffle_buffer: int = 1000
     seed: int = 0
     max_history: int = 20  # items of history in a prompt (<= what the shards hold)
     eval_batch_size: int = 32
-    template: str | None = None  # the prompt, with one {history}; None: the paper's instruction
+    template: str | None = None  # the prompt, with one {history}; None: the paper's instruction; "{history}": items only
     separator: str = ", "  # between history items in the prompt
 
 
@@ -75,7 +77,9 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    epochs: int = 4
+    epochs: int = 4  # per period (the cap, with patience)
+    period0_epochs: int | None = None  # period 0's cap instead (a model learning from scratch needs more); None: epochs
+    patience: int | None = None  # stop a period after this many epochs without a better validation loss; None: never
     global_batch_size: int = 32  # = micro_batch_size x ranks x accumulation
     warmup_ratio: float = 0.01
     max_steps: int | None = None  # cap per period (smoke tests, benchmarks)
@@ -99,7 +103,8 @@ class EvalConfig:
     beams: int = 20  # >= the largest K
     ks: list = field(default_factory=lambda: [5, 10, 20])
     every_period: bool = True  # evaluate at the end of each period
-    max_users: int | None = None  # cap per window (quick runs)
+    max_users: int | None = None  # per window: a seeded random sample of the test users (quick runs); None: all
+    seed: int = 0  # of that sample, the same for every period and method
 
 
 @dataclass
@@ -174,7 +179,11 @@ def _parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form section.key=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML (e.g. data.separator=", " unquoted): the text as written
+    return key.strip().split("."), value
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
@@ -218,8 +227,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.period0 must be lora or full, not {m.period0!r}")
     if m.dtype not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"model.dtype must be auto, fp32, bf16 or fp16, not {m.dtype!r}")
-    if cfg.method.name not in ("single", "peso", "cumulative", "l2"):
-        raise ConfigError(f"method.name must be single, peso, cumulative or l2, not {cfg.method.name!r}")
+    if cfg.method.name not in METHODS:
+        raise ConfigError(f"method.name must be one of {', '.join(METHODS)}, not {cfg.method.name!r}")
+    if cfg.data.objective not in ("response", "sequence"):
+        raise ConfigError(f"data.objective must be response or sequence, not {cfg.data.objective!r}")
     if cfg.method.reduce not in ("sum", "mean"):
         raise ConfigError(f"method.reduce must be sum or mean, not {cfg.method.reduce!r}")
     if cfg.method.lam < 0 or cfg.method.temperature <= 0:
@@ -230,8 +241,10 @@ def validate(cfg: Config) -> None:
     for key, value in (("lora.r", cfg.lora.r), ("data.micro_batch_size", cfg.data.micro_batch_size),
                        ("schedule.epochs", cfg.schedule.epochs), ("schedule.global_batch_size", cfg.schedule.global_batch_size),
                        ("checkpoint.every_steps", cfg.checkpoint.every_steps), ("checkpoint.keep", cfg.checkpoint.keep),
-                       ("data.max_history", cfg.data.max_history), ("eval.beams", cfg.eval.beams)):
-        if value < 1:
+                       ("data.max_history", cfg.data.max_history), ("eval.beams", cfg.eval.beams),
+                       ("schedule.period0_epochs", cfg.schedule.period0_epochs), ("schedule.patience", cfg.schedule.patience),
+                       ("eval.max_users", cfg.eval.max_users)):
+        if value is not None and value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
     if not 0 <= cfg.lora.dropout < 1:
         raise ConfigError(f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
@@ -241,6 +254,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.template needs exactly one {history} placeholder")
     if cfg.eval.beams < max(cfg.eval.ks):
         raise ConfigError(f"eval.beams ({cfg.eval.beams}) must be >= the largest K in eval.ks ({max(cfg.eval.ks)})")
+
+
+def period_epochs(cfg: Config, period: int) -> int:
+    """The epoch cap of a period."""
+    if period == 0 and cfg.schedule.period0_epochs:
+        return cfg.schedule.period0_epochs
+    return cfg.schedule.epochs
 
 
 def accumulation_steps(cfg: Config, world_size: int) -> int:

@@ -1,38 +1,46 @@
 """From a window's shards to padded micro-batches, the same on every rank count and restart.
 
+Two training objectives (`data.objective`) give two kinds of training items:
+- response: one sample per target, streamed from the rank's slice of the shards
+  (data_tools.reader) through a seeded shuffle buffer;
+- sequence: the window's targets regrouped into chunks of users' sequences
+  (data_tools.sequences), built in memory once per period, shuffled by (seed, epoch), and cut
+  into the same contiguous per-rank slices.
+Validation and test are one sample per target in both.
+
 A rank's micro-batches in an epoch are a deterministic function of (seed, epoch, rank, world
-size): the rank's slice of the split (data_tools.reader), shuffled with a seeded buffer, cut
-into micro-batches. DataLoader workers do not change that sequence: worker w prepares the
-batches j with (j - start) % workers == w, and the DataLoader hands them out round-robin, i.e.
-in order. So a run resumed at micro-batch `start` (possibly with another number of workers)
-continues with exactly the batches the killed run would have trained on.
+size), cut from that order. DataLoader workers do not change that sequence: worker w prepares
+the batches j with (j - start) % workers == w, and the DataLoader hands them out round-robin,
+i.e. in order. So a run resumed at micro-batch `start` (possibly with another number of
+workers) continues with exactly the batches the killed run would have trained on.
 
 Every rank must take the same number of steps (a rank that runs out first leaves the others
 waiting in a collective), so an epoch has ceil(ceil(N / ranks) / (micro x accumulation)) steps
 on every rank: a rank whose slice ends early wraps around to its start (like torch's
 DistributedSampler). Evaluation pads instead with fully masked copies, which count for nothing.
 
-Left padding puts every response (the item code tokens and EOS) at the end of the sequence, so
-the loss needs the output layer on the last `response_len + 1` positions only.
+Left padding puts every response at the end of its row; the loss needs the output layer only
+from the first labelled position of the batch on (`targets`: the labels of those positions).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import random
 from dataclasses import dataclass
 
 import torch
 import torch.utils.data
 
-from data_tools.reader import split_size, window_split
-
-IGNORE = -100
+from data_tools.reader import consumer_slice, read_split, split_size, window_split
+from data_tools.sequences import window_chunks
+from train.loss import IGNORE
 
 
 @dataclass(frozen=True)
 class EpochPlan:
-    samples: int  # in the split
+    samples: int  # training items in the split (samples, or chunks of the sequence objective)
     steps: int  # optimizer steps per epoch (every rank)
     micro_batches: int  # per rank per epoch = steps x accumulation
 
@@ -43,8 +51,9 @@ def plan_epoch(samples: int, world_size: int, micro_batch_size: int, accumulatio
     return EpochPlan(samples, steps, steps * accumulation)
 
 
-def collate(examples: list[dict], pad_id: int, response_len: int) -> dict[str, torch.Tensor]:
-    """Left-pad encoded examples into tensors; every response must have `response_len` tokens."""
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad encoded examples into tensors. `targets` are the labels from the first labelled
+    column of the batch on: the loss needs logits for those positions only."""
     width = max(len(e["input_ids"]) for e in examples)
     n = len(examples)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -52,51 +61,77 @@ def collate(examples: list[dict], pad_id: int, response_len: int) -> dict[str, t
     labels = torch.full((n, width), IGNORE, dtype=torch.long)
     for i, e in enumerate(examples):
         k = len(e["input_ids"])
+        if len(e["labels"]) != k:
+            raise ValueError("input_ids and labels differ in length")
         ids[i, width - k:] = torch.tensor(e["input_ids"])
         mask[i, width - k:] = 1
         labels[i, width - k:] = torch.tensor(e["labels"])
-    tail = labels[:, -response_len:]
-    if ((labels != IGNORE).sum(1) > response_len).any() or (labels[:, :-response_len] != IGNORE).any():
-        raise ValueError("every response must be the last response_len tokens")
+    labelled = (labels != IGNORE).any(0).nonzero()
+    first = int(labelled[0]) if len(labelled) else width - 1
     return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
-            "labels": labels, "targets": tail}
+            "targets": labels[:, max(first, 1):]}
+
+
+class ResponseSamples:
+    """The response objective's training items: one sample per target, from the shards."""
+
+    def __init__(self, root: str, manifest: dict, window: int, split: str, shuffle_buffer: int):
+        self.root, self.manifest, self.window, self.split = root, manifest, window, split
+        self.shuffle_buffer = shuffle_buffer
+
+    def __len__(self) -> int:
+        return split_size(self.root, self.window, self.split, self.manifest)
+
+    def one_pass(self, rank: int, world_size: int, seed: int, epoch: int):
+        return window_split(self.root, self.window, self.split, rank=rank, world_size=world_size, seed=seed,
+                            epoch=epoch, shuffle_buffer=self.shuffle_buffer, manifest=self.manifest,
+                            split_by_worker=False)
+
+
+class SequenceChunks:
+    """The sequence objective's training items: chunks of users' sequences, built once from the
+    whole training split (every rank builds the same list), reshuffled every epoch."""
+
+    def __init__(self, root: str, manifest: dict, window: int, max_history: int):
+        self.chunks = window_chunks(read_split(root, window, "train", manifest), max_history)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def one_pass(self, rank: int, world_size: int, seed: int, epoch: int):
+        order = list(range(len(self.chunks)))
+        random.Random(f"{seed}/{epoch}").shuffle(order)
+        lo, hi = consumer_slice(len(order), rank, world_size)
+        return (self.chunks[k] for k in order[lo:hi])
 
 
 @dataclass
 class RankEpoch(torch.utils.data.IterableDataset):
     """One rank's micro-batches for one epoch, from micro-batch `start` on. `pad_with`: "wrap"
-    (training: samples from the slice's start count again) or "mask" (evaluation: they count
-    for nothing)."""
+    (training: items from the slice's start count again) or "mask" (evaluation: they count for
+    nothing)."""
 
-    root: str
-    manifest: dict
+    source: ResponseSamples | SequenceChunks
     window: int
     split: str
     rank: int
     world_size: int
     seed: int
     epoch: int
-    shuffle_buffer: int
     micro_batch_size: int
     micro_batches: int
     start: int
     encode: object
     pad_id: int
-    response_len: int
     pad_with: str
 
-    def _samples(self):
-        def one_pass():
-            return window_split(self.root, self.window, self.split, rank=self.rank, world_size=self.world_size,
-                                seed=self.seed, epoch=self.epoch, shuffle_buffer=self.shuffle_buffer,
-                                manifest=self.manifest, split_by_worker=False)
-
+    def _items(self):
         first = True
         while True:
             n = 0
-            for s in one_pass():
+            for item in self.source.one_pass(self.rank, self.world_size, self.seed, self.epoch):
                 n += 1
-                yield s, first
+                yield item, first
             if n == 0:
                 raise ValueError(f"rank {self.rank} has no {self.split} samples in window {self.window} "
                                  f"(the split has fewer samples than ranks)")
@@ -105,32 +140,35 @@ class RankEpoch(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        stream = self._samples()
+        stream = self._items()
         for j in range(self.micro_batches):
             batch = list(itertools.islice(stream, self.micro_batch_size))
             if j < self.start or (j - self.start) % workers != worker:
                 continue
             examples = []
-            for sample, fresh in batch:
-                e = self.encode(sample)
+            for item, fresh in batch:
+                e = self.encode(item)
                 if not fresh and self.pad_with == "mask":
                     e = {"input_ids": e["input_ids"], "labels": [IGNORE] * len(e["labels"])}
                 examples.append(e)
-            yield collate(examples, self.pad_id, self.response_len)
+            yield collate(examples, self.pad_id)
 
 
 class WindowData:
     """Loaders over one window's splits for one rank."""
 
     def __init__(self, root: str, manifest: dict, window: int, cfg, rank: int, world_size: int,
-                 accumulation: int, encode, pad_id: int, response_len: int):
-        self.root, self.manifest, self.window, self.cfg = root, manifest, window, cfg
+                 accumulation: int, encode, pad_id: int):
+        self.window, self.cfg = window, cfg
         self.rank, self.world_size, self.accumulation = rank, world_size, accumulation
-        self.encode, self.pad_id, self.response_len = encode, pad_id, response_len
-        self.train_plan = plan_epoch(split_size(root, window, "train", manifest), world_size,
-                                     cfg.data.micro_batch_size, accumulation)
-        valid = split_size(root, window, "valid", manifest)
-        self.valid_batches = math.ceil(math.ceil(valid / world_size) / cfg.data.eval_batch_size)
+        self.encode, self.pad_id = encode, pad_id
+        if cfg.data.objective == "sequence":
+            self.train_source = SequenceChunks(root, manifest, window, cfg.data.max_history)
+        else:
+            self.train_source = ResponseSamples(root, manifest, window, "train", cfg.data.shuffle_buffer)
+        self.valid_source = ResponseSamples(root, manifest, window, "valid", 0)
+        self.train_plan = plan_epoch(len(self.train_source), world_size, cfg.data.micro_batch_size, accumulation)
+        self.valid_batches = math.ceil(math.ceil(len(self.valid_source) / world_size) / cfg.data.eval_batch_size)
 
     def _loader(self, dataset) -> torch.utils.data.DataLoader:
         workers = self.cfg.data.num_workers
@@ -141,14 +179,13 @@ class WindowData:
 
     def train(self, epoch: int, start: int = 0):
         return self._loader(RankEpoch(
-            root=self.root, manifest=self.manifest, window=self.window, split="train", rank=self.rank,
-            world_size=self.world_size, seed=self.cfg.data.seed, epoch=epoch, shuffle_buffer=self.cfg.data.shuffle_buffer,
-            micro_batch_size=self.cfg.data.micro_batch_size, micro_batches=self.train_plan.micro_batches, start=start,
-            encode=self.encode, pad_id=self.pad_id, response_len=self.response_len, pad_with="wrap"))
+            source=self.train_source, window=self.window, split="train", rank=self.rank, world_size=self.world_size,
+            seed=self.cfg.data.seed, epoch=epoch, micro_batch_size=self.cfg.data.micro_batch_size,
+            micro_batches=self.train_plan.micro_batches, start=start, encode=self.encode, pad_id=self.pad_id,
+            pad_with="wrap"))
 
     def valid(self):
         return self._loader(RankEpoch(
-            root=self.root, manifest=self.manifest, window=self.window, split="valid", rank=self.rank,
-            world_size=self.world_size, seed=0, epoch=0, shuffle_buffer=0, micro_batch_size=self.cfg.data.eval_batch_size,
-            micro_batches=self.valid_batches, start=0, encode=self.encode, pad_id=self.pad_id,
-            response_len=self.response_len, pad_with="mask"))
+            source=self.valid_source, window=self.window, split="valid", rank=self.rank, world_size=self.world_size,
+            seed=0, epoch=0, micro_batch_size=self.cfg.data.eval_batch_size, micro_batches=self.valid_batches,
+            start=0, encode=self.encode, pad_id=self.pad_id, pad_with="mask"))

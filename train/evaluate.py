@@ -1,6 +1,8 @@
 """Evaluation: batched beam search constrained by the prefix trie of real item codes, Hit@K and
 NDCG@K overall and by user group, and the test loss, per window, for the R[i][j] matrix of
-forgetting.
+forgetting; beside them, the reference a recommender must beat, scored on the same users: the
+window's most popular items (its most frequent training targets). `eval.max_users` takes a
+seeded random sample of a window's test users, the same for every method, period and rank count.
 
 Decoding: the prompt runs once; its KV cache is repeated for the beams; then one token per code
 level, each step's candidates restricted to the continuations the trie allows after the beam's
@@ -14,17 +16,18 @@ same number of steps: ranks pad with masked copies that count for nothing.
 
 from __future__ import annotations
 
-import itertools
 import math
+import random
+from collections import Counter
 
 import torch
 from transformers import DynamicCache
 
 from data_tools.dataset import atomic_write_json
-from data_tools.reader import split_size, window_split
+from data_tools.reader import read_split, split_size
 from data_tools.windows import GROUPS
-from train.data import IGNORE, collate
-from train.trainer import response_loss
+from train.data import collate
+from train.loss import IGNORE, lm_loss
 
 NEG = float("-inf")
 
@@ -86,42 +89,60 @@ def constrained_beam_search(forward, prompts: list[list[int]], trie, levels: int
     return seqs, scores
 
 
-def evaluate_window(cfg, strategy, engine, tokenizer, codebook, template, manifest, window: int) -> dict:
-    """One window's test users (the first eval.max_users, if set), shared round-robin by the
-    ranks, combined across ranks."""
-    users = window_split(cfg.data.path, window, "test", manifest=manifest)  # one sample per user: small
-    samples = list(itertools.islice(users, cfg.eval.max_users))[strategy.rank::strategy.world_size]
-    n = split_size(cfg.data.path, window, "test", manifest)
-    per_rank = math.ceil(min(n, cfg.eval.max_users or n) / strategy.world_size)
+def test_users(root: str, manifest: dict, window: int, max_users: int | None, seed: int) -> list[dict]:
+    """The test samples (one per user) that evaluation scores in a window: all of them, or a
+    seeded random sample of `max_users` (the same for every period, method and rank count, so
+    runs compare on the same users; a first-N cut would drop the newest users)."""
+    users = read_split(root, window, "test", manifest)
+    if max_users is not None and max_users < len(users):
+        users = random.Random(f"{seed}/{window}").sample(users, max_users)
+    return users
+
+
+def popular_codes(root: str, manifest: dict, window: int, codebook, k: int) -> list[tuple]:
+    """The reference a recommender must beat: the `k` most frequent codes among the window's
+    training targets (by count, then code). Codes, not items, because a prediction is scored by
+    its code (items that share one count as one)."""
+    counts = Counter(tuple(codebook.item_token_ids(s["target"])) for s in read_split(root, window, "train", manifest))
+    return [code for code, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
+
+
+def evaluate_window(cfg, strategy, engine, encoder, manifest, window: int) -> dict:
+    """One window's test users (all, or the seeded sample of eval.max_users), shared round-robin
+    by the ranks, combined across ranks; with the popularity reference on the same users."""
+    users = test_users(cfg.data.path, manifest, window, cfg.eval.max_users, cfg.eval.seed)
+    samples = users[strategy.rank::strategy.world_size]
+    per_rank = math.ceil(len(users) / strategy.world_size)
     batch = cfg.data.eval_batch_size
     batches = math.ceil(per_rank / batch)
+    codebook = encoder.codebook
     trie, levels, beams = codebook.trie, codebook.levels, cfg.eval.beams
+    popular = popular_codes(cfg.data.path, manifest, window, codebook, max(cfg.eval.ks))
+    pad_id = encoder.tokenizer.pad_token_id
 
     def forward(ids, mask, position, cache):
         out = engine(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache,
                      use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
-    ranks, groups, invalid = [], [], 0
+    ranks, popularity_ranks, groups, invalid = [], [], [], 0
     loss_sum = loss_count = 0.0
     engine.eval()
-    dummy = template.encode_prompt(tokenizer, codebook, [0])
-    masked = template.encode(tokenizer, codebook, [0], 0)
+    dummy = encoder.prompt([0])
+    masked = encoder.target([0], 0)
     masked = {"input_ids": masked["input_ids"], "labels": [IGNORE] * len(masked["labels"])}
     for k in range(batches):
         chunk = samples[k * batch:(k + 1) * batch]
-        histories = [s["history"][-cfg.data.max_history:] for s in chunk]
-        prompts = [template.encode_prompt(tokenizer, codebook, h) for h in histories]
+        prompts = [encoder.prompt(s["history"]) for s in chunk]
         prompts += [dummy] * (batch - len(prompts))  # padding for the collective: results ignored
-        seqs, scores = constrained_beam_search(forward, prompts, trie, levels, beams, tokenizer.pad_token_id,
-                                               strategy.device)
+        seqs, scores = constrained_beam_search(forward, prompts, trie, levels, beams, pad_id, strategy.device)
         # The test loss (cross-entropy of the target's tokens, teacher-forced): a finer signal of
-        # forgetting than the hit rates when those are near zero.
-        examples = [template.encode(tokenizer, codebook, h, s["target"]) for h, s in zip(histories, chunk)]
+        # forgetting than the hit rates.
+        examples = [encoder.target(s["history"], s["target"]) for s in chunk]
         examples += [masked] * (batch - len(examples))
-        full = {key: v.to(strategy.device) for key, v in collate(examples, tokenizer.pad_token_id, levels + 1).items()}
+        full = {key: v.to(strategy.device) for key, v in collate(examples, pad_id).items()}
         with torch.no_grad():
-            total, count = response_loss(engine, full, levels + 1, cfg.method.temperature)
+            total, count = lm_loss(engine, full, cfg.method.temperature)
         loss_sum += float(total)
         loss_count += float(count)
         for i, s in enumerate(chunk):
@@ -139,9 +160,13 @@ def evaluate_window(cfg, strategy, engine, tokenizer, codebook, template, manife
                     rank = valid
                 valid += 1
             ranks.append(rank)
+            popularity_ranks.append(popular.index(target) if target in popular else None)
             groups.append(s["group"])
     engine.train()
     out = _combine(strategy, ranks, groups, invalid, cfg.eval.ks)
+    reference = _combine(strategy, popularity_ranks, groups, 0, cfg.eval.ks)
+    out["popularity"] = {"overall": reference["overall"], "groups": reference["groups"]}
+    out["users_in_window"] = split_size(cfg.data.path, window, "test", manifest)
     loss_sum, loss_count = strategy.all_reduce_sum([loss_sum, loss_count])
     out["overall"]["test_loss"] = loss_sum / max(loss_count, 1.0)
     return out
@@ -170,13 +195,13 @@ def _combine(strategy, ranks: list, groups: list, invalid: int, ks) -> dict:
     return out
 
 
-def evaluate_period(cfg, strategy, engine, tokenizer, codebook, template, manifest, period: int, run, logger, step: int) -> dict:
+def evaluate_period(cfg, strategy, engine, encoder, manifest, period: int, run, logger, step: int) -> dict:
     """After period i: the test sets of windows 0..i (row i of R), written to metrics.json."""
     windows = {}
     for j in range(period + 1):
         if manifest["windows"][j]["stats"]["samples"]["test"] == 0:
             continue
-        windows[str(j)] = evaluate_window(cfg, strategy, engine, tokenizer, codebook, template, manifest, j)
+        windows[str(j)] = evaluate_window(cfg, strategy, engine, encoder, manifest, j)
         if windows[str(j)]["invalid_outputs"]:
             raise RuntimeError(f"constrained decoding produced {windows[str(j)]['invalid_outputs']} invalid items in window {j}")
     current = windows.get(str(period))
@@ -190,6 +215,9 @@ def evaluate_period(cfg, strategy, engine, tokenizer, codebook, template, manife
             logger.scalars({f"eval/current/{k}": v for k, v in current["overall"].items()}, step)
             for g, vals in current["groups"].items():
                 logger.scalars({f"eval/current_{g}/{k}": v for k, v in vals.items() if k != "users"}, step)
-        strategy.print0(f"period {period} test (window {period}): " +
+        strategy.print0(f"period {period} test (window {period}, {current['users'] if current else 0} users): " +
                         ", ".join(f"{k} {v:.4f}" for k, v in result["overall"].items()))
+        if current:
+            strategy.print0("   most popular items of the window (reference): " +
+                            ", ".join(f"{k} {v:.4f}" for k, v in current["popularity"]["overall"].items()))
     return result

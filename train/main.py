@@ -93,7 +93,7 @@ def main(argv=None) -> int:
 
 def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool = False) -> int:
     from train.checkpoint import Checkpointer
-    from train.config import accumulation_steps
+    from train.config import accumulation_steps, period_epochs
     from train.data import WindowData
     from train.ds_config import fill_ds_config, resolve_dtype
     from train.evaluate import evaluate_period
@@ -125,7 +125,7 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
     lr = cfg.optim.lr * (cfg.optim.later_lr_factor if period > 0 else 1.0)
     ds_config = fill_ds_config(ds_template, cfg, strategy.world_size, hidden_size(source), dtype, lr)
     strategy.use_ds_config(ds_config)  # before from_pretrained: ZeRO-3 loads partitioned
-    model = load_backbone(source, cfg, dtype, len(tokenizer))
+    model = load_backbone(strategy, source, cfg, dtype, len(tokenizer))
     if full:
         model.requires_grad_(True)
     else:
@@ -136,10 +136,11 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
     regularizer = make_regularizer(cfg, run, period, model, strategy)
 
     # ---- data and engine -----------------------------------------------------------------------
-    encoder = SampleEncoder(tokenizer, codebook, template, cfg.data.max_history)
+    encoder = SampleEncoder(tokenizer, codebook, template, cfg.data.max_history, cfg.data.objective)
     data = WindowData(cfg.data.path, manifest, period, cfg, strategy.rank, strategy.world_size, accumulation,
-                      encoder, tokenizer.pad_token_id, encoder.response_len)
-    total_steps = cfg.schedule.epochs * data.train_plan.steps
+                      encoder, tokenizer.pad_token_id)
+    epochs = period_epochs(cfg, period)
+    total_steps = epochs * data.train_plan.steps
     if cfg.schedule.max_steps:
         total_steps = min(total_steps, cfg.schedule.max_steps)
     groups = param_groups(model, cfg.optim.weight_decay)
@@ -155,8 +156,9 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
             json.dump({"config": cfg.to_dict(), "ds_config": ds_config, "world_size": strategy.world_size}, f, indent=1)
         logger.text("config", {"period": period, "config": cfg.to_dict(), "ds_config": ds_config}, step_offset)
         strategy.print0(f"period {period}: {'full training' if full else f'LoRA r={cfg.lora.r}'} of {source}, "
-                        f"{trainable:,} trainable parameters, {data.train_plan.samples:,} samples, "
-                        f"{data.train_plan.steps} steps/epoch x {cfg.schedule.epochs} epochs "
+                        f"{trainable:,} trainable parameters, {data.train_plan.samples:,} "
+                        f"{'chunks of user sequences' if cfg.data.objective == 'sequence' else 'samples'}, "
+                        f"{data.train_plan.steps} steps/epoch x {epochs} epochs "
                         f"(capped at {total_steps}), ZeRO-{strategy.zero_stage}, {strategy.world_size} ranks, {dtype}")
     flops = FlopCounter(engine.module.config, None if full else cfg.lora.r, cfg.lora.targets, full,
                         cfg.model.gradient_checkpointing)
@@ -171,14 +173,13 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
                       checkpointer=Checkpointer(strategy, run.ckpt_dir(period), cfg.checkpoint.keep),
                       export=export, logger=logger, flops=flops,
                       peak_flops=device_peak_flops(strategy.cuda, dtype, cfg.logging.peak_tflops),
-                      step_offset=step_offset, period=period, response_len=encoder.response_len,
+                      step_offset=step_offset, period=period, epochs=epochs,
                       regularizer=regularizer, total_steps=total_steps)
     trainer.install_signal_handlers()
     if eval_only:
         if not full:
             load_adapter_weights(strategy, engine.module, run.adapter_dir(period))
-        evaluate_period(cfg, strategy, engine, tokenizer, codebook, template, manifest, period, run, logger,
-                        step_offset)
+        evaluate_period(cfg, strategy, engine, encoder, manifest, period, run, logger, step_offset)
         logger.close()
         strategy.close()
         return 0
@@ -200,11 +201,12 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
         run.save_state(phase="evaluating")
     metrics = None
     if cfg.eval.every_period:
-        metrics = evaluate_period(cfg, strategy, engine, tokenizer, codebook, template, manifest, period, run, logger,
+        metrics = evaluate_period(cfg, strategy, engine, encoder, manifest, period, run, logger,
                                   step_offset + engine.global_steps)
     if strategy.is_rank0:
         summary = {"period": period, "steps": engine.global_steps, "samples_seen": progress.samples_seen,
                    "nonfinite_skipped": progress.nonfinite_skipped, "best_epoch": progress.best_epoch,
+                   "epochs_trained": progress.epoch, "stopped_early": progress.stopped_early,
                    "val_losses": progress.val_losses, "world_size": strategy.world_size}
         with open(os.path.join(run.period_dir(period), "train_summary.json"), "w") as f:
             json.dump(summary, f, indent=1)

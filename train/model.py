@@ -54,13 +54,33 @@ def hidden_size(source: str) -> int:
     return AutoConfig.from_pretrained(source).hidden_size
 
 
-def load_backbone(source: str, cfg: Config, dtype: str, vocab_size: int) -> torch.nn.Module:
+def init_new_token_rows(strategy, model: torch.nn.Module, first_new: int, seed: int) -> None:
+    """Rows >= `first_new` of the input (and an untied output) embedding: N(0, std of the rows
+    before them). Random, not all at the mean embedding (transformers' default): identical rows
+    make every code token look alike, and training must first pull them apart. Seeded, so every
+    rank writes the same values (rank 0's are kept if the rows are already partitioned)."""
+    layers = [model.get_input_embeddings()]
+    out = model.get_output_embeddings()
+    if out is not None and out.weight is not layers[0].weight:
+        layers.append(out)
+    g = torch.Generator().manual_seed(seed)
+    for layer in layers:
+        w = layer.weight
+        with strategy.gathered([w], modify=True), torch.no_grad():
+            std = float(w[:first_new].float().std())
+            rows = torch.randn((w.shape[0] - first_new, w.shape[1]), generator=g) * std
+            w[first_new:] = rows.to(w.dtype)
+
+
+def load_backbone(strategy, source: str, cfg: Config, dtype: str, vocab_size: int) -> torch.nn.Module:
     if not os.path.isfile(os.path.join(source, "config.json")):
         raise FileNotFoundError(f"{source} is not a Hugging Face model folder (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], attn_implementation=cfg.model.attn_implementation)
-    if model.get_input_embeddings().num_embeddings < vocab_size:
-        # New rows for the item code tokens (mean-initialized; they are trained every period).
-        model.resize_token_embeddings(vocab_size)
+    rows = model.get_input_embeddings().num_embeddings
+    if rows < vocab_size:
+        # New rows for the item code tokens (they are trained every period).
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+        init_new_token_rows(strategy, model, rows, cfg.model.seed)
     if cfg.model.gradient_checkpointing:
         # Reentrant checkpointing silently drops gradients of terms computed in LoRA hooks and
         # breaks ZeRO-3 reduction (notes/zero3-lora-probes.md): always non-reentrant.

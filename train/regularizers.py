@@ -4,8 +4,12 @@
 - peso: single + lambda * reduce_m (KL_A + KL_B), with, for each LoRA matrix M of wrapped layer m,
   KL(softmax(vec M) || softmax(vec M_prev)): one softmax over all entries of the matrix, in fp32.
 - l2: the same with ||M - M_prev||^2 (an ablation).
-- cumulative: a new adapter each period, initialized from the last; the earlier adapters frozen,
-  each with A and B divided by their Frobenius norms, and summed into the forward.
+- cumulative: the paper's cumulative LoRA ("SumLoRA latest+inherit"): the previous period's
+  adapter, frozen, with A and B each divided by its Frobenius norm (plus a small epsilon, so a
+  zero factor gives zero, not NaN), is added to the forward; the live adapter starts from that
+  same previous adapter.
+- cumulative_all: every earlier adapter frozen, normalized and summed the same way (storage and
+  compute grow with the periods); the live adapter starts from the last.
 
 M_prev is the adapter exported at the end of period t-1 (the period's anchor, also saved as
 periods/<t>/anchor.safetensors). Exact under ZeRO-3: a LoRA weight is only whole while its
@@ -107,15 +111,22 @@ class ProximalTerm:
         return total / self.n_layers if self.reduce == "mean" else total
 
 
+NORM_EPS = 1e-8  # a zero factor (an adapter that never trained) normalizes to zero, not NaN
+
+
+def normalized(factor: torch.Tensor) -> torch.Tensor:
+    return factor / (factor.norm() + NORM_EPS)
+
+
 class FrozenLoraSum(nn.Module):
     """sum_i scaling * B_i A_i x over earlier adapters, each factor divided by its Frobenius norm,
-    as one rank-(periods x r) product. Its weights are frozen parameters, so ZeRO-3 partitions
+    as one rank-(adapters x r) product. Its weights are frozen parameters, so ZeRO-3 partitions
     them and gathers them when this module runs, like any other layer."""
 
     def __init__(self, factors: list[tuple[torch.Tensor, torch.Tensor]], scaling: float):
         super().__init__()
-        a = torch.cat([fa / fa.norm() for fa, _ in factors], 0)
-        b = torch.cat([fb / fb.norm() for _, fb in factors], 1)
+        a = torch.cat([normalized(fa) for fa, _ in factors], 0)
+        b = torch.cat([normalized(fb) for _, fb in factors], 1)
         self.A = nn.Linear(a.shape[1], a.shape[0], bias=False)
         self.B = nn.Linear(b.shape[1], b.shape[0], bias=False)
         with torch.no_grad():
@@ -141,16 +152,25 @@ def attach_frozen_adapters(model: nn.Module, adapter_dirs: list[str]) -> int:
     return count
 
 
+def frozen_adapter_periods(cfg, name: str, period: int) -> list[int]:
+    """The earlier periods whose adapters a cumulative method adds, frozen, to this period's model."""
+    first = 1 if cfg.model.period0 == "full" else 0  # a full period 0 has no adapter
+    if name == "cumulative":
+        return [period - 1] if period - 1 >= first else []
+    if name == "cumulative_all":
+        return list(range(first, period))
+    return []
+
+
 def make_regularizer(cfg, run, period: int, model: nn.Module, strategy) -> ProximalTerm | None:
     """Set up the method for this period; returns the proximal term (peso, l2) or None."""
     name = cfg.method.name
     previous = previous_adapter(cfg, run, period)
-    if name == "cumulative":
-        first = 1 if cfg.model.period0 == "full" else 0
-        earlier = [run.adapter_dir(t) for t in range(first, period)]
+    if name in ("cumulative", "cumulative_all"):
+        earlier = frozen_adapter_periods(cfg, name, period)
         if earlier:
-            n = attach_frozen_adapters(model, earlier)
-            strategy.print0(f"cumulative: {len(earlier)} frozen adapters summed into {n} layers")
+            n = attach_frozen_adapters(model, [run.adapter_dir(t) for t in earlier])
+            strategy.print0(f"{name}: the adapters of periods {earlier} frozen, normalized and summed into {n} layers")
         return None
     if name == "single" or previous is None:
         if name in ("peso", "l2") and previous is None:

@@ -1,6 +1,7 @@
 """Named Llama shapes with random weights, for tests, the demo and benchmarks.
 
-`tiny` and `small` run on a laptop CPU; `1b` and `8b` have the shapes of Llama-3.2-1B and
+`tiny`, `mini` and `small` run on a laptop CPU (`tiny` for tests and the demo, `mini` for the
+CPU study: bench/cpu_models.py compares them); `1b` and `8b` have the shapes of Llama-3.2-1B and
 Llama-3.1-8B (the paper's backbone is the former) so that GPU benchmarks measure realistic
 throughput and memory without downloading anything. The vocabulary is the run's tokenizer's
 (at least the real models' 128,256 for the big shapes, so the embedding costs what it does).
@@ -12,6 +13,8 @@ from transformers import LlamaConfig
 
 SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=False, min_vocab=0),
+    "mini": dict(hidden_size=128, intermediate_size=336, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=False, min_vocab=0),
     "small": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=4, tie_word_embeddings=False, min_vocab=0),

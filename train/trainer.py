@@ -1,9 +1,11 @@
 """The training loop of one period: epochs of micro-batches, validation after each epoch, the
 best epoch exported, checkpoints, and everything reported to TensorBoard.
 
-The loss is the cross-entropy of the response tokens (the target item's codes and EOS), on
-logits divided by `method.temperature`, plus `method.lam` times the regularizer's proximal term
-when there is one (train/regularizers.py). A micro-batch whose loss is not finite on any rank
+The loss is the cross-entropy of the labelled tokens (train/loss.py), plus `method.lam` times
+the regularizer's proximal term when there is one (train/regularizers.py). An epoch ends with the
+validation loss; the best epoch so far is exported, and with `schedule.patience` the period
+stops after that many epochs without a better one (`schedule.epochs`, or
+`schedule.period0_epochs` in period 0, is the cap). A micro-batch whose loss is not finite on any rank
 is skipped on every rank (no backward, and it does not count toward the accumulation window,
 so the optimizer step waits for the next good micro-batch), counted, and too many in a row stop
 the run with an error. SIGUSR1 or SIGTERM (a SLURM time limit or preemption) makes
@@ -20,11 +22,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from data_tools.progress import progress_bar
 from train.checkpoint import Checkpointer
-from train.data import IGNORE
+from train.loss import IGNORE, lm_loss
 from train.metrics import Throughput, memory_stats
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: "checkpointed on a signal, run me again"
@@ -49,27 +50,18 @@ class Progress:
     best_val: float | None = None
     best_epoch: int | None = None
     val_losses: list = field(default_factory=list)
+    stopped_early: bool = False  # `schedule.patience` epochs without a better validation loss
     finished: bool = False  # the last epoch's end (validation, export) is done
-
-
-def response_loss(engine, batch: dict, response_len: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed cross-entropy over response tokens, their count) for one micro-batch."""
-    out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 position_ids=batch["position_ids"], logits_to_keep=response_len + 1)
-    logits = out.logits[:, :-1].float() / temperature
-    targets = batch["targets"]
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
-    return total, (targets != IGNORE).sum()
 
 
 class Trainer:
     def __init__(self, *, cfg, strategy, engine, data, checkpointer: Checkpointer, export, logger, flops,
-                 peak_flops: tuple[float, str], step_offset: int, period: int, response_len: int,
+                 peak_flops: tuple[float, str], step_offset: int, period: int, epochs: int,
                  regularizer=None, total_steps: int):
         self.cfg, self.strategy, self.engine, self.data = cfg, strategy, engine, data
         self.checkpointer, self.export, self.logger, self.flops = checkpointer, export, logger, flops
         self.peak_flops, self.peak_label = peak_flops
-        self.step_offset, self.period, self.response_len = step_offset, period, response_len
+        self.step_offset, self.period, self.epochs = step_offset, period, epochs
         self.regularizer = regularizer
         self.total_steps = total_steps
         self.stop_signal = False
@@ -89,7 +81,7 @@ class Trainer:
     def _micro_step(self, batch: dict, micro_index: int) -> tuple[float, float | None, bool]:
         batch = {k: v.to(self.strategy.device, non_blocking=True) for k, v in batch.items()}
         with self.regularizer.collect() if self.regularizer is not None else contextlib.nullcontext():
-            ce_sum, count = response_loss(self.engine, batch, self.response_len, self.cfg.method.temperature)
+            ce_sum, count = lm_loss(self.engine, batch, self.cfg.method.temperature)
         ce = ce_sum / count.clamp(min=1)
         loss, prox = ce, None
         if self.regularizer is not None:
@@ -112,7 +104,7 @@ class Trainer:
         total = count = 0.0
         for batch in self.data.valid():
             batch = {k: v.to(self.strategy.device, non_blocking=True) for k, v in batch.items()}
-            s, n = response_loss(self.engine, batch, self.response_len, self.cfg.method.temperature)
+            s, n = lm_loss(self.engine, batch, self.cfg.method.temperature)
             total += float(s)
             count += float(n)
         self.engine.train()
@@ -172,8 +164,7 @@ class Trainer:
                     proxes.append(prox)
             tokens = int(batch["attention_mask"].sum())
             meter.add(tokens, int((batch["targets"] != IGNORE).sum()), batch["input_ids"].shape[0],
-                      self.flops.micro_batch(tokens, batch["input_ids"].shape[1], batch["input_ids"].shape[0] * self.response_len),
-                      waited)
+                      self.flops.micro_batch(tokens, batch["input_ids"].shape[1], batch["targets"].numel()), waited)
             if engine.global_steps == steps_before:
                 continue  # inside an accumulation window
             bar.update(1)
@@ -197,11 +188,14 @@ class Trainer:
         if improved:
             p.best_val, p.best_epoch = val, p.epoch
             self.export()
+        patience = self.cfg.schedule.patience
+        p.stopped_early = bool(patience) and p.epoch - p.best_epoch >= patience
         self.strategy.print0(f"period {self.period} epoch {p.epoch}: validation loss {val:.4f}"
-                             + (" (best so far, exported)" if improved else f" (best: epoch {p.best_epoch}, {p.best_val:.4f})"))
+                             + (" (best so far, exported)" if improved else f" (best: epoch {p.best_epoch}, {p.best_val:.4f})")
+                             + (f"; no better epoch in {patience}, stopping" if p.stopped_early else ""))
         p.epoch += 1
         p.micro = 0
-        p.finished = p.epoch >= self.cfg.schedule.epochs or step >= self.total_steps
+        p.finished = p.epoch >= self.epochs or step >= self.total_steps or p.stopped_early
         self.checkpointer.save(self.engine, step, self._client_state(p))
 
     def _log(self, step: int, losses: list, proxes: list, meter: Throughput, p: Progress) -> None:

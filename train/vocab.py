@@ -35,8 +35,14 @@ def prepare_tokenizer(cfg, run, data_root: str, index: dict, template: PromptTem
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token  # left padding is masked out anyway
         else:
-            tokenizer = train_sentencepiece_tokenizer(template.tokenizer_corpus(_item_texts(data_root)), tmp,
-                                                      seed=cfg.model.seed)
+            corpus = template.tokenizer_corpus(_item_texts(data_root))
+            if corpus:
+                tokenizer = train_sentencepiece_tokenizer(corpus, tmp, seed=cfg.model.seed)
+            else:
+                # A template without words (items alone): the special tokens and the byte fallback
+                # are all it needs, and every row of the vocabulary costs the output layer on every
+                # position of the sequence objective (a 1,000-piece vocabulary doubles a tiny model's step).
+                tokenizer = train_sentencepiece_tokenizer(["items"], tmp, vocab_size=300, seed=cfg.model.seed)
         add_code_tokens(tokenizer, index["levels"], index["codes_per_level"])
         tokenizer.save_pretrained(tmp)
         os.makedirs(run.root, exist_ok=True)
@@ -46,18 +52,45 @@ def prepare_tokenizer(cfg, run, data_root: str, index: dict, template: PromptTem
 
 
 class SampleEncoder:
-    """sample dict (from the shards) -> {"input_ids", "labels"} with the last `max_history` items."""
+    """Token ids and labels for the training objective (`data.objective`):
 
-    def __init__(self, tokenizer, codebook: ItemCodebook, template: PromptTemplate, max_history: int):
-        self.tokenizer, self.codebook, self.template, self.max_history = tokenizer, codebook, template, max_history
+    - response: one sample per target, `{"history", "target"}` -> the template's prompt, then the
+      target's codes and EOS (the labels);
+    - sequence: a chunk `{"items", "first_target"}` -> the items as one list, the codes of every
+      target in it labelled; a single target (validation, test) -> its list prompt and codes.
+
+    `prompt(history)` is what evaluation decodes from, the same for training and test."""
+
+    def __init__(self, tokenizer, codebook: ItemCodebook, template: PromptTemplate, max_history: int,
+                 objective: str = "response"):
+        if objective not in ("response", "sequence"):
+            raise ValueError(f"unknown objective {objective!r}")
+        self.tokenizer, self.codebook, self.template = tokenizer, codebook, template
+        self.max_history, self.objective = max_history, objective
+
+    def prompt(self, history: list[int]) -> list[int]:
+        history = history[-self.max_history:]
+        if self.objective == "sequence":
+            return self.template.encode_list_prompt(self.tokenizer, self.codebook, history)
+        return self.template.encode_prompt(self.tokenizer, self.codebook, history)
+
+    def target(self, history: list[int], target: int) -> dict:
+        """One target with its history (validation, test loss)."""
+        if self.objective == "sequence":
+            prompt = self.prompt(history)
+            codes = self.codebook.item_token_ids(target)
+            return {"input_ids": prompt + codes, "labels": [-100] * len(prompt) + codes}
+        return self.template.encode(self.tokenizer, self.codebook, history[-self.max_history:], target)
 
     def __call__(self, sample: dict) -> dict:
-        history = sample["history"][-self.max_history:]
-        return self.template.encode(self.tokenizer, self.codebook, history, sample["target"])
+        if "items" in sample:  # a chunk of the sequence objective
+            return self.template.encode_sequence(self.tokenizer, self.codebook, sample["items"], sample["first_target"])
+        return self.target(sample["history"], sample["target"])
 
     @property
     def response_len(self) -> int:
-        return self.codebook.levels + 1  # the code tokens and EOS
+        """Labelled tokens per target: the code tokens, and EOS in the response objective."""
+        return self.codebook.levels + (1 if self.objective == "response" else 0)
 
 
 def load_vocab(cfg, run, data_root: str, strategy) -> tuple:

@@ -5,6 +5,17 @@ The default is the authors' (hsyoo32/peso, Fine-tuning/prompt.py): an Alpaca-sty
 possible item that the user may expect?", history items joined by ", ", and the response is the
 target's code tokens followed by EOS, directly after "### Response:".
 
+Two objectives share the template (`data.objective` in the trainer's config):
+- response (the paper's): the prompt is the whole template, the target's codes and EOS follow it
+  (`encode_prompt`, `encode`);
+- sequence: the user's items are one list in the template's history slot, and the model learns
+  to continue it. The prompt for a target is the template's text up to the history slot, then
+  the history items each followed by the separator (`encode_list_prompt`), and the target's codes
+  come next, without EOS (the list goes on). One pass over a chunk of a user's items
+  (`encode_sequence`) trains every target inside it: target k sees exactly the tokens that
+  `encode_list_prompt` gives for the items before it, so the per-target prompt of validation and
+  test is the chunk's own prefix.
+
 Encoding is done per training sample, so `encode` does not re-tokenize the rendered string: the
 template's fixed text pieces are tokenized once per tokenizer and the items' code-token ids are
 spliced in between. That equals tokenizing the rendered text (tests check it) because code
@@ -26,6 +37,12 @@ DEFAULT_TEMPLATE = (
     "\n\n### Instruction:\nThe user has interacted with items {history} in chronological order. "
     "Can you predict the next possible item that the user may expect?\n\n### Response:"
 )
+
+# For models built from a shape (random weights): the items alone. English words teach a
+# from-scratch model nothing and cost tokens; the code tokens are distinct per level, so items
+# need no separator either.
+COMPACT_TEMPLATE = "{history}"
+COMPACT_SEPARATOR = ""
 
 Codes = ItemCodebook | Mapping[int, Sequence[str]]
 
@@ -68,8 +85,10 @@ class PromptTemplate:
         """What to train a tokenizer on (`train_sentencepiece_tokenizer`): the template's fixed
         text (separator included) once per item text, then the item texts. The repetition gives
         the template the weight it has in training data, where every sample contains it, so its
-        words become whole tokens and prompts stay short."""
+        words become whole tokens and prompts stay short. Empty for a template without words."""
         fixed = self.text.replace("{history}", self.separator)
+        if not fixed.strip():
+            return []  # a template of items alone (the compact one) reads no words at all
         return [fixed] * max(1, len(item_texts)) + list(item_texts)
 
     def render_prompt(self, history: Sequence[int], codes: Codes) -> str:
@@ -120,5 +139,35 @@ class PromptTemplate:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"{type(tokenizer).__name__} has no EOS token; the response must end with one")
         prompt = self.encode_prompt(tokenizer, codebook, history)
+        if not prompt:
+            raise ValueError("an empty prompt leaves nothing to predict the first code from: use a tokenizer with a BOS "
+                             "token or a template with text before {history}")
         response = codebook.item_token_ids(target) + [tokenizer.eos_token_id]
         return {"input_ids": prompt + response, "labels": [-100] * len(prompt) + response}
+
+    def encode_list_prompt(self, tokenizer, codebook: ItemCodebook, history: Sequence[int]) -> list[int]:
+        """The sequence objective's prompt: the template up to its history slot, then every
+        history item followed by the separator; the next item's codes continue it."""
+        p = self._pieces(tokenizer, codebook)
+        out = list(p.head)
+        for item in history:
+            out += codebook.item_token_ids(item) + p.separator
+        return out
+
+    def encode_sequence(self, tokenizer, codebook: ItemCodebook, items: Sequence[int], first_target: int) -> dict[str, list[int]]:
+        """A chunk of a user's items as one list; the code tokens of items[first_target:] are
+        labels (each is a training target whose history is the items before it in the chunk),
+        the others only context."""
+        p = self._pieces(tokenizer, codebook)
+        if not p.head:
+            raise ValueError("an empty prompt leaves nothing to predict the first code from: use a tokenizer with a BOS "
+                             "token or a template with text before {history}")
+        ids, labels = list(p.head), [-100] * len(p.head)
+        for k, item in enumerate(items):
+            if k:
+                ids += p.separator
+                labels += [-100] * len(p.separator)
+            codes = codebook.item_token_ids(item)
+            ids += codes
+            labels += codes if k >= first_target else [-100] * len(codes)
+        return {"input_ids": ids, "labels": labels}

@@ -87,6 +87,10 @@ def cds_data(tmp_path_factory, cds_blocks) -> str:
     return out
 
 
+# The paper's objective and prompt (one sample per target, the instruction template), over a
+# config of the sequence objective such as configs/tiny.yaml.
+RESPONSE = ["data.objective=response", "data.template=null", "data.separator=', '"]
+
 # Small, quick settings for the tiny model on the CDs blocks (overrides of configs/tiny.yaml).
 QUICK = ["data.micro_batch_size=4", "schedule.global_batch_size=8", "logging.every_steps=1", "logging.progress=false",
          "eval.every_period=false", "data.eval_batch_size=64"]

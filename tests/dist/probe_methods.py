@@ -3,11 +3,14 @@ or as a single plain process (the reference). Computes, with the project's own c
 
 - peso / l2: the proximal term and the full gradient it puts on every LoRA parameter (the loss is
   0 x logits + term, so the gradient is the term's alone);
-- cumulative: the logits of a model whose earlier adapters are frozen and summed in.
+- cumulative: the logits of a model whose earlier adapters are frozen and summed in;
+- sequence: the training loss of the sequence objective (chunks of different lengths on each
+  rank, so each rank's output layer runs on another number of positions) plus the peso term,
+  and the gradient of every trainable parameter (LoRA factors and the new-token rows).
 
 and saves them (rank 0) to OUT for the test to compare.
 
-    python probe_methods.py {zero3|plain} {kl|l2|cumulative} OUT
+    python probe_methods.py {zero3|plain} {kl|l2|cumulative|sequence} OUT
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, REPO)
 
 from train.config import load_config  # noqa: E402
+from train.data import collate  # noqa: E402
+from train.loss import lm_loss  # noqa: E402
 from train.model import apply_lora  # noqa: E402
 from train.regularizers import ProximalTerm, attach_frozen_adapters, lora_layers  # noqa: E402
 
@@ -61,6 +66,26 @@ def anchor_of(model) -> dict:
     return out
 
 
+def sequence_batch(half: int) -> dict:
+    """One rank's micro-batch of the sequence objective: chunks of items (4 code tokens each)
+    after a BOS, the codes of the items from `first` on labelled."""
+    g = torch.Generator().manual_seed(10 + half)
+    examples = []
+    for n_items, first in ((5, 2), (3, 0)) if half == 0 else ((7, 1), (2, 0), (4, 3)):
+        ids, labels = [1], [-100]
+        for k in range(n_items):
+            codes = torch.randint(200, 232, (4,), generator=g).tolist()
+            ids += codes
+            labels += codes if k >= first else [-100] * 4
+        examples.append({"input_ids": ids, "labels": labels})
+    return collate(examples, pad_id=0)
+
+
+def mean_ce(model, batch: dict) -> torch.Tensor:
+    total, count = lm_loss(model, batch, temperature=0.8)
+    return total / count
+
+
 def frozen_adapters(tmp: str, model) -> list[str]:
     """Two earlier adapters on disk (random factors), in peft's key names."""
     dirs = []
@@ -91,6 +116,17 @@ def main():
             with torch.no_grad():
                 logits = model(input_ids=torch.cat([ids, ids + 1])).logits
             save_file({"logits": logits.contiguous()}, out)
+            return
+        if kind == "sequence":
+            # The two ranks' micro-batches, each normalized by its own labelled tokens, averaged
+            # (as DeepSpeed averages the ranks' gradients); the term is counted once.
+            prox = ProximalTerm(model, anchor_of(model), "kl", "sum")
+            with prox.collect():
+                first = mean_ce(model, sequence_batch(0))
+            term = prox.term()
+            ((first + mean_ce(model, sequence_batch(1))) / 2 + term).backward()
+            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            save_file({"term": term.detach().reshape(1), **grads}, out)
             return
         prox = ProximalTerm(model, anchor_of(model), kind, "sum")
         with prox.collect():
@@ -131,6 +167,19 @@ def main():
             save_file({"logits": torch.cat(both).contiguous()}, out)
         strategy.close()
         return
+    from deepspeed.utils import safe_get_full_grad
+
+    if kind == "sequence":
+        prox = ProximalTerm(engine.module, anchor, "kl", "sum")
+        with prox.collect():
+            ce = mean_ce(engine, sequence_batch(strategy.rank))
+        term = prox.term()
+        engine.backward(ce + term)
+        grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
+        if strategy.is_rank0:
+            save_file({"term": term.detach().reshape(1), **grads}, out)
+        strategy.close()
+        return
     prox = ProximalTerm(engine.module, anchor, kind, "sum")
     with prox.collect():
         logits = engine(input_ids=ids).logits  # the same batch on both ranks: averaged gradients equal one process's
@@ -139,8 +188,6 @@ def main():
     # reaches each LoRA weight together with the backward through its module, which is when
     # ZeRO-3 has that weight whole again.
     engine.backward(0.0 * logits.sum() + term)
-    from deepspeed.utils import safe_get_full_grad
-
     grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters() if "lora_" in n and p.requires_grad}
     if strategy.is_rank0:
         save_file({"term": term.detach().reshape(1), **grads}, out)

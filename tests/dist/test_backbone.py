@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.dist.conftest import REPO, train
+from tests.dist.conftest import REPO, RESPONSE, train
 
 CONFIG = os.path.join(REPO, "configs", "tiny.yaml")
 
@@ -41,7 +41,7 @@ def test_local_backbone_resized_and_lora_trained_under_zero3(backbone, ml_indexe
 
     run = str(tmp_path / "run")
     train(2, ["--ds_config", ds_configs[3], "--config", CONFIG, "--data", ml_indexed, "--run_dir", run,
-              f"model.path={backbone}", "model.shape=null", "model.period0=lora", "schedule.max_steps=4",
+              f"model.path={backbone}", "model.shape=null", "model.period0=lora", "schedule.max_steps=4", *RESPONSE,
               "data.micro_batch_size=4", "schedule.global_batch_size=8", "eval.max_users=16", "logging.progress=false"])
     tok = AutoTokenizer.from_pretrained(os.path.join(run, "tokenizer"))
     original = AutoTokenizer.from_pretrained(backbone)
@@ -51,6 +51,12 @@ def test_local_backbone_resized_and_lora_trained_under_zero3(backbone, ml_indexe
     assert len(delta) == 1 and state[delta[0]].shape == (4 * 256, 64)  # tied: one shared set of rows
     assert all(t.numel() > 0 for t in state.values())
     base = AutoModelForCausalLM.from_pretrained(backbone)
+    # The new rows started random at the embedding's scale, N(0, std of the old rows), not all at
+    # their mean (4 steps at lr 3e-3 move a row by about 0.01 at most; mean-initialized rows would
+    # spread by that much only).
+    old = base.get_input_embeddings().weight.detach()
+    rows = state[delta[0]]
+    assert 0.6 < float(rows.std(0).mean() / old.std(0).mean()) < 1.6
     base.resize_token_embeddings(len(tok))
     model = PeftModel.from_pretrained(base, os.path.join(run, "periods", "0", "adapter"))
     live = {n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n or "trainable_tokens" in n}

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.dist.conftest import QUICK, REPO, env, kill_all_with, train, train_command
+from tests.dist.conftest import QUICK, REPO, RESPONSE, env, kill_all_with, train, train_command
 
 CONFIG = os.path.join(REPO, "configs", "tiny.yaml")
 
@@ -27,7 +27,8 @@ def scalars(run: str, tag: str) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def zero_runs(tmp_path_factory, cds_data, ds_configs):
-    """Period 0 (full training of the tiny model) on 2 ranks, under ZeRO-2 and under ZeRO-3.
+    """Period 0 (full training of the tiny model, the paper's response objective) on 2 ranks,
+    under ZeRO-2 and under ZeRO-3.
 
     ZeRO-3 computes linear layers with DeepSpeed's own autograd function (another summation
     order), and Adam's normalization magnifies such last-bit differences in small gradients, so
@@ -37,7 +38,7 @@ def zero_runs(tmp_path_factory, cds_data, ds_configs):
     for stage in (2, 3):
         run = str(tmp_path_factory.mktemp(f"z{stage}") / "run")
         train(2, ["--ds_config", ds_configs[stage], "--config", CONFIG, "--data", cds_data, "--run_dir", run,
-                  "schedule.max_steps=12", "checkpoint.every_steps=6", "optim.lr=3e-4", *QUICK])
+                  "schedule.max_steps=12", "checkpoint.every_steps=6", "optim.lr=3e-4", *QUICK, *RESPONSE])
         runs[stage] = run
     return runs
 
@@ -87,14 +88,15 @@ def test_full_model_export_equals_live_weights(zero_runs):
 @pytest.fixture(scope="module")
 def lora_period(tmp_path_factory, cds_data, ds_configs, zero_runs):
     """Periods 1 (the first LoRA) and 2 (PESO, pulled toward period 1's adapter) after the ZeRO-3
-    period 0, on 2 ranks under ZeRO-3, each evaluated on the first 40 test users of every window."""
+    period 0, on 2 ranks under ZeRO-3, each evaluated on 40 sampled test users of every window."""
     import shutil
 
     run = str(tmp_path_factory.mktemp("lora") / "run")
     shutil.copytree(zero_runs[3], run)
     for _ in range(2):
         train(2, ["--ds_config", ds_configs[3], "--config", CONFIG, "--data", cds_data, "--run_dir", run,
-                  "schedule.max_steps=4", *QUICK, "eval.every_period=true", "eval.max_users=40", "data.eval_batch_size=16"])
+                  "schedule.max_steps=4", *QUICK, *RESPONSE, "eval.every_period=true", "eval.max_users=40",
+                  "data.eval_batch_size=16"])
     return run
 
 
@@ -104,10 +106,14 @@ def test_peso_period_and_evaluation_under_zero3(lora_period):
     with open(os.path.join(lora_period, "periods", "2", "metrics.json")) as f:
         m = json.load(f)
     assert sorted(m["windows"]) == ["0", "1", "2"]  # row 2 of R: windows 0..2
-    for w in m["windows"].values():
+    for j, w in m["windows"].items():
         assert w["users"] == 40 and w["invalid_outputs"] == 0
         assert sum(g["users"] for g in w["groups"].values()) == 40
         assert 0 <= w["overall"]["hit@5"] <= w["overall"]["hit@10"] <= w["overall"]["hit@20"] <= 1
+        # the popularity reference, on the same users and groups
+        assert w["users_in_window"] == {"0": 8494, "1": 1013, "2": 866}[j]
+        assert {g: v["users"] for g, v in w["popularity"]["groups"].items()} == {g: v["users"] for g, v in w["groups"].items()}
+        assert 0 <= w["popularity"]["overall"]["hit@5"] <= w["popularity"]["overall"]["hit@20"] <= 1
 
 
 def test_adapter_export_reloads_with_peft_on_a_plain_cpu_model(lora_period):
@@ -138,7 +144,7 @@ def test_next_period_on_one_rank_starts_from_a_two_rank_export(lora_period, cds_
     run = str(tmp_path / "run")
     shutil.copytree(lora_period, run)
     train(1, ["--ds_config", ds_configs[3], "--config", CONFIG, "--data", cds_data, "--run", run,
-              "schedule.max_steps=2", "optim.lr=0", "method.name=single", *QUICK])
+              "schedule.max_steps=2", "optim.lr=0", "method.name=single", *QUICK, *RESPONSE])
     before = load_file(os.path.join(run, "periods", "2", "adapter", "adapter_model.safetensors"))
     after = load_file(os.path.join(run, "periods", "3", "adapter", "adapter_model.safetensors"))
     assert before.keys() == after.keys()
@@ -148,15 +154,18 @@ def test_next_period_on_one_rank_starts_from_a_two_rank_export(lora_period, cds_
         assert json.load(f)["done"] == [0, 1, 2, 3]
 
 
-def _resume_args(ds, data, run):
+def _resume_args(ds, data, run, objective):
     return ["--ds_config", ds, "--config", CONFIG, "--data", data, "--run_dir", run, "model.period0=lora",
-            "schedule.max_steps=10", "checkpoint.every_steps=2", "checkpoint.keep=2", *QUICK]
+            "schedule.max_steps=10", "checkpoint.every_steps=2", "checkpoint.keep=2", *QUICK,
+            *(RESPONSE if objective == "response" else [])]
 
 
-def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, cds_data, ds_configs):
+@pytest.mark.parametrize("objective", ["sequence", "response"])
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, small_dataset, ds_configs, objective):
+    """10 steps: the sequence objective's epoch (60 chunks) ends inside them, the response one's does not."""
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    train(2, _resume_args(ds_configs[3], cds_data, straight))
-    proc = subprocess.Popen(train_command(2, _resume_args(ds_configs[3], cds_data, killed)), env=env(), cwd=REPO,
+    train(2, _resume_args(ds_configs[3], small_dataset, straight, objective))
+    proc = subprocess.Popen(train_command(2, _resume_args(ds_configs[3], small_dataset, killed, objective)), env=env(), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     complete = os.path.join(killed, "periods", "0", "ds_ckpt", "COMPLETE.json")
     deadline = time.time() + 240
@@ -173,8 +182,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, cds_data, 
     finally:
         proc.wait()
     assert not os.path.exists(os.path.join(killed, "periods", "0", "train_summary.json"))
-    resumed = train(2, _resume_args(ds_configs[3], cds_data, killed))
-    step = int(re.search(r"resumed period 0 at epoch 0, micro-batch \d+, step (\d+)", resumed.stdout).group(1))
+    resumed = train(2, _resume_args(ds_configs[3], small_dataset, killed, objective))
+    step = int(re.search(r"resumed period 0 at epoch \d+, micro-batch \d+, step (\d+)", resumed.stdout).group(1))
     assert 4 <= step < 10  # it really resumed mid-epoch, with steps left to train
     a = load_file(os.path.join(straight, "periods", "0", "adapter", "adapter_model.safetensors"))
     b = load_file(os.path.join(killed, "periods", "0", "adapter", "adapter_model.safetensors"))
@@ -186,6 +195,10 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, cds_data, 
             summaries.append(json.load(f))
     assert summaries[0]["samples_seen"] == summaries[1]["samples_seen"] == 10 * 8
     assert summaries[0]["steps"] == summaries[1]["steps"] == 10
+    # Throughput and the validation loss are reported in both objectives.
+    assert all(v > 0 for v in scalars(straight, "perf/target_tokens_per_s_per_rank").values())
+    assert all(v > 0 for v in scalars(straight, "perf/tflops_per_rank").values())
+    assert 0 < scalars(straight, "val/loss")[10] < 10
 
 
 @pytest.mark.slow  # compiles DeepSpeed's CPU Adam on first use (about a minute)
@@ -200,3 +213,20 @@ def test_zero3_offload_config_trains(tmp_path, cds_data):
     assert ds["optimizer"]["params"]["lr"] == 3e-3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     state = load_file(os.path.join(run, "periods", "0", "adapter", "adapter_model.safetensors"))
     assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)  # the optimizer stepped
+
+
+def test_patience_ends_a_period_and_period0_has_its_own_epoch_cap(tmp_path, small_dataset, ds_configs):
+    """With nothing to learn (lr 0) the validation loss never improves: period 0 stops after
+    `patience` epochs past its best (epoch 0), below its cap; period 1 trains its own epochs."""
+    run = str(tmp_path / "run")
+    common = ["--ds_config", ds_configs[2], "--config", CONFIG, "--data", small_dataset, "--run", run, "optim.lr=0",
+              "schedule.period0_epochs=8", "schedule.patience=2", "schedule.epochs=1", *QUICK]
+    train(1, common)
+    with open(os.path.join(run, "periods", "0", "train_summary.json")) as f:
+        summary = json.load(f)
+    assert summary["epochs_trained"] == 3 and summary["stopped_early"] and summary["best_epoch"] == 0
+    assert len(set(summary["val_losses"])) == 1
+    train(1, common)
+    with open(os.path.join(run, "periods", "1", "train_summary.json")) as f:
+        summary = json.load(f)
+    assert summary["epochs_trained"] == 1 and not summary["stopped_early"]

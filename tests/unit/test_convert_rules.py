@@ -141,3 +141,22 @@ def test_two_ranks_two_workers_read_every_sample_once(tmp_path, shard_size):
         assert total > 20
         assert len(keys) == len(set(keys)) == total
         assert abs(per_rank[0] - per_rank[1]) <= 1
+
+
+def test_reading_a_whole_split_at_once_gives_the_stream_readers_samples(tmp_path):
+    import tarfile
+
+    from data_tools.reader import read_split
+
+    out = str(tmp_path / "out")
+    m = convert(_options(_csv(tmp_path / "r.csv", _stream()), out, shard_size=50))
+    for t in range(len(m["windows"])):
+        for split in ("train", "valid", "test"):
+            streamed = [{k: v for k, v in s.items() if k != "__key__"} for s in window_split(out, t, split)]
+            assert read_split(out, t, split) == streamed
+    # A shard that another tool wrote (here with a directory member) is refused, not half read.
+    shard = os.path.join(out, "windows", "01", m["windows"][1]["shards"]["test"][0]["name"])
+    with tarfile.open(shard, "w") as tf:
+        tf.add(str(tmp_path), arcname="folder", recursive=False)
+    with pytest.raises(ValueError, match="not a sample"):
+        read_split(out, 1, "test")

@@ -103,3 +103,24 @@ def test_every_output_is_in_the_catalog_and_dead_beams_are_guarded(vocab):
         assert set(finite) <= catalog and len(finite) == len(set(finite))
         assert 0 < len(finite) <= 24
         assert list(scores[i, : len(finite)]) == sorted(scores[i, : len(finite)].tolist(), reverse=True)
+
+
+def test_max_users_is_a_seeded_sample_not_the_first_users(ml_dataset):
+    """The newest users come last in a window's test split; a first-N cut would drop them."""
+    from collections import Counter
+
+    from data_tools.dataset import load_manifest
+    from data_tools.reader import window_split
+    from train.evaluate import test_users
+
+    manifest = load_manifest(ml_dataset)
+    everyone = list(window_split(ml_dataset, 1, "test"))
+    sample = test_users(ml_dataset, manifest, 1, 40, seed=0)
+    users = [s["user"] for s in sample]
+    assert users == [s["user"] for s in test_users(ml_dataset, manifest, 1, 40, seed=0)] and len(set(users)) == 40
+    assert set(users) != {s["user"] for s in everyone[:40]}
+    assert set(users) != {s["user"] for s in test_users(ml_dataset, manifest, 1, 40, seed=1)}
+    assert set(users) <= {s["user"] for s in everyone}
+    # Drawn from the whole window: new users are in it.
+    assert Counter(s["group"] for s in sample)["new"] > 0
+    assert len(test_users(ml_dataset, manifest, 1, None, seed=0)) == len(everyone)

@@ -12,10 +12,14 @@ from launcher.report import load_run, markdown, plot, summarize
 GROUPS = ("new", "dormant", "continuing")
 
 
+def _vals(ndcg: float) -> dict:
+    return {"hit@5": ndcg * 2, "hit@10": ndcg * 3, "ndcg@5": ndcg / 2, "ndcg@10": ndcg}
+
+
 def _window(ndcg: float, users: int = 10) -> dict:
-    vals = {"hit@5": ndcg * 2, "hit@10": ndcg * 3, "ndcg@5": ndcg / 2, "ndcg@10": ndcg}
-    return {"users": users, "invalid_outputs": 0, "overall": dict(vals, test_loss=1 - ndcg),
-            "groups": {g: {"users": users // 3 if g != "dormant" else 0, **vals} for g in GROUPS}}
+    groups = {g: {"users": users // 3 if g != "dormant" else 0, **_vals(ndcg)} for g in GROUPS}
+    return {"users": users, "invalid_outputs": 0, "overall": dict(_vals(ndcg), test_loss=1 - ndcg), "groups": groups,
+            "popularity": {"overall": _vals(ndcg / 10), "groups": {g: dict(v, **_vals(ndcg / 10)) for g, v in groups.items()}}}
 
 
 @pytest.fixture
@@ -37,11 +41,15 @@ def test_summary_by_hand(run):
     assert s["forgetting"] == pytest.approx(((0.10 - 0.09) + (0.20 - 0.15)) / 2)  # best earlier minus last
     assert s["groups"]["dormant"]["ndcg@10"] is None  # no dormant user anywhere
     assert s["groups"]["new"]["ndcg@10"] == pytest.approx(0.25)
+    # the popularity reference of the same windows, averaged the same way
+    assert s["popularity"]["ndcg@10"] == pytest.approx((0.020 + 0.030) / 2)
+    assert s["popularity_groups"]["new"]["ndcg@10"] == pytest.approx(0.025)
 
 
 def test_markdown_and_plot(run, tmp_path):
     text = markdown({"peso-run": load_run(run)})
     assert "| peso-run | peso | 0.5000 | 0.7500 | 0.1250 | 0.2500 |" in text
+    assert "| most popular items of each window | reference | 0.0500 | 0.0750 | 0.0125 | 0.0250 |" in text
     assert "| 2 | 0.0900 | 0.1500 | 0.3000 |" in text
     assert "test_loss" not in text and "| 1 | 0.9200 | 0.8000 | - |" in markdown({"r": load_run(run)}, "test_loss")
     png = str(tmp_path / "plot.png")

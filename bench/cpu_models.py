@@ -1,0 +1,183 @@
+"""Which from-scratch model learns to recommend on a CPU: shapes and objectives at equal time.
+
+    python bench/cpu_models.py [--minutes 12] [--data DIR] [--window 0]
+
+Each variant trains a random-weight Llama on one window of the CDs blocks (or --data) for the
+same wall-clock budget on one core (two variants at a time, one per core), keeps the epoch with
+the best validation loss, and scores it like the evaluation does (trie-constrained beam search,
+--beams) on the window's test users (all, or a seeded sample of --users), beside the window's 10
+most popular items on the same users. A plain PyTorch loop on the items' code tokens alone (no tokenizer, no DeepSpeed):
+it measures how fast each variant learns, not the framework. Prints one JSON line.
+
+The variants (VARIANTS): the `tiny` shape (hidden 64, 2 layers) untied and tied, with more
+regularization, and with the response objective (one sample per target) instead of the sequence
+objective; the `mini` shape (hidden 128) at two learning rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+CDS = os.path.join(os.path.dirname(REPO), "shared", "data", "amazon-cds-blocks")
+VARIANTS = {  # a shape of train/shapes.py, its embeddings tied or not, the optimizer, the objective
+    "tiny (sequence)": dict(shape="tiny", lr=3e-3),
+    "tiny, tied embeddings (sequence)": dict(shape="tiny", tied=True, lr=3e-3),
+    "tiny, weight decay 0.1, attention dropout 0.1 (sequence)": dict(shape="tiny", lr=3e-3, weight_decay=0.1, dropout=0.1),
+    "tiny (response: one sample per target)": dict(shape="tiny", lr=3e-3, objective="response"),
+    "mini, lr 1e-3, weight decay 0.1 (sequence)": dict(shape="mini", lr=1e-3, weight_decay=0.1),
+    "mini, lr 2e-3, weight decay 0.1 (sequence)": dict(shape="mini", lr=2e-3, weight_decay=0.1),
+}
+PAD, BOS, EOS, FIRST_CODE = 0, 1, 2, 3
+
+
+def run_variant(name: str, spec: dict, data: str, window: int, minutes: float, users: int | None = None, beams: int = 10) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from data_tools.index.codes import load_item_index
+    from data_tools.index.trie import CodeTrie
+    from data_tools.reader import window_split
+    from data_tools.sequences import window_chunks
+    from train.evaluate import constrained_beam_search, rank_metrics
+    from train.shapes import SHAPES
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    index = load_item_index(data)
+    levels, per_level = index["levels"], index["codes_per_level"]
+    codes = {int(k): [FIRST_CODE + lv * per_level + int(t.split("_")[1].rstrip(">")) for lv, t in enumerate(v)]
+             for k, v in index["items"].items()}
+    objective = spec.get("objective", "sequence")
+
+    def prompt(history):
+        return [BOS] + [t for item in history[-20:] for t in codes[item]]
+
+    def one_target(history, target):
+        p = prompt(history) + ([] if objective == "sequence" else [EOS])
+        tail = codes[target] + ([] if objective == "sequence" else [EOS])
+        return p + tail, [-100] * len(p) + tail
+
+    def chunk(c):
+        ids, labels = [BOS], [-100]
+        for k, item in enumerate(c["items"]):
+            ids += codes[item]
+            labels += codes[item] if k >= c["first_target"] else [-100] * levels
+        return ids, labels
+
+    def batch(examples):
+        width = max(len(x) for x, _ in examples)
+        ids = torch.full((len(examples), width), PAD)
+        labels = torch.full((len(examples), width), -100)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, (x, y) in enumerate(examples):
+            ids[i, width - len(x):], labels[i, width - len(y):], mask[i, width - len(x):] = torch.tensor(x), torch.tensor(y), 1
+        return ids, labels, mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+    train = list(window_split(data, window, "train"))
+    examples = [chunk(c) for c in window_chunks(train, 20)] if objective == "sequence" else \
+        [one_target(s["history"], s["target"]) for s in train]
+    valid = [one_target(s["history"], s["target"]) for s in window_split(data, window, "valid")][:2000]
+    tests = list(window_split(data, window, "test"))
+    users = random.Random(0).sample(tests, users) if users and users < len(tests) else tests
+    shape = {k: v for k, v in SHAPES[spec["shape"]].items() if k != "min_vocab"}
+    shape["tie_word_embeddings"] = spec.get("tied", shape["tie_word_embeddings"])
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=FIRST_CODE + levels * per_level, attention_dropout=spec.get("dropout", 0.0),
+                                         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, **shape))
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=spec.get("weight_decay", 0.01))
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+
+    def loss_of(ids, labels, mask, pos):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100,
+                               reduction="sum"), (labels[:, 1:] != -100).sum()
+
+    t0, epoch, best, best_state, targets = time.time(), 0, math.inf, None, 0
+    while time.time() - t0 < minutes * 60:
+        model.train()
+        order = list(range(len(examples)))
+        random.Random(epoch).shuffle(order)
+        for k in range(0, len(order), 32):
+            total, count = loss_of(*batch([examples[j] for j in order[k:k + 32]]))
+            opt.zero_grad()
+            (total / count).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            warmup.step()
+            targets += int(count) // levels
+            if time.time() - t0 > minutes * 60:
+                break
+        model.eval()
+        with torch.no_grad():
+            sums = [loss_of(*batch(valid[k:k + 256])) for k in range(0, len(valid), 256)]
+        # per code token (EOS excluded), so both objectives compare
+        val = sum(float(s) for s, _ in sums) / sum(int(n) for _, n in sums) * (levels + (objective == "response")) / levels
+        if val < best:
+            best, best_state = val, {k: v.clone() for k, v in model.state_dict().items()}
+        epoch += 1
+    model.load_state_dict(best_state)
+    model.eval()
+
+    def forward(ids, mask, position, cache):
+        return model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True,
+                     logits_to_keep=1).logits[:, -1]
+
+    trie = CodeTrie(codes.values())
+    ranks = []
+    with torch.no_grad():
+        for k in range(0, len(users), 64):
+            part = users[k:k + 64]
+            prompts = [prompt(s["history"]) + ([] if objective == "sequence" else [EOS]) for s in part]
+            seqs, _ = constrained_beam_search(forward, prompts, trie, levels, beams, PAD, "cpu")
+            for i, s in enumerate(part):
+                found = [j for j in range(beams) if seqs[i, j].tolist() == codes[s["target"]]]
+                ranks.append(found[0] if found else None)
+    counts: dict = {}
+    for s in train:
+        counts[tuple(codes[s["target"]])] = counts.get(tuple(codes[s["target"]]), 0) + 1
+    top = [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:10]]
+    popular = [top.index(tuple(codes[s["target"]])) if tuple(codes[s["target"]]) in top else None for s in users]
+    m, p = rank_metrics(ranks, [10]), rank_metrics(popular, [10])
+    return {"variant": name, "parameters": params, "epochs": epoch, "targets_trained": targets, "users": len(users),
+            "best_val_loss_per_code_token": round(best, 4), "ndcg@10": round(m["ndcg@10"], 4), "hit@10": round(m["hit@10"], 4),
+            "popularity_ndcg@10": round(p["ndcg@10"], 4), "popularity_hit@10": round(p["hit@10"], 4)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=12.0, help="training time per variant (one core)")
+    ap.add_argument("--data", help="a dataset folder with an item index (default: the CDs blocks, converted here)")
+    ap.add_argument("--window", type=int, default=0)
+    ap.add_argument("--users", type=int, default=None, help="a seeded sample of the test users (default: all)")
+    ap.add_argument("--beams", type=int, default=10)
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), help="names from VARIANTS (default: all)")
+    ap.add_argument("--work", default="/tmp/peso-cpu-models")
+    a = ap.parse_args()
+    data = a.data
+    if data is None:
+        from data_tools.convert import ConvertOptions, convert
+
+        data = os.path.join(a.work, "cds")
+        convert(ConvertOptions(format="blocks", reviews=CDS, index=os.path.join(CDS, "semantic_ids.json"), out=data, progress=False))
+    with ProcessPoolExecutor(2) as pool:
+        n = len(a.variants)
+        results = list(pool.map(run_variant, a.variants, [VARIANTS[v] for v in a.variants], [data] * n, [a.window] * n,
+                                [a.minutes] * n, [a.users] * n, [a.beams] * n))
+    print(json.dumps({"bench": "cpu_models", "minutes_per_variant": a.minutes, "window": a.window, "beams": a.beams, "results": results,
+                      "machine": f"{platform.machine()} {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""A window's training targets regrouped as one sequence per user, cut into chunks: the unit of the
+`sequence` training objective.
+
+The shards hold one sample per target (`{"user", "history", "target", ...}`, key
+`<user>_<window>_<position>`). A user's training targets in a window are consecutive items of
+their stream, so the sequence is the first target's history (what the user did before the
+window, up to `max_history` items) followed by every target, in stream order.
+
+A chunk holds at most `max_history + 1` items: context, then the targets it trains, each
+target in exactly one chunk, its history being the items before it in the chunk. Chunks are
+cut so that a user whose targets fit after some context gets one chunk with as much context as
+fits; a longer sequence is cut into chunks whose targets see at least `max_history // 2` items
+of history (less only where the user has no more). So every target of the response objective is
+trained once per epoch, from the same kind of history, in one causal pass per chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+def _position(sample: dict) -> int:
+    return int(sample["key"].rsplit("_", 1)[1])
+
+
+def user_sequences(samples: Iterable[dict]) -> list[dict]:
+    """{"user", "context", "targets"} per user, sorted by user id; `samples` are one window's
+    training samples (any order, with their shard `key`)."""
+    by_user: dict[int, list[dict]] = {}
+    for s in samples:
+        by_user.setdefault(s["user"], []).append(s)
+    out = []
+    for user in sorted(by_user):
+        ordered = sorted(by_user[user], key=_position)
+        for prev, cur in zip(ordered, ordered[1:]):
+            if _position(cur) != _position(prev) + 1 or not cur["history"] or cur["history"][-1] != prev["target"]:
+                raise ValueError(f"user {user}'s training targets are not consecutive items of their stream "
+                                 f"(samples {prev['key']} and {cur['key']}); was the dataset made by data_tools convert?")
+        out.append({"user": user, "context": list(ordered[0]["history"]), "targets": [s["target"] for s in ordered]})
+    return out
+
+
+def chunk_sequence(sequence: dict, max_history: int) -> list[dict]:
+    """{"user", "items", "first_target"} chunks of one user's sequence (see the module doc)."""
+    size = max_history + 1
+    least = max_history // 2  # context of a target that opens a later chunk
+    context = sequence["context"][-max_history:] if max_history else []
+    full = context + list(sequence["targets"])
+    first, n = len(context), len(sequence["targets"])
+    chunks, i = [], 0
+    while i < n:
+        p = first + i
+        lo = max(0, p - max(least, size - (n - i)))
+        hi = min(lo + size, len(full))
+        chunks.append({"user": sequence["user"], "items": full[lo:hi], "first_target": p - lo})
+        i = hi - first
+    return chunks
+
+
+def window_chunks(samples: Iterable[dict], max_history: int) -> list[dict]:
+    """Every chunk of a window's training samples, in user order."""
+    return [c for seq in user_sequences(samples) for c in chunk_sequence(seq, max_history)]

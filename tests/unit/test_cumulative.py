@@ -1,0 +1,78 @@
+"""The cumulative baselines: which earlier adapters are frozen into the model, and their forward
+against a sum written out by hand."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from train.config import load_config
+from train.model import apply_lora
+from train.regularizers import attach_frozen_adapters, frozen_adapter_periods, lora_layers
+
+NEW_TOKENS = list(range(100, 116))
+
+
+def test_which_earlier_adapters_each_variant_freezes():
+    full = load_config(None, ["model.shape=tiny", "model.period0=full"])
+    lora = load_config(None, ["model.shape=tiny", "model.period0=lora"])
+    assert frozen_adapter_periods(full, "cumulative", 3) == [2]  # the paper's "latest + inherit"
+    assert frozen_adapter_periods(full, "cumulative", 1) == []  # a full period 0 has no adapter
+    assert frozen_adapter_periods(full, "cumulative_all", 4) == [1, 2, 3]
+    assert frozen_adapter_periods(lora, "cumulative", 1) == [0]
+    assert frozen_adapter_periods(lora, "cumulative_all", 2) == [0, 1]
+    assert frozen_adapter_periods(lora, "peso", 2) == []
+
+
+def _model():
+    cfg = load_config(None, ["model.shape=tiny", "lora.r=4", "lora.dropout=0.0"])
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=116, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    model = apply_lora(base, cfg, NEW_TOKENS, seed=1)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            for m in (layer.lora_A["default"], layer.lora_B["default"]):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def _adapter(folder: str, model, zero_b: bool = False) -> tuple[str, dict]:
+    g = torch.Generator().manual_seed(3)
+    state = {}
+    for name, layer in lora_layers(model).items():
+        a = torch.randn(layer.lora_A["default"].weight.shape, generator=g)
+        b = torch.zeros(layer.lora_B["default"].weight.shape) if zero_b else torch.randn(layer.lora_B["default"].weight.shape, generator=g)
+        state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = a, b
+    os.makedirs(folder, exist_ok=True)
+    save_file(state, os.path.join(folder, "adapter_model.safetensors"))
+    return folder, state
+
+
+def test_frozen_previous_adapter_adds_its_normalized_product(tmp_path):
+    model = _model()
+    folder, state = _adapter(str(tmp_path / "prev"), model)
+    x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(4))
+    layers = lora_layers(model)
+    with torch.no_grad():
+        before = {name: layer(x) for name, layer in layers.items() if name.endswith("q_proj")}
+        attach_frozen_adapters(model, [folder])
+        for name, out in before.items():
+            a, b = state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"]
+            by_hand = out + layers[name].scaling["default"] * (x @ (a / a.norm()).T) @ (b / b.norm()).T
+            assert torch.allclose(layers[name](x), by_hand, atol=1e-5), name
+
+
+def test_a_zero_factor_adds_nothing_and_no_nan(tmp_path):
+    model = _model()
+    folder, _ = _adapter(str(tmp_path / "zero"), model, zero_b=True)  # an adapter that never trained: B = 0
+    ids = torch.randint(0, 116, (2, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        attach_frozen_adapters(model, [folder])
+        after = model(input_ids=ids).logits
+    assert torch.isfinite(after).all() and torch.allclose(before, after, atol=1e-6)
