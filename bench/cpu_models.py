@@ -37,8 +37,23 @@ VARIANTS = {  # a shape of train/shapes.py, its embeddings tied or not, the opti
     "tiny (response: one sample per target)": dict(shape="tiny", lr=3e-3, objective="response"),
     "mini, lr 1e-3, weight decay 0.1 (sequence)": dict(shape="mini", lr=1e-3, weight_decay=0.1),
     "mini, lr 2e-3, weight decay 0.1 (sequence)": dict(shape="mini", lr=2e-3, weight_decay=0.1),
+    "tiny, dropout 0.2 on embeddings, attention and MLP outputs (sequence)": dict(shape="tiny", lr=3e-3, residual_dropout=0.2),
 }
 PAD, BOS, EOS, FIRST_CODE = 0, 1, 2, 3
+
+
+def add_residual_dropout(model, p: float) -> None:
+    import torch.nn.functional as F
+
+    def drop(module, inputs, output):
+        if isinstance(output, tuple):
+            return (F.dropout(output[0], p, module.training), *output[1:])
+        return F.dropout(output, p, module.training)
+
+    model.model.embed_tokens.register_forward_hook(drop)
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_hook(drop)
+        layer.mlp.register_forward_hook(drop)
 
 
 def run_variant(name: str, spec: dict, data: str, window: int, minutes: float, users: int | None = None, beams: int = 10) -> dict:
@@ -95,6 +110,8 @@ def run_variant(name: str, spec: dict, data: str, window: int, minutes: float, u
     shape["tie_word_embeddings"] = spec.get("tied", shape["tie_word_embeddings"])
     model = LlamaForCausalLM(LlamaConfig(vocab_size=FIRST_CODE + levels * per_level, attention_dropout=spec.get("dropout", 0.0),
                                          bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, **shape))
+    if spec.get("residual_dropout"):  # SASRec-style dropout, which Llama lacks: on the embeddings and each block's outputs
+        add_residual_dropout(model, spec["residual_dropout"])
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=spec.get("weight_decay", 0.01))
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))

@@ -5,7 +5,7 @@ training objectives, side by side.
 
 CPU (always): the tiny model trained in full (period 0) on 2 ranks with configs/tiny.yaml
 (objective: sequence), under ZeRO-2 and under ZeRO-3 (its default persistence threshold), and
-under ZeRO-2 with the response objective and the paper's prompt (one sample per target), each for
+under ZeRO-2 with the response objective (one sample per target, same template), each for
 --steps steps of 32 rows, through the real entry point (train/main.py); the figures are
 TensorBoard's, averaged over the log points after the first (start-up excluded). The objectives
 compare by target tokens per second: how many targets' code tokens the model learns from per
@@ -93,7 +93,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cpu = {}
         variants = {2: ("zero2", []), 3: ("zero3", []),
-                    "response": ("zero2", ["data.objective=response", "data.template=null", "data.separator=', '"])}
+                    "response": ("zero2", ["data.objective=response"])}
         for key, (stage, extra) in variants.items():
             s = train(data, os.path.join(REPO, "ds_configs", f"{stage}.json"), os.path.join(tmp, f"run-{key}"), a.nproc,
                       [f"schedule.max_steps={a.steps}", "logging.every_steps=10", "checkpoint.every_steps=100000", *extra])
