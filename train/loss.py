@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from data_tools.index.prompt import IGNORE
 
 
 def lm_loss(engine, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

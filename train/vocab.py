@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from data_tools.dataset import ITEMS
 from data_tools.index.codes import load_item_index
-from data_tools.index.prompt import DEFAULT_TEMPLATE, PromptTemplate
+from data_tools.index.prompt import DEFAULT_TEMPLATE, IGNORE, PromptTemplate
 from data_tools.index.tokenizer import ItemCodebook, add_code_tokens, train_sentencepiece_tokenizer
 
 
@@ -79,7 +79,7 @@ class SampleEncoder:
         if self.objective == "sequence":
             prompt = self.prompt(history)
             codes = self.codebook.item_token_ids(target)
-            return {"input_ids": prompt + codes, "labels": [-100] * len(prompt) + codes}
+            return {"input_ids": prompt + codes, "labels": [IGNORE] * len(prompt) + codes}
         return self.template.encode(self.tokenizer, self.codebook, history[-self.max_history:], target)
 
     def __call__(self, sample: dict) -> dict:

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from data_tools.index.codes import token
 from data_tools.index.tokenizer import ItemCodebook
 
+IGNORE = -100  # the label the loss skips (the default ignore_index of torch's cross_entropy)
+
 DEFAULT_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
     "\n\n### Instruction:\nThe user has interacted with items {history} in chronological order. "
@@ -135,7 +137,7 @@ class PromptTemplate:
 
     def encode(self, tokenizer, codebook: ItemCodebook, history: Sequence[int], target: int) -> dict[str, list[int]]:
         """One training sample: input_ids = prompt + the target's code tokens + EOS; labels are
-        -100 (ignored by the loss) on the prompt and the ids themselves on the response."""
+        IGNORE (-100, skipped by the loss) on the prompt and the ids themselves on the response."""
         if tokenizer.eos_token_id is None:
             raise ValueError(f"{type(tokenizer).__name__} has no EOS token; the response must end with one")
         prompt = self.encode_prompt(tokenizer, codebook, history)
@@ -143,7 +145,7 @@ class PromptTemplate:
             raise ValueError("an empty prompt leaves nothing to predict the first code from: use a tokenizer with a BOS "
                              "token or a template with text before {history}")
         response = codebook.item_token_ids(target) + [tokenizer.eos_token_id]
-        return {"input_ids": prompt + response, "labels": [-100] * len(prompt) + response}
+        return {"input_ids": prompt + response, "labels": [IGNORE] * len(prompt) + response}
 
     def encode_list_prompt(self, tokenizer, codebook: ItemCodebook, history: Sequence[int]) -> list[int]:
         """The sequence objective's prompt: the template up to its history slot, then every
@@ -162,12 +164,12 @@ class PromptTemplate:
         if not p.head:
             raise ValueError("an empty prompt leaves nothing to predict the first code from: use a tokenizer with a BOS "
                              "token or a template with text before {history}")
-        ids, labels = list(p.head), [-100] * len(p.head)
+        ids, labels = list(p.head), [IGNORE] * len(p.head)
         for k, item in enumerate(items):
             if k:
                 ids += p.separator
-                labels += [-100] * len(p.separator)
+                labels += [IGNORE] * len(p.separator)
             codes = codebook.item_token_ids(item)
             ids += codes
-            labels += codes if k >= first_target else [-100] * len(codes)
+            labels += codes if k >= first_target else [IGNORE] * len(codes)
         return {"input_ids": ids, "labels": labels}
