@@ -38,6 +38,9 @@ VARIANTS = {  # a shape of train/shapes.py, its embeddings tied or not, the opti
     "mini, lr 1e-3, weight decay 0.1 (sequence)": dict(shape="mini", lr=1e-3, weight_decay=0.1),
     "mini, lr 2e-3, weight decay 0.1 (sequence)": dict(shape="mini", lr=2e-3, weight_decay=0.1),
     "tiny, dropout 0.2 on embeddings, attention and MLP outputs (sequence)": dict(shape="tiny", lr=3e-3, residual_dropout=0.2),
+    "tiny, cosine to zero over the budget (sequence)": dict(shape="tiny", lr=3e-3, cosine=True),
+    "mini, lr 1e-3, weight decay 0.1, cosine to zero over the budget (sequence)": dict(shape="mini", lr=1e-3, weight_decay=0.1, cosine=True),
+    "mini, lr 2e-3, weight decay 0.1, cosine to zero over the budget (sequence)": dict(shape="mini", lr=2e-3, weight_decay=0.1, cosine=True),
 }
 PAD, BOS, EOS, FIRST_CODE = 0, 1, 2, 3
 
@@ -114,14 +117,20 @@ def run_variant(name: str, spec: dict, data: str, window: int, minutes: float, u
         add_residual_dropout(model, spec["residual_dropout"])
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=spec.get("weight_decay", 0.01))
-    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    t0 = time.time()
+
+    def lr_factor(step: int) -> float:  # warmup; then constant, or (cosine) a cosine to zero over the time budget
+        decay = 0.5 * (1 + math.cos(math.pi * min(1.0, (time.time() - t0) / (minutes * 60)))) if spec.get("cosine") else 1.0
+        return min(1.0, (step + 1) / 50) * decay
+
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 
     def loss_of(ids, labels, mask, pos):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1]
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100,
                                reduction="sum"), (labels[:, 1:] != -100).sum()
 
-    t0, epoch, best, best_state, targets = time.time(), 0, math.inf, None, 0
+    epoch, best, best_state, targets = 0, math.inf, None, 0
     while time.time() - t0 < minutes * 60:
         model.train()
         order = list(range(len(examples)))

@@ -1,4 +1,4 @@
-"""The dataset folder contract (see DESIGN.md, "Dataset folder"): paths, manifest, atomic writes."""
+"""The dataset folder contract (see docs/folders.md, "Dataset folder"): paths, manifest, atomic writes."""
 
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
-"""Command line: `python -m launcher {run,report,demo,slurm-step} ...`.
+"""Command line: `python -m launcher {run,report,demo,recommend,export,slurm-step} ...`.
 
     python -m launcher run --config configs/tiny.yaml --data data/ml --run runs/ml [--nproc 2]
     python -m launcher report runs/ml-peso runs/ml-single [--png report.png]
     python -m launcher demo            (README's first command: MovieLens-100K end to end, CPU)
+    python -m launcher recommend runs/ml --user 196 [--period 4] [--k 10] [--out recs.jsonl]
+    python -m launcher export runs/ml --out export/ml [--merged]
     python -m launcher slurm-step      (inside slurm/continual.sh; settings from PESO_* variables)
 """
 
@@ -39,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--workdir", default=os.path.join(REPO, "demo"), help="where data and runs go (default ./demo)")
     d.add_argument("--nproc", type=int, default=2)
 
+    from launcher.recommend import add_parsers
+
+    add_parsers(sub)
     sub.add_parser("slurm-step", help="inside slurm/continual.sh: train the next period, then chain")
     a = p.parse_args(argv)
 
@@ -67,6 +72,14 @@ def main(argv: list[str] | None = None) -> int:
 
         run_demo(a.workdir, a.nproc)
         return 0
+    if a.command == "recommend":
+        from launcher.recommend import recommend_command
+
+        return recommend_command(a)
+    if a.command == "export":
+        from launcher.recommend import export_command
+
+        return export_command(a)
     if a.command == "slurm-step":
         from launcher.slurm import slurm_step
 

@@ -66,5 +66,24 @@ def run_demo(workdir: str, nproc: int = 2) -> None:
     with open(os.path.join(workdir, "report.md"), "w") as f:
         f.write(text + "\n")
     print("\n" + text)
+    print("\n" + example_recommendations(runs["peso"], data))
     print(f"\nplot: {png}\nTensorBoard: tensorboard --logdir {os.path.join(workdir, 'runs')}\n"
           f"demo finished in {(time.time() - t0) / 60:.1f} min")
+
+
+def example_recommendations(run: str, data: str, k: int = 5) -> str:
+    """What the trained recommender says for one user of the last window, beside what they did
+    next: the same as `python -m launcher recommend RUN --history ...` (README, section 7)."""
+    from data_tools.dataset import load_manifest
+    from train.evaluate import test_users
+    from train.recommender import Recommender
+
+    rec = Recommender.from_run(run, device="cpu")
+    user = test_users(data, load_manifest(data), rec.period, 1, seed=0)[0]
+    (ranked,) = rec.top_items([user["history"]], k)
+    title = rec.catalog.title_of
+    lines = [f"peso after period {rec.period}, for a test user of window {rec.period} who last rated:"]
+    lines += [f"    {title[i]}" for i in user["history"][-3:]]
+    lines += [f"  top {k} (log-probability):"] + [f"  {n}. {title[i]} ({s:.2f})" for n, (i, s) in enumerate(ranked, 1)]
+    lines.append(f"  what they rated next: {title[user['target']]}")
+    return "\n".join(lines)

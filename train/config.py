@@ -29,7 +29,7 @@ class ModelConfig:
     shape: str | None = None  # ... or a named shape with random weights: tiny, small, 1b, 8b (train/shapes.py)
     dtype: str = "auto"  # auto = bf16 on a GPU that has it, fp32 on the CPU
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
-    gradient_checkpointing: bool = False  # always non-reentrant (see notes/zero3-lora-probes.md)
+    gradient_checkpointing: bool = False  # always non-reentrant (see docs/zero3.md)
     period0: str = "lora"  # lora | full: a random-weight backbone must first learn the task in full
     seed: int = 0  # initial weights of a shape, LoRA init
 
@@ -187,7 +187,6 @@ def _parse_override(text: str) -> tuple[list[str], object]:
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
-    cfg = Config()
     data = {}
     if path:
         try:
@@ -207,6 +206,12 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         if not isinstance(data[keys[0]], dict):
             raise ConfigError(f"section {keys[0]} must be a mapping")
         data[keys[0]][keys[1]] = value
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict) -> Config:
+    """A checked Config from sections of values (a YAML file's, or a run's saved `to_dict()`)."""
+    cfg = Config()
     sections = typing.get_type_hints(Config)
     for name, values in data.items():
         if name not in sections:

@@ -16,6 +16,7 @@ same number of steps: ranks pad with masked copies that count for nothing.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections import Counter
@@ -23,7 +24,7 @@ from collections import Counter
 import torch
 from transformers import DynamicCache
 
-from data_tools.dataset import atomic_write_json
+from data_tools.dataset import atomic_write_bytes, atomic_write_json
 from data_tools.reader import read_split, split_size
 from data_tools.windows import GROUPS
 from train.data import collate
@@ -125,7 +126,7 @@ def evaluate_window(cfg, strategy, engine, encoder, manifest, window: int) -> di
                      use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
-    ranks, popularity_ranks, groups, invalid = [], [], [], 0
+    ranks, popularity_ranks, groups, invalid, lists = [], [], [], 0, []
     loss_sum = loss_count = 0.0
     engine.eval()
     dummy = encoder.prompt([0])
@@ -148,24 +149,29 @@ def evaluate_window(cfg, strategy, engine, encoder, manifest, window: int) -> di
         for i, s in enumerate(chunk):
             target = tuple(codebook.item_token_ids(s["target"]))
             rank = None
-            valid = 0
+            items, item_scores = [], []
             for j in range(beams):
                 if scores[i, j] == NEG:
                     continue
                 code = tuple(seqs[i, j].tolist())
-                if codebook.item_of(code) is None:
+                item = codebook.item_of(code)
+                if item is None:
                     invalid += 1
                     continue
                 if code == target and rank is None:
-                    rank = valid
-                valid += 1
+                    rank = len(items)
+                items.append(item)
+                item_scores.append(round(float(scores[i, j]), 6))
             ranks.append(rank)
+            lists.append({"user": s["user"], "group": s["group"], "target": s["target"], "rank": rank,
+                          "items": items, "scores": item_scores})
             popularity_ranks.append(popular.index(target) if target in popular else None)
             groups.append(s["group"])
     engine.train()
     out = _combine(strategy, ranks, groups, invalid, cfg.eval.ks)
     reference = _combine(strategy, popularity_ranks, groups, 0, cfg.eval.ks)
     out["popularity"] = {"overall": reference["overall"], "groups": reference["groups"]}
+    out["recommendations"] = lists  # this rank's users; evaluate_period gathers the current window's
     out["users_in_window"] = split_size(cfg.data.path, window, "test", manifest)
     loss_sum, loss_count = strategy.all_reduce_sum([loss_sum, loss_count])
     out["overall"]["test_loss"] = loss_sum / max(loss_count, 1.0)
@@ -196,12 +202,17 @@ def _combine(strategy, ranks: list, groups: list, invalid: int, ks) -> dict:
 
 
 def evaluate_period(cfg, strategy, engine, encoder, manifest, period: int, run, logger, step: int) -> dict:
-    """After period i: the test sets of windows 0..i (row i of R), written to metrics.json."""
-    windows = {}
+    """After period i: the test sets of windows 0..i (row i of R), written to metrics.json; and
+    each of window i's test users' top items (internal item ids, best first, with their beam
+    log-probabilities and the target's rank) to recommendations.jsonl."""
+    windows, recommendations = {}, None
     for j in range(period + 1):
         if manifest["windows"][j]["stats"]["samples"]["test"] == 0:
             continue
         windows[str(j)] = evaluate_window(cfg, strategy, engine, encoder, manifest, j)
+        lists = windows[str(j)].pop("recommendations")
+        if j == period:
+            recommendations = strategy.gather_to_rank0(lists)
         if windows[str(j)]["invalid_outputs"]:
             raise RuntimeError(f"constrained decoding produced {windows[str(j)]['invalid_outputs']} invalid items in window {j}")
     current = windows.get(str(period))
@@ -209,6 +220,9 @@ def evaluate_period(cfg, strategy, engine, encoder, manifest, period: int, run, 
               "overall": current["overall"] if current else {}, "groups": current["groups"] if current else {}}
     if strategy.is_rank0:
         atomic_write_json(run.metrics_path(period), result)
+        if recommendations is not None:
+            rows = sorted((r for part in recommendations for r in part), key=lambda r: r["user"])
+            atomic_write_bytes(run.recommendations_path(period), "".join(json.dumps(r) + "\n" for r in rows).encode())
         for j, w in windows.items():
             logger.scalars({f"eval/window{j}/{k}": v for k, v in w["overall"].items()}, step)
         if current:

@@ -1,7 +1,7 @@
 """Hand-off between periods: the adapter (or, after a full period 0, the whole model).
 
 Under ZeRO-3 with real partitioning, peft's `save_pretrained` writes 0-element tensors without
-any error (notes/zero3-lora-probes.md). So the trainable parameters are gathered on ALL ranks
+any error (docs/zero3.md, "Saving an adapter"). So the trainable parameters are gathered on ALL ranks
 (a collective) and rank 0 writes them inside the gather; every tensor is checked non-empty
 before it is written; the folder appears atomically (written aside, then renamed). The export
 loads with `PeftModel.from_pretrained` onto a plain CPU model, on any number of ranks.

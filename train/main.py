@@ -237,6 +237,6 @@ if __name__ == "__main__":
     sys.stderr.flush()
     # Leave without interpreter teardown: there, now and then, a C++ thread of the CPU collectives
     # aborts the process ("terminate called without an active exception", SIGABRT; about 1 exit
-    # in 45 in notes/zero3-lora-probes.md, after all results were written). Everything this
+    # in 45 in docs/zero3.md, after all results were written). Everything this
     # process had to write is written and closed by now.
     os._exit(code)

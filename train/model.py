@@ -83,7 +83,7 @@ def load_backbone(strategy, source: str, cfg: Config, dtype: str, vocab_size: in
         init_new_token_rows(strategy, model, rows, cfg.model.seed)
     if cfg.model.gradient_checkpointing:
         # Reentrant checkpointing silently drops gradients of terms computed in LoRA hooks and
-        # breaks ZeRO-3 reduction (notes/zero3-lora-probes.md): always non-reentrant.
+        # breaks ZeRO-3 reduction (docs/zero3.md, "Gradient checkpointing"): always non-reentrant.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model

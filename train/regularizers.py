@@ -1,4 +1,4 @@
-"""The continual methods beyond plain fine-tuning (`method.name`, DESIGN.md "One period").
+"""The continual methods beyond plain fine-tuning (`method.name`, docs/architecture.md "The methods").
 
 - single: start from the previous period's adapter; no regularizer.
 - peso: single + lambda * reduce_m (KL_A + KL_B), with, for each LoRA matrix M of wrapped layer m,
@@ -17,7 +17,7 @@ module runs, so the term is computed in a forward hook on every lora_A / lora_B 
 reading the weights outside their forward, which is silently 0 with partitioned parameters).
 Non-reentrant gradient checkpointing runs those hooks again during recomputation; they then
 compute the same ops (so the saved-tensor counts match) but only the first, real forward adds
-its terms (notes/zero3-lora-probes.md, "Fix 1").
+its terms (docs/zero3.md, "Gradient checkpointing", Fix 1).
 """
 
 from __future__ import annotations

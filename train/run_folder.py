@@ -1,14 +1,15 @@
-"""The run folder (DESIGN.md, "One period"): where each period's outputs live, and state.json.
+"""The run folder (docs/folders.md, "Run folder"): where each period's outputs live, and state.json.
 
     <run>/state.json              {"done": [...], "global_step": ..., "period": t, "phase": ...}
-    <run>/config.yaml, ds_config.json   the resolved configuration (per period: periods/<t>/...)
     <run>/tokenizer/              the run's tokenizer (with the item code tokens)
     <run>/base/                   a random-weight backbone built from a named shape
+    <run>/periods/<t>/config.json the period's resolved configuration and ds_config
     <run>/periods/<t>/ds_ckpt/    DeepSpeed checkpoints inside the period
     <run>/periods/<t>/adapter/    the exported adapter (PEFT, safetensors)
     <run>/periods/<t>/model/      the exported full model (period 0 with model.period0=full)
     <run>/periods/<t>/anchor.safetensors   the previous period's LoRA factors (peso, l2)
     <run>/periods/<t>/metrics.json evaluation of this period
+    <run>/periods/<t>/recommendations.jsonl   window t's test users: their top items (evaluation)
     <run>/tb/                     TensorBoard
 """
 
@@ -44,6 +45,9 @@ class RunFolder:
 
     def metrics_path(self, t: int) -> str:
         return os.path.join(self.period_dir(t), "metrics.json")
+
+    def recommendations_path(self, t: int) -> str:
+        return os.path.join(self.period_dir(t), "recommendations.jsonl")
 
     @property
     def tokenizer_dir(self) -> str:

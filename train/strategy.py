@@ -131,6 +131,14 @@ class DeepSpeedStrategy:
             self.comm.all_reduce(t, op=self.comm.ReduceOp.SUM)
         return t.tolist()
 
+    def gather_to_rank0(self, obj) -> list | None:
+        """Every rank's `obj` (picklable), in rank order, on rank 0; None elsewhere (collective)."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size if self.is_rank0 else None
+        torch.distributed.gather_object(obj, out, dst=0)
+        return out
+
     def any(self, flag: bool) -> bool:
         """True on every rank if it is true on any rank (a decision all ranks must share)."""
         return self.all_reduce_sum([1.0 if flag else 0.0])[0] > 0

@@ -11,7 +11,7 @@ run as root on this machine, so the job's working directory and files are shared
 "nodes" by construction. It is the stock SLURM 22.05 of Debian 12, not a mock: sbatch, srun,
 dependencies, signals and requeue behave as on a production cluster, only smaller.
 
-The facts below were measured on this machine type; see /work/shared/notes/slurm-local-cluster.md
+The facts below were measured on this machine type; see docs/slurm.md, "The local test cluster"
 ("the notes").
 
 Settings that are not obvious (slurm.conf, see `LocalSlurm.config_text`)

@@ -39,7 +39,7 @@ def wait_for_text(slurm: LocalSlurm, job: int, path: Path, text: str, timeout: f
 def test_two_node_job_runs_tasks_on_both_nodes(slurm, tmp_path, per_node):
     script = write_script(tmp_path / "job.sh", """
         scontrol show hostnames "$SLURM_JOB_NODELIST" > hosts.txt   # how a hostfile is made
-        # Single quotes: SLURM_PROCID and SLURMD_NODENAME must expand inside each task (notes).
+        # Single quotes: SLURM_PROCID and SLURMD_NODENAME must expand inside each task (docs/slurm.md).
         srun bash -c 'echo "$SLURM_PROCID $SLURMD_NODENAME"' > tasks.txt
     """)
     job = slurm.sbatch(["--nodes=2", f"--ntasks-per-node={per_node}", "--output=job.out", str(script)],
@@ -83,7 +83,7 @@ def test_a_failed_job_never_starts_its_afterok_dependents(slurm, tmp_path):
 def test_a_job_submits_its_successor(slurm, tmp_path):
     script = write_script(tmp_path / "chain.sh", """
         # State travels explicitly with --export; the job's own SLURM_* variables would leak into
-        # the next job otherwise (notes). $0 is SLURM's spooled copy, so the path comes from outside.
+        # the next job otherwise (docs/slurm.md). $0 is SLURM's spooled copy, so the path comes from outside.
         STEP=${STEP:-1}
         echo "step $STEP starts" >> chain.log
         if [ "$STEP" -lt 2 ]; then

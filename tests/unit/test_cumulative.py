@@ -76,3 +76,34 @@ def test_a_zero_factor_adds_nothing_and_no_nan(tmp_path):
         attach_frozen_adapters(model, [folder])
         after = model(input_ids=ids).logits
     assert torch.isfinite(after).all() and torch.allclose(before, after, atol=1e-6)
+
+
+def test_export_folds_the_frozen_sum_into_one_adapter_of_higher_rank(tmp_path):
+    """cumulative's export (train/export_recommender.py): the live adapter and the frozen,
+    normalized previous one as one PEFT adapter of rank 2r, loaded on a plain backbone, give the
+    logits of the model that trained and was evaluated."""
+    from peft import PeftModel
+
+    from train.export_recommender import folded_adapter
+    from train.run_folder import RunFolder
+
+    run = RunFolder(str(tmp_path / "run"))
+    cfg = load_config(None, ["model.shape=tiny", "model.period0=full", "method.name=cumulative", "lora.r=4"])
+    live = _model()
+    live.save_pretrained(run.adapter_dir(2))  # period 2's adapter, in the export format (PEFT)
+    _adapter(run.adapter_dir(1), live)  # period 1's, frozen into period 2's forward
+    ids = torch.randint(0, 116, (2, 7), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        plain = live(input_ids=ids).logits
+        attach_frozen_adapters(live, [run.adapter_dir(1)])
+        evaluated = live(input_ids=ids).logits
+    folded_adapter(run, cfg, 2, str(tmp_path / "folded"))
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=116, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    exported = PeftModel.from_pretrained(base, str(tmp_path / "folded")).eval()
+    assert exported.peft_config["default"].r == 8
+    with torch.no_grad():
+        out = exported(input_ids=ids).logits
+    assert (evaluated - plain).abs().max() > 1e-3  # the frozen sum matters here
+    assert torch.allclose(out, evaluated, atol=1e-5), (out - evaluated).abs().max()

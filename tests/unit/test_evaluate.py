@@ -124,3 +124,30 @@ def test_max_users_is_a_seeded_sample_not_the_first_users(ml_dataset):
     # Drawn from the whole window: new users are in it.
     assert Counter(s["group"] for s in sample)["new"] > 0
     assert len(test_users(ml_dataset, manifest, 1, None, seed=0)) == len(everyone)
+
+
+def test_generate_with_the_trie_logits_processor_equals_our_beam_search(vocab):
+    """For people who call Hugging Face `generate` themselves: beam search with
+    TrieLogitsProcessor returns the same items, in the same order, as constrained_beam_search."""
+    from train.recommender import TrieLogitsProcessor
+
+    tok, book = vocab
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)).eval()
+    with torch.no_grad():  # sharper than a fresh model's near-uniform logits, so ties cannot decide the order
+        model.lm_head.weight.mul_(20)
+    beams = 6
+    for prompt in ([1, 5, 9, 11], [1, 7, 3]):
+        ours, scores = constrained_beam_search(_forward(model), [prompt], book.trie, 4, beams, tok.pad_token_id, "cpu")
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=beams, num_return_sequences=beams,
+                                 max_new_tokens=4, do_sample=False, logits_processor=[TrieLogitsProcessor(book.trie, len(prompt))],
+                                 pad_token_id=tok.pad_token_id, output_scores=True, return_dict_in_generate=True)
+        theirs = [tuple(s[len(prompt):].tolist()) for s in out.sequences]
+        assert all(book.item_of(code) is not None for code in theirs)
+        assert theirs == [tuple(s.tolist()) for s in ours[0]]
+        # the same cumulative log-probabilities (generate divides by the length, 4, by default)
+        assert torch.allclose(out.sequences_scores * 4, scores[0], atol=1e-4)

@@ -1,0 +1,118 @@
+"""A self-contained folder of one period's recommender, for use outside the framework:
+
+    <out>/recommender.json        what the folder is: period, method, prompt settings, beams, metrics
+    <out>/tokenizer*.json ...     the run's tokenizer, code tokens included
+    <out>/item_index.json         the items' codes; items.jsonl: source ids and titles
+    merged (--merged, and a full period 0):
+    <out>/config.json, model.safetensors    a plain Hugging Face model, the adapter merged in
+    adapter (the default):
+    <out>/base/                   the backbone (code-token rows included)
+    <out>/adapter/                the period's adapter (PEFT format)
+
+So `AutoModelForCausalLM.from_pretrained(out)` (merged), or `PeftModel.from_pretrained(
+AutoModelForCausalLM.from_pretrained(out/base), out/adapter)`, with the saved index, computes
+the model the period was evaluated with: for `cumulative` and `cumulative_all` the frozen sum
+of earlier adapters is folded into the exported adapter. A LoRA's output is
+scaling * B A x, and the frozen sum adds scaling * B_i' A_i' x (normalized factors), so the
+two together are one LoRA of rank r * (1 + n) with A stacked over the A_i' and B beside the B_i',
+and lora_alpha chosen to keep the same scaling. The folder appears atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
+
+from data_tools.dataset import ITEM_INDEX, ITEMS
+from train.export import _replace_dir
+from train.model import backbone_dir
+from train.recommender import EXPORT_INFO, last_done_period, load_period_model, plain_backbone, saved_config
+from train.regularizers import frozen_adapter_periods, normalized
+from train.run_folder import RunFolder
+
+LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
+
+
+def folded_adapter(run: RunFolder, cfg, period: int, out_dir: str) -> None:
+    """Write period `period`'s adapter to `out_dir` (PEFT format), with the frozen sum of the
+    cumulative methods folded in as extra rank."""
+    from peft import LoraConfig
+
+    source = run.adapter_dir(period)
+    state = load_file(os.path.join(source, "adapter_model.safetensors"))
+    config = LoraConfig.from_pretrained(source)
+    earlier = frozen_adapter_periods(cfg, cfg.method.name, period)
+    if earlier:
+        frozen = [load_file(os.path.join(run.adapter_dir(t), "adapter_model.safetensors")) for t in earlier]
+        for key in [k for k in state if k.endswith(LORA_A)]:
+            b_key = key[:-len(LORA_A)] + LORA_B
+            a, b = state[key], state[b_key]
+            state[key] = torch.cat([a] + [normalized(f[key].float()).to(a.dtype) for f in frozen], 0)
+            state[b_key] = torch.cat([b] + [normalized(f[b_key].float()).to(b.dtype) for f in frozen], 1)
+        scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+        config.r = config.r * (1 + len(earlier))
+        config.lora_alpha = scaling * (math.sqrt(config.r) if config.use_rslora else config.r)
+    os.makedirs(out_dir, exist_ok=True)
+    config.save_pretrained(out_dir)
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out_dir, "adapter_model.safetensors"),
+              metadata={"format": "pt", "period": str(period), "method": cfg.method.name})
+
+
+def export_recommender(run_dir: str, out: str, period: int | None = None, merged: bool = False,
+                       data: str | None = None) -> dict:
+    """Write the folder (see the module doc) and return its recommender.json."""
+    from peft import PeftModel
+
+    run = RunFolder(run_dir)
+    period = last_done_period(run) if period is None else period
+    cfg = saved_config(run, period)
+    data_root = data or cfg.data.path
+    for name in (ITEM_INDEX, ITEMS):
+        if not os.path.isfile(os.path.join(data_root, name)):
+            raise FileNotFoundError(f"the run's dataset {data_root} has no {name}; pass the dataset folder (--data)")
+    if os.path.exists(out) and not os.path.isfile(os.path.join(out, EXPORT_INFO)):
+        raise FileExistsError(f"{out} exists and is not an earlier export (no {EXPORT_INFO}); choose a new folder")
+    tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_dir)
+    full = cfg.model.period0 == "full" and period == 0
+    kind = "merged" if merged or full else "adapter"
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        if full:  # no adapter: period 0's model is the recommender
+            load_period_model(run, cfg, period, len(tokenizer)).save_pretrained(tmp)
+        else:
+            folded_adapter(run, cfg, period, os.path.join(tmp, "adapter"))
+            base = plain_backbone(backbone_dir(cfg, run, period), len(tokenizer))
+            if merged:
+                model = PeftModel.from_pretrained(base, os.path.join(tmp, "adapter")).merge_and_unload()
+                model.save_pretrained(tmp)
+                shutil.rmtree(os.path.join(tmp, "adapter"))
+            else:
+                base.save_pretrained(os.path.join(tmp, "base"))
+        tokenizer.save_pretrained(tmp)
+        for name in (ITEM_INDEX, ITEMS):
+            shutil.copyfile(os.path.join(data_root, name), os.path.join(tmp, name))
+        metrics = None
+        if os.path.isfile(run.metrics_path(period)):
+            with open(run.metrics_path(period)) as f:
+                metrics = json.load(f)["overall"]
+        info = {"format_version": 1, "kind": kind, "period": period, "method": cfg.method.name,
+                "run": run.root, "data": os.path.abspath(data_root),
+                "prompt": {"template": cfg.data.template, "separator": cfg.data.separator,
+                           "max_history": cfg.data.max_history, "objective": cfg.data.objective},
+                "beams": cfg.eval.beams, "metrics": metrics, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        with open(os.path.join(tmp, EXPORT_INFO), "w") as f:
+            json.dump(info, f, indent=1)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info

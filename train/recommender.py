@@ -1,0 +1,309 @@
+"""Recommendations out of a trained run, without DeepSpeed: one period's model exactly as it was
+evaluated, and the top-K items for histories of items or for users of the dataset.
+
+    from train.recommender import Recommender
+
+    rec = Recommender.from_run("runs/cds-peso", period=4)      # or Recommender.from_export("export/cds-peso")
+    rec.recommend([["B00004T9W9", "B000002O7D"]], k=10)        # histories of source item ids
+    rec.recommend_users(["A2SUAM1J3GNN3B"], k=10)                # users of the dataset (from_run only)
+
+Each answer is a list of `Recommendation(item, title, score)`, best first: the source item id,
+its title where the data has one, and the beam's log-probability. Decoding is the evaluation's
+(train/evaluate.py): batched beam search over the prefix trie of real item codes, with
+`eval.beams` beams (or k, if larger), so the first item of a test user's answer is the
+evaluation's.
+
+The model of a period (`load_period_model`): the backbone (period 0's exported model after a full
+period 0, else the base or `model.path`), the period's adapter, and for `cumulative` and
+`cumulative_all` the frozen, normalized sum of the earlier adapters that the period trained and
+was evaluated with. For people who call Hugging Face `generate` themselves, `TrieLogitsProcessor`
+applies the same constraint there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
+
+from data_tools.dataset import ITEM_INDEX, ITEMS, USERS, load_manifest
+from data_tools.index.codes import load_item_index
+from data_tools.index.prompt import PromptTemplate
+from data_tools.index.tokenizer import ItemCodebook
+from data_tools.reader import read_split
+from train.config import Config, config_from_dict
+from train.evaluate import NEG, constrained_beam_search
+from train.run_folder import RunFolder
+from train.vocab import SampleEncoder
+
+EXPORT_INFO = "recommender.json"  # what an export folder is (train/export_recommender.py writes it)
+
+
+class UnknownIdError(KeyError):
+    """Source ids (users or items) that the run's data does not know."""
+
+    def __init__(self, kind: str, ids: list[str]):
+        self.kind, self.ids = kind, ids
+        shown = ", ".join(repr(i) for i in ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+        super().__init__(f"unknown {kind} {shown}")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    item: str  # the source item id (as in the input data)
+    title: str  # "" where the data has none
+    score: float  # log-probability of the item's code under the model (beam score)
+
+
+class ItemCatalog:
+    """Source item ids <-> the dataset's item ids, and titles (items.jsonl)."""
+
+    def __init__(self, path: str):
+        self.source_of: dict[int, str] = {}
+        self.title_of: dict[int, str] = {}
+        with open(path) as f:
+            for line in f:
+                row = json.loads(line)
+                self.source_of[row["item_id"]] = str(row["source_id"])
+                self.title_of[row["item_id"]] = row.get("title") or ""
+        self.item_of = {source: item for item, source in self.source_of.items()}
+
+    def items(self, sources: list[str]) -> list[int]:
+        unknown = [s for s in sources if s not in self.item_of]
+        if unknown:
+            raise UnknownIdError("items", unknown)
+        return [self.item_of[s] for s in sources]
+
+
+def saved_config(run: RunFolder, period: int) -> Config:
+    """The configuration the period was trained with (periods/<t>/config.json)."""
+    path = os.path.join(run.period_dir(period), "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run.root} has no trained period {period} ({path} is missing)")
+    with open(path) as f:
+        return config_from_dict(json.load(f)["config"])
+
+
+def last_done_period(run: RunFolder) -> int:
+    done = run.state()["done"]
+    if not done:
+        raise FileNotFoundError(f"{run.root} has no finished period (state.json lists none)")
+    return max(done)
+
+
+def plain_backbone(source: str, vocab_size: int, dtype="auto") -> torch.nn.Module:
+    """A backbone folder as a plain model with a row for every token of the run's tokenizer (a
+    real backbone gets rows for the code tokens; the adapter holds their trained values)."""
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    if model.get_input_embeddings().num_embeddings < vocab_size:
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    return model
+
+
+def load_period_model(run: RunFolder, cfg: Config, period: int, vocab_size: int, dtype="auto") -> torch.nn.Module:
+    """A plain (no DeepSpeed) model that computes what period `period` was evaluated with."""
+    from peft import PeftModel
+
+    from train.model import backbone_dir
+    from train.regularizers import attach_frozen_adapters, frozen_adapter_periods
+
+    full = cfg.model.period0 == "full" and period == 0
+    model = plain_backbone(run.model_dir(0) if full else backbone_dir(cfg, run, period), vocab_size, dtype)
+    if not full:
+        adapter = run.adapter_dir(period)
+        if not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
+            raise FileNotFoundError(f"period {period} of {run.root} has no exported adapter ({adapter})")
+        model = PeftModel.from_pretrained(model, adapter)
+        earlier = frozen_adapter_periods(cfg, cfg.method.name, period)
+        if earlier:
+            attach_frozen_adapters(model, [run.adapter_dir(t) for t in earlier])
+    return model.eval()
+
+
+class TrieLogitsProcessor(LogitsProcessor):
+    """Hugging Face `generate` with real items only: each new token must continue the code of a
+    catalog item (the trie), and after a whole code only EOS may follow. Give it the width of the
+    (left-padded) prompt batch; use with `num_beams` and `max_new_tokens = levels (+ 1 for EOS)`.
+    Beam search masks the log-softmax of the logits, as train/evaluate.py does."""
+
+    def __init__(self, trie, prompt_width: int, eos_token_id: int | None = None):
+        self.trie, self.prompt_width, self.eos_token_id = trie, prompt_width, eos_token_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_width:]
+        if generated.shape[1] >= self.trie.depth:
+            mask = torch.zeros_like(scores, dtype=torch.bool)
+            if self.eos_token_id is not None:
+                mask[:, self.eos_token_id] = True
+        else:
+            mask = self.trie.allowed_mask(generated, scores.shape[-1], scores.device)
+        return scores.masked_fill(~mask, NEG)
+
+
+class Recommender:
+    """One period's model with its vocabulary, item catalog and decoding settings."""
+
+    def __init__(self, model, tokenizer, codebook: ItemCodebook, encoder: SampleEncoder, catalog: ItemCatalog,
+                 beams: int, device, data_root: str | None = None, period: int | None = None):
+        self.model, self.tokenizer, self.codebook, self.encoder = model, tokenizer, codebook, encoder
+        self.catalog, self.beams, self.device = catalog, beams, torch.device(device)
+        self.data_root, self.period = data_root, period
+        self.model.to(self.device)
+        self._users: dict[str, int] | None = None
+
+    # ---- loading ----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_run(cls, run_dir: str, period: int | None = None, device=None, data: str | None = None) -> Recommender:
+        """Period `period` (default: the last finished one) of a run folder; `data` overrides the
+        dataset folder the run was trained on (data.path of its config)."""
+        run = RunFolder(run_dir)
+        period = last_done_period(run) if period is None else period
+        cfg = saved_config(run, period)
+        data_root = data or cfg.data.path
+        if not os.path.isfile(os.path.join(data_root, ITEM_INDEX)):
+            raise FileNotFoundError(f"the run's dataset {data_root} has no {ITEM_INDEX}; pass the dataset folder (--data)")
+        tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_dir)
+        codebook = ItemCodebook(load_item_index(data_root), tokenizer)
+        model = load_period_model(run, cfg, period, len(tokenizer))
+        encoder = _encoder(tokenizer, codebook, cfg.data.template, cfg.data.separator, cfg.data.max_history, cfg.data.objective)
+        return cls(model, tokenizer, codebook, encoder, ItemCatalog(os.path.join(data_root, ITEMS)), cfg.eval.beams,
+                   device or _default_device(),                    data_root=data_root, period=period)
+
+    @classmethod
+    def from_export(cls, folder: str, device=None) -> Recommender:
+        """A folder written by `python -m launcher export` (merged model, or backbone + adapter)."""
+        info_path = os.path.join(folder, EXPORT_INFO)
+        if not os.path.isfile(info_path):
+            raise FileNotFoundError(f"{folder} is not a recommender export (no {EXPORT_INFO}); "
+                                    "make one with `python -m launcher export RUN --out DIR`")
+        with open(info_path) as f:
+            info = json.load(f)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        codebook = ItemCodebook(load_item_index(folder), tokenizer)
+        if info["kind"] == "adapter":
+            from peft import PeftModel
+
+            base = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "base"), dtype="auto")
+            model = PeftModel.from_pretrained(base, os.path.join(folder, "adapter"))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+        p = info["prompt"]
+        encoder = _encoder(tokenizer, codebook, p["template"], p["separator"], p["max_history"], p["objective"])
+        return cls(model.eval(), tokenizer, codebook, encoder, ItemCatalog(os.path.join(folder, ITEMS)), info["beams"],
+                   device or _default_device(), period=info["period"])
+
+    # ---- recommending -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def top_items(self, histories: list[list[int]], k: int = 10, batch_size: int = 64,
+                  progress=None) -> list[list[tuple[int, float]]]:
+        """The top `k` (item id, log-probability) for each history of dataset item ids, best first.
+        `progress(n)` is called after each batch with the number of histories done."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        beams = max(k, self.beams)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+
+        def forward(ids, mask, position, cache):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True,
+                             logits_to_keep=1)
+            return out.logits[:, -1]
+
+        out = []
+        for start in range(0, len(histories), batch_size):
+            part = histories[start:start + batch_size]
+            prompts = [self.encoder.prompt(list(h)) for h in part]
+            seqs, scores = constrained_beam_search(forward, prompts, self.codebook.trie, self.codebook.levels, beams,
+                                                   pad_id, self.device)
+            for i in range(len(part)):
+                ranked = []
+                for j in range(beams):
+                    if scores[i, j] == NEG:
+                        continue
+                    item = self.codebook.item_of(seqs[i, j].tolist())
+                    if item is not None:
+                        ranked.append((item, float(scores[i, j])))
+                out.append(ranked[:k])
+            if progress:
+                progress(len(part))
+        return out
+
+    def named(self, ranked: list[tuple[int, float]]) -> list[Recommendation]:
+        return [Recommendation(self.catalog.source_of[i], self.catalog.title_of.get(i, ""), round(s, 6)) for i, s in ranked]
+
+    def recommend(self, histories: list[list[str]], k: int = 10, **kw) -> list[list[Recommendation]]:
+        """Top `k` items for each history of source item ids (oldest first). Raises UnknownIdError
+        naming every item that the catalog lacks."""
+        unknown = sorted({s for h in histories for s in h if s not in self.catalog.item_of})
+        if unknown:
+            raise UnknownIdError("items", unknown)
+        return [self.named(r) for r in self.top_items([self.catalog.items(list(h)) for h in histories], k, **kw)]
+
+    def user_histories(self, users: list[str]) -> dict[str, list[int]]:
+        """Each known source user id's items (dataset ids, oldest first) up to the end of this
+        period's window: the history and target of their latest sample in windows 0..period.
+        Users the dataset does not know, or who have no sample by then, are left out."""
+        if self.data_root is None:
+            raise ValueError("users need the run's dataset: load with Recommender.from_run")
+        if self._users is None:
+            with open(os.path.join(self.data_root, USERS)) as f:
+                self._users = {str(r["source_id"]): r["user_id"] for r in map(json.loads, f)}
+        wanted = {self._users[u]: u for u in users if u in self._users}
+        manifest = load_manifest(self.data_root)
+        latest: dict[int, tuple[tuple[int, int], list[int]]] = {}
+        for window in range(self.period + 1):
+            for split in ("train", "valid", "test"):
+                for s in read_split(self.data_root, window, split, manifest):
+                    if s["user"] in wanted:
+                        order = (window, int(s["key"].rsplit("_", 1)[1]))
+                        if s["user"] not in latest or order > latest[s["user"]][0]:
+                            latest[s["user"]] = (order, list(s["history"]) + [s["target"]])
+        return {wanted[u]: items for u, (_, items) in latest.items()}
+
+    def recommend_users(self, users: list[str], k: int = 10, **kw) -> dict[str, list[Recommendation]]:
+        """Top `k` items for users of the dataset, by source user id, from their items up to the
+        end of this period. Raises UnknownIdError naming users with no history by then."""
+        histories = self.user_histories(users)
+        unknown = [u for u in users if u not in histories]
+        if unknown:
+            raise UnknownIdError("users", unknown)
+        ranked = self.top_items([histories[u] for u in users], k, **kw)
+        return {u: self.named(r) for u, r in zip(users, ranked)}
+
+    def evaluate_window(self, data_root: str, window: int, ks: list[int], max_users: int | None = None,
+                        seed: int = 0, batch_size: int = 64) -> tuple[dict, list[dict]]:
+        """Hit@K and NDCG@K on a window's test users (all, or the evaluation's seeded sample of
+        `max_users`), and each user's list, as train/evaluate.py computes them during training:
+        the figures of a period's metrics.json, from this model alone."""
+        from train.evaluate import rank_metrics, test_users
+
+        users = test_users(data_root, load_manifest(data_root), window, max_users, seed)
+        ranked = self.top_items([u["history"] for u in users], max(ks), batch_size)
+        lists, ranks = [], []
+        for u, r in zip(users, ranked):
+            items = [i for i, _ in r]
+            target = tuple(self.codebook.item_token_ids(u["target"]))
+            rank = next((n for n, i in enumerate(items) if tuple(self.codebook.item_token_ids(i)) == target), None)
+            ranks.append(rank)
+            lists.append({"user": u["user"], "target": u["target"], "rank": rank, "items": items, "scores": [s for _, s in r]})
+        return rank_metrics(ranks, ks), sorted(lists, key=lambda x: x["user"])
+
+    def logits_processor(self, prompt_width: int) -> TrieLogitsProcessor:
+        return TrieLogitsProcessor(self.codebook.trie, prompt_width, self.tokenizer.eos_token_id)
+
+
+def _encoder(tokenizer, codebook, template: str | None, separator: str, max_history: int, objective: str) -> SampleEncoder:
+    from data_tools.index.prompt import DEFAULT_TEMPLATE
+
+    return SampleEncoder(tokenizer, codebook, PromptTemplate(template or DEFAULT_TEMPLATE, separator), max_history, objective)
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
