@@ -78,6 +78,9 @@ def example_recommendations(run: str, data: str, k: int = 5) -> str:
     from train.evaluate import test_users
     from train.recommender import Recommender
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     rec = Recommender.from_run(run, device="cpu")
     user = test_users(data, load_manifest(data), rec.period, 1, seed=0)[0]
     (ranked,) = rec.top_items([user["history"]], k)

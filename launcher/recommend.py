@@ -25,6 +25,8 @@ def add_parsers(sub) -> None:
     who.add_argument("--history", action="append", metavar="ITEM,ITEM,...",
                      help="source item ids, oldest first (repeat for several histories)")
     r.add_argument("--k", type=int, default=10, help="items per answer (default: 10)")
+    r.add_argument("--exclude-seen", action="store_true",
+                   help="leave out the items of the history (the evaluation keeps them, as the paper does)")
     r.add_argument("--out", help="write JSON lines here (default: a readable list on stdout)")
     r.add_argument("--data", help="the dataset folder, if it moved since training (default: the run's data.path)")
     r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -45,9 +47,20 @@ def _read_users(path: str) -> list[str]:
         return [line.strip() for line in f if line.strip()]
 
 
+def _quiet_loading() -> None:
+    """No "Loading weights" bars from transformers, no DeepSpeed accelerator warning."""
+    from transformers.utils import logging as hf_logging
+
+    from train.strategy import _quiet_cpu_accelerator
+
+    hf_logging.disable_progress_bar()
+    _quiet_cpu_accelerator()  # an export's merge imports DeepSpeed, which would warn that it guessed the CPU
+
+
 def recommend_command(a) -> int:
     from train.recommender import Recommender, UnknownIdError
 
+    _quiet_loading()
     if a.k < 1:
         print(f"error: --k must be at least 1, got {a.k}", file=sys.stderr)
         return USAGE_EXIT
@@ -67,7 +80,8 @@ def recommend_command(a) -> int:
                   f"{rec.period}; the other {len(users) - len(unknown)} users are answered", file=sys.stderr)
         known = [u for u in users if u in histories]
         bar = _progress(len(known), a.batch_size)
-        ranked = rec.top_items([histories[u] for u in known], a.k, a.batch_size, progress=bar.update if bar else None)
+        ranked = rec.top_items([histories[u] for u in known], a.k, a.batch_size, progress=bar.update if bar else None,
+                               exclude_seen=a.exclude_seen)
         if bar:
             bar.close()
         answers = [{"user": u, "history_length": len(histories[u]), "recommendations": rec.named(r)}
@@ -76,7 +90,7 @@ def recommend_command(a) -> int:
         for text in a.history:
             items = [s.strip() for s in text.split(",") if s.strip()]
             try:
-                (ranked,) = rec.recommend([items], a.k)
+                (ranked,) = rec.recommend([items], a.k, exclude_seen=a.exclude_seen)
             except UnknownIdError as e:
                 failed += 1
                 print(f"error: history {text!r}: {e}", file=sys.stderr)
@@ -108,15 +122,17 @@ def _write(answers: list[dict], period: int, out: str | None) -> None:
         print(f"{len(answers)} answers (period {period}) written to {out}")
         return
     for a in answers:
-        who = f"user {a['user']} ({a['history_length']} items)" if "user" in a else f"history {','.join(a['history'])}"
+        who = f"user {a['user']} (history: {a['history_length']} items)" if "user" in a else f"history {','.join(a['history'])}"
+        width = max((len(r.item) for r in a["recommendations"]), default=0)
         print(f"{who}, period {period}:")
         for n, r in enumerate(a["recommendations"], 1):
-            print(f"  {n:>2}. {r.item}  {r.score:8.3f}  {r.title}".rstrip())
+            print(f"  {n:>2}. {r.item:<{width}}  {r.score:7.3f}  {r.title}".rstrip())
 
 
 def export_command(a) -> int:
     from train.export_recommender import export_recommender
 
+    _quiet_loading()
     try:
         info = export_recommender(a.run, a.out, a.period, a.merged, a.data)
     except (FileNotFoundError, FileExistsError, ValueError) as e:

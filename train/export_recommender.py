@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -92,7 +93,9 @@ def export_recommender(run_dir: str, out: str, period: int | None = None, merged
             folded_adapter(run, cfg, period, os.path.join(tmp, "adapter"))
             base = plain_backbone(backbone_dir(cfg, run, period), len(tokenizer))
             if merged:
-                model = PeftModel.from_pretrained(base, os.path.join(tmp, "adapter")).merge_and_unload()
+                with warnings.catch_warnings():  # see train/recommender.py
+                    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                    model = PeftModel.from_pretrained(base, os.path.join(tmp, "adapter")).merge_and_unload()
                 model.save_pretrained(tmp)
                 shutil.rmtree(os.path.join(tmp, "adapter"))
             else:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -119,7 +120,9 @@ def load_period_model(run: RunFolder, cfg: Config, period: int, vocab_size: int,
         adapter = run.adapter_dir(period)
         if not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
             raise FileNotFoundError(f"period {period} of {run.root} has no exported adapter ({adapter})")
-        model = PeftModel.from_pretrained(model, adapter)
+        with warnings.catch_warnings():  # peft asks a deprecated transformers property (FutureWarning, harmless)
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            model = PeftModel.from_pretrained(model, adapter)
         earlier = frozen_adapter_periods(cfg, cfg.method.name, period)
         if earlier:
             attach_frozen_adapters(model, [run.adapter_dir(t) for t in earlier])
@@ -191,7 +194,9 @@ class Recommender:
             from peft import PeftModel
 
             base = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "base"), dtype="auto")
-            model = PeftModel.from_pretrained(base, os.path.join(folder, "adapter"))
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                model = PeftModel.from_pretrained(base, os.path.join(folder, "adapter"))
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
         p = info["prompt"]
@@ -202,13 +207,15 @@ class Recommender:
     # ---- recommending -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def top_items(self, histories: list[list[int]], k: int = 10, batch_size: int = 64,
-                  progress=None) -> list[list[tuple[int, float]]]:
+    def top_items(self, histories: list[list[int]], k: int = 10, batch_size: int = 64, progress=None,
+                  exclude_seen: bool = False) -> list[list[tuple[int, float]]]:
         """The top `k` (item id, log-probability) for each history of dataset item ids, best first.
+        `exclude_seen` leaves out the items of the history (the evaluation keeps them: the paper's
+        protocol); the beam is widened by the longest history so that k items remain.
         `progress(n)` is called after each batch with the number of histories done."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        beams = max(k, self.beams)
+        beams = max(k + (max(map(len, histories), default=0) if exclude_seen else 0), self.beams)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
         def forward(ids, mask, position, cache):
@@ -223,12 +230,13 @@ class Recommender:
             seqs, scores = constrained_beam_search(forward, prompts, self.codebook.trie, self.codebook.levels, beams,
                                                    pad_id, self.device)
             for i in range(len(part)):
+                seen = set(part[i]) if exclude_seen else set()
                 ranked = []
                 for j in range(beams):
                     if scores[i, j] == NEG:
                         continue
                     item = self.codebook.item_of(seqs[i, j].tolist())
-                    if item is not None:
+                    if item is not None and item not in seen:
                         ranked.append((item, float(scores[i, j])))
                 out.append(ranked[:k])
             if progress:
@@ -239,8 +247,8 @@ class Recommender:
         return [Recommendation(self.catalog.source_of[i], self.catalog.title_of.get(i, ""), round(s, 6)) for i, s in ranked]
 
     def recommend(self, histories: list[list[str]], k: int = 10, **kw) -> list[list[Recommendation]]:
-        """Top `k` items for each history of source item ids (oldest first). Raises UnknownIdError
-        naming every item that the catalog lacks."""
+        """Top `k` items for each history of source item ids (oldest first); keywords as for
+        `top_items`. Raises UnknownIdError naming every item that the catalog lacks."""
         unknown = sorted({s for h in histories for s in h if s not in self.catalog.item_of})
         if unknown:
             raise UnknownIdError("items", unknown)

@@ -134,6 +134,13 @@ def test_recommend_command_answers_like_the_evaluation(method_runs, cds_data, tm
     # the history now ends with the test item (the period is over), so it is one item longer
     assert answers[0]["history_length"] == min(len(users[chosen[0]]["history"]) + 1, 21)
 
+    history = [source_item[i] for i in users[chosen[0]]["history"]]
+    proc = launcher("recommend", run, "--history", ",".join(history), "--k", "5", "--exclude-seen", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(out) as f:
+        (answer,) = [json.loads(line) for line in f]
+    assert len(answer["recommendations"]) == 5 and not {r["item"] for r in answer["recommendations"]} & set(history)
+
     proc = launcher("recommend", run, "--history", "no-such-item," + source_item[users[chosen[0]]["target"]])
     assert proc.returncode == 2 and "'no-such-item'" in proc.stderr
     proc = launcher("recommend", run, "--period", "7", "--user", source_user[chosen[0]])
