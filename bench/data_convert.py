@@ -86,9 +86,12 @@ print(m["accounting"]["reviews"]["read"], dt, base, peak, m["counts"]["interacti
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--reviews", type=int, default=2_000_000)
-    ap.add_argument("--cache", default=os.environ.get("PESO_BENCH_CACHE", "/tmp/peso-bench"))
+    from data_tools.help_format import HelpFormatter
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--reviews", type=int, default=2_000_000, help="reviews in the generated input file")
+    ap.add_argument("--cache", default=os.environ.get("PESO_BENCH_CACHE", "/tmp/peso-bench"),
+                    help="where the input and outputs are kept between runs ($PESO_BENCH_CACHE)")
     a = ap.parse_args()
     os.makedirs(a.cache, exist_ok=True)
     src = os.path.join(a.cache, f"amazon2023-{a.reviews}.jsonl.gz")

@@ -36,7 +36,8 @@ sys.path.insert(0, REPO)
 from data_tools.index.prompt import PromptTemplate  # noqa: E402
 from data_tools.index.tokenizer import ItemCodebook, add_code_tokens, train_sentencepiece_tokenizer  # noqa: E402
 from train.evaluate import constrained_beam_search  # noqa: E402
-from train.shapes import shape_config  # noqa: E402
+from data_tools.help_format import HelpFormatter  # noqa: E402
+from train.shapes import SHAPES, shape_config  # noqa: E402
 
 CDS = os.path.join(os.path.dirname(REPO), "shared", "data", "amazon-cds-blocks", "semantic_ids.json")
 
@@ -52,12 +53,12 @@ def catalog() -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="tiny")
-    ap.add_argument("--users", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--beams", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--shape", default="tiny", choices=list(SHAPES), help="the random-weight model (train/shapes.py)")
+    ap.add_argument("--users", type=int, default=256, help="users decoded by each way")
+    ap.add_argument("--batch", type=int, default=64, help="users per batch of the batched way")
+    ap.add_argument("--beams", type=int, default=10, help="beams of the beam search")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats of each way (the median counts)")
     a = ap.parse_args()
     index = catalog()
     template = PromptTemplate()

@@ -89,10 +89,12 @@ def generate_items(n: int, seed: int = 0) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--items", type=int, default=40000)
-    p.add_argument("--cache", default="/tmp/peso-bench")
-    p.add_argument("--machine", default=f"CPU-{os.cpu_count()}")
+    from data_tools.help_format import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--items", type=int, default=40000, help="synthetic items to index")
+    p.add_argument("--cache", default="/tmp/peso-bench", help="where the items and the index are written")
+    p.add_argument("--machine", default=f"CPU-{os.cpu_count()}", help="the machine's name in the JSON line")
     a = p.parse_args()
 
     import torch

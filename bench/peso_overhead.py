@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from train.config import load_config  # noqa: E402
 from train.model import adapter_state_keys, apply_lora  # noqa: E402
 from train.regularizers import ProximalTerm, attach_frozen_adapters, lora_factors  # noqa: E402
-from train.shapes import shape_config  # noqa: E402
+from data_tools.help_format import HelpFormatter  # noqa: E402
+from train.shapes import SHAPES, shape_config  # noqa: E402
 
 VOCAB, CODES = 1000, 4 * 256
 
@@ -79,11 +80,11 @@ class _null:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="small")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--length", type=int, default=160)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--shape", default="small", choices=list(SHAPES), help="the random-weight model (train/shapes.py)")
+    ap.add_argument("--steps", type=int, default=30, help="timed training steps per method")
+    ap.add_argument("--batch", type=int, default=16, help="rows per step")
+    ap.add_argument("--length", type=int, default=160, help="tokens per row")
     a = ap.parse_args()
     ids = batch(a.batch, a.length)
     with tempfile.TemporaryDirectory() as tmp:

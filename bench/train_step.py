@@ -82,10 +82,13 @@ def train(data: str, ds: str, run: str, nproc: int, overrides: list[str]) -> dic
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--cache", default=os.environ.get("PESO_BENCH_CACHE", "/tmp/peso-bench"))
+    from data_tools.help_format import HelpFormatter
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--steps", type=int, default=60, help="training steps per variant")
+    ap.add_argument("--nproc", type=int, default=2, help="CPU ranks")
+    ap.add_argument("--cache", default=os.environ.get("PESO_BENCH_CACHE", "/tmp/peso-bench"),
+                    help="where the dataset is kept between runs ($PESO_BENCH_CACHE)")
     a = ap.parse_args()
     os.makedirs(a.cache, exist_ok=True)
     data = dataset(a.cache)

@@ -6,60 +6,73 @@
     python -m launcher recommend runs/ml --user 196 [--period 4] [--k 10] [--out recs.jsonl]
     python -m launcher export runs/ml --out export/ml [--merged]
     python -m launcher slurm-step      (inside slurm/continual.sh; settings from PESO_* variables)
+
+`run` exits 0 when every period is done, 75 when a period checkpointed on a signal (SIGTERM or
+SIGUSR1 to it; the same command resumes), 1 when a period failed, 2 on a usage or config error.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
+from data_tools.help_format import HelpFormatter
 from launcher.periods import REPO
+from train.exit_codes import EXIT_REQUEUE
 
-DEFAULT_CONFIG = os.path.join(REPO, "configs", "tiny.yaml")
 DEFAULT_DS = os.path.join(REPO, "ds_configs", "zero3.json")
+SLURM_REQUIRED = ("PESO_CONFIG", "PESO_DATA", "PESO_RUN")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launcher", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def metric_name(text: str) -> str:
+    """`--metric`: hit@K, ndcg@K (K one of the run's eval.ks) or test_loss."""
+    if text == "test_loss" or re.fullmatch(r"(hit|ndcg)@[1-9]\d*", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not one of hit@K, ndcg@K, test_loss")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m launcher", description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="train every remaining period on this machine")
-    r.add_argument("--config", default=DEFAULT_CONFIG)
-    r.add_argument("--data", required=True)
-    r.add_argument("--run", required=True)
-    r.add_argument("--ds_config", default=DEFAULT_DS)
+    r = sub.add_parser("run", help="train every remaining period on this machine", formatter_class=HelpFormatter)
+    r.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
+    r.add_argument("--data", required=True, help="dataset folder (python -m data_tools convert, then index)")
+    r.add_argument("--run", required=True, help="run folder: periods, checkpoints, TensorBoard, state.json")
+    r.add_argument("--ds_config", default=DEFAULT_DS, help="DeepSpeed config (default: ds_configs/zero3.json of this repository)")
     r.add_argument("--nproc", type=int, default=1, help="ranks on this machine (GPUs, or CPU processes)")
-    r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.lam=2")
+    r.add_argument("--restart-period", action="store_true",
+                   help="discard the checkpoints of the period that would resume and train it from its start "
+                        "(needed to resume with a changed config)")
+    r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.lam=2 (default: none)")
 
-    rep = sub.add_parser("report", help="results table (markdown) and a PNG plot of one or more runs")
-    rep.add_argument("runs", nargs="+")
+    rep = sub.add_parser("report", help="results table (markdown) and a PNG plot of one or more runs",
+                         formatter_class=HelpFormatter)
+    rep.add_argument("runs", nargs="+", help="run folders")
     rep.add_argument("--png", help="where to write the plot (default: <first run>/report.png)")
-    rep.add_argument("--metric", default="ndcg@10")
+    rep.add_argument("--metric", default="ndcg@10", type=metric_name, metavar="{hit@K,ndcg@K,test_loss}",
+                     help="the metric of the table and the plot")
 
-    d = sub.add_parser("demo", help="MovieLens-100K end to end on this machine (CPU, two ranks)")
-    d.add_argument("--workdir", default=os.path.join(REPO, "demo"), help="where data and runs go (default ./demo)")
-    d.add_argument("--nproc", type=int, default=2)
+    d = sub.add_parser("demo", help="MovieLens-100K end to end on this machine (CPU, two ranks)", formatter_class=HelpFormatter)
+    d.add_argument("--workdir", default=os.path.join(REPO, "demo"), help="where data and runs go (default: demo/ in this repository)")
+    d.add_argument("--nproc", type=int, default=2, help="ranks of period 0")
 
     from launcher.recommend import add_parsers
 
     add_parsers(sub)
-    sub.add_parser("slurm-step", help="inside slurm/continual.sh: train the next period, then chain")
-    a = p.parse_args(argv)
+    sub.add_parser("slurm-step", help="inside slurm/continual.sh: train the next period, then chain",
+                   description=f"Settings from the environment: {', '.join(SLURM_REQUIRED)} (required), "
+                               "PESO_DS_CONFIG, PESO_OVERRIDES (see slurm/continual.sh).")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
 
     if a.command == "run":
-        from launcher.periods import PeriodFailed, remaining_periods, run_local
-        from launcher.report import write_report
-
-        try:
-            run_local(a.config, a.data, a.run, a.ds_config, a.nproc, a.overrides)
-        except PeriodFailed as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        if not remaining_periods(a.data, a.run):
-            print(write_report(a.run))
-            print(f"\nreport: {a.run}/report.md and report.png")
-        return 0
+        return run_command(a)
     if a.command == "report":
         from launcher.report import report
 
@@ -81,16 +94,55 @@ def main(argv: list[str] | None = None) -> int:
 
         return export_command(a)
     if a.command == "slurm-step":
-        from launcher.slurm import slurm_step
-
-        env = os.environ
-        missing = [k for k in ("PESO_DATA", "PESO_RUN") if not env.get(k)]
-        if missing:
-            print(f"error: set {' and '.join(missing)} (see the header of slurm/continual.sh)", file=sys.stderr)
-            return 2
-        return slurm_step(env.get("PESO_CONFIG", DEFAULT_CONFIG), env["PESO_DATA"], env["PESO_RUN"],
-                          env.get("PESO_DS_CONFIG", DEFAULT_DS), env.get("PESO_OVERRIDES", "").split())
+        return slurm_step_command()
     return 2
+
+
+def _config_error(config: str, overrides: list[str]) -> str | None:
+    """The config's first problem, found here rather than in a child that has loaded torch."""
+    from train.config import ConfigError, load_config
+
+    try:
+        load_config(config, overrides)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def run_command(a) -> int:
+    from launcher.periods import PeriodFailed, PeriodInterrupted, run_local
+    from launcher.report import write_report
+
+    problem = _config_error(a.config, a.overrides)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    # The periods run from the repository: paths are taken from where this command was given.
+    config, data, run, ds_config = (os.path.abspath(x) for x in (a.config, a.data, a.run, a.ds_config))
+    try:
+        run_local(config, data, run, ds_config, a.nproc, a.overrides, restart=a.restart_period)
+    except PeriodInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_REQUEUE
+    except PeriodFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(write_report(a.run))
+    print(f"\nreport: {a.run}/report.md and report.png")
+    return 0
+
+
+def slurm_step_command() -> int:
+    from launcher.slurm import slurm_step
+
+    env = os.environ
+    missing = [k for k in SLURM_REQUIRED if not env.get(k)]
+    if missing:
+        print(f"error: set {', '.join(missing)} (see the header of slurm/continual.sh), e.g. "
+              "PESO_CONFIG=configs/paper.yaml PESO_DATA=data/cds PESO_RUN=runs/cds sbatch slurm/continual.sh", file=sys.stderr)
+        return 2
+    return slurm_step(env["PESO_CONFIG"], env["PESO_DATA"], env["PESO_RUN"], env.get("PESO_DS_CONFIG", DEFAULT_DS),
+                      env.get("PESO_OVERRIDES", "").split())
 
 
 if __name__ == "__main__":

@@ -7,14 +7,18 @@ interrupted resumes inside itself from its own checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 from data_tools.dataset import load_manifest
 from train.run_folder import RunFolder
-from train.trainer import EXIT_REQUEUE
+from train.exit_codes import EXIT_REQUEUE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(REPO, "train", "main.py")
@@ -27,16 +31,27 @@ class PeriodFailed(RuntimeError):
         self.period, self.code = period, code
 
 
+class PeriodInterrupted(RuntimeError):
+    """A period checkpointed on a signal and stopped; the same command again resumes it."""
+
+    def __init__(self, period: int):
+        super().__init__(f"period {period} stopped on a signal after a checkpoint; rerun the same command to resume it")
+        self.period = period
+
+
 def remaining_periods(data: str, run: str) -> list[int]:
     manifest = load_manifest(data)
     done = set(RunFolder(run).state()["done"])
     return [t for t in range(len(manifest["windows"])) if t not in done]
 
 
-def train_args(config: str, data: str, run: str, ds_config: str, overrides: list[str], period: int | None = None) -> list[str]:
+def train_args(config: str, data: str, run: str, ds_config: str, overrides: list[str], period: int | None = None,
+               restart: bool = False) -> list[str]:
     args = ["--ds_config", ds_config, "--config", config, "--data", data, "--run_dir", run]
     if period is not None:
         args += ["--period", str(period)]
+    if restart:
+        args.append("--restart-period")
     return args + list(overrides)
 
 
@@ -48,24 +63,61 @@ def local_command(nproc: int, args: list[str]) -> list[str]:
 
 
 def run_local(config: str, data: str, run: str, ds_config: str, nproc: int, overrides: list[str] = (),
-              env: dict | None = None, upto: int | None = None, log=None) -> list[int]:
+              env: dict | None = None, upto: int | None = None, log=None, restart: bool = False) -> list[int]:
     """Train every remaining period (up to period `upto`) on this machine; returns those trained.
-    `log`: a file that takes the periods' output (default: this process's stdout and stderr)."""
+    `log`: a file that takes the periods' output (default: this process's stdout and stderr).
+    `restart`: the first period discards its checkpoints instead of resuming (--restart-period).
+    Raises PeriodFailed, or PeriodInterrupted when a period checkpointed on a signal."""
     trained = []
     out = log or sys.stdout
     for t in remaining_periods(data, run):
         if upto is not None and t > upto:
             break
         print(f"== period {t}: {os.path.basename(config)} on {nproc} rank(s)", file=out, flush=True)
-        code = subprocess.call(local_command(nproc, train_args(config, data, run, ds_config, list(overrides), t)),
-                               env=env, cwd=REPO, stdout=log, stderr=log)
-        if code == EXIT_REQUEUE:
-            print(f"period {t} stopped on a signal after a checkpoint; rerun to resume", file=out, flush=True)
-            break
+        started = time.time()
+        args = train_args(config, data, run, ds_config, list(overrides), t, restart=restart and not trained)
+        code = _run_period(local_command(nproc, args), env, log)
+        if code == EXIT_REQUEUE or (code != 0 and _stopped_on_signal(run, t, started)):
+            raise PeriodInterrupted(t)
         if code != 0:
             raise PeriodFailed(t, code)
         trained.append(t)
     return trained
+
+
+def _run_period(command: list[str], env: dict | None, log) -> int:
+    """The period's exit code. SIGTERM or SIGUSR1 to this process asks the period to checkpoint and
+    stop: passed on as SIGTERM, which the trainer takes like SIGUSR1 and torchrun passes on to its
+    workers (it kills them 30 s later if they have not finished their checkpoint)."""
+    proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=log)
+    with _signals_passed_to(proc):
+        return proc.wait()
+
+
+@contextlib.contextmanager
+def _signals_passed_to(proc: subprocess.Popen):
+    if threading.current_thread() is not threading.main_thread():  # the demo's side-by-side runs
+        yield
+        return
+    signals = (signal.SIGTERM, signal.SIGUSR1)
+    previous = {sig: signal.signal(sig, lambda signum, frame: proc.send_signal(signal.SIGTERM)) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stopped_on_signal(run: str, period: int, since: float) -> bool:
+    """torchrun reports its workers' exit 75 as a failure (1): the run's state.json says what
+    happened (rank 0 writes phase "stopped" after the checkpoint), if it was written since `since`."""
+    folder = RunFolder(run)
+    try:
+        fresh = os.path.getmtime(folder.path("state.json")) >= since
+    except FileNotFoundError:
+        return False
+    state = folder.state()
+    return fresh and state["phase"] == "stopped" and state["period"] == period
 
 
 def start_from_period0(src: str, dst: str) -> None:

@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 import sys
 
+from data_tools.help_format import HelpFormatter
+
 USAGE_EXIT = 2  # nothing could be answered (bad arguments, no such run or period)
 PARTIAL_EXIT = 1  # some users or histories were unknown; the others were answered
 
 
 def add_parsers(sub) -> None:
     r = sub.add_parser("recommend", help="top-K items for users of the dataset or for histories of items",
-                       description="Top-K items from one period of a trained run, decoded like the evaluation "
+                       formatter_class=HelpFormatter, description="Top-K items from one period of a trained run, decoded like the evaluation "
                                    "(beam search over real item codes). Exit 0: all answered; 1: some users or "
                                    "items were unknown (named on stderr), the rest answered; 2: nothing answered.")
     r.add_argument("run", help="run folder (python -m launcher run ... --run RUN)")
@@ -24,19 +26,19 @@ def add_parsers(sub) -> None:
     who.add_argument("--users", metavar="FILE", help="a file of source user ids, one per line")
     who.add_argument("--history", action="append", metavar="ITEM,ITEM,...",
                      help="source item ids, oldest first (repeat for several histories)")
-    r.add_argument("--k", type=int, default=10, help="items per answer (default: 10)")
+    r.add_argument("--k", type=int, default=10, help="items per answer")
     r.add_argument("--exclude-seen", action="store_true",
                    help="leave out the items of the history (the evaluation keeps them, as the paper does)")
     r.add_argument("--out", help="write JSON lines here (default: a readable list on stdout)")
     r.add_argument("--data", help="the dataset folder, if it moved since training (default: the run's data.path)")
     r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    r.add_argument("--batch-size", type=int, default=64, help="histories decoded together (default: 64)")
+    r.add_argument("--batch-size", type=int, default=64, help="histories decoded together")
 
     e = sub.add_parser("export", help="a self-contained folder of one period's recommender (PEFT adapter or merged)",
-                       description="Backbone + adapter (or, with --merged, one plain Hugging Face model), the "
+                       formatter_class=HelpFormatter, description="Backbone + adapter (or, with --merged, one plain Hugging Face model), the "
                                    "tokenizer with the code tokens, the item index and the items table.")
     e.add_argument("run", help="run folder")
-    e.add_argument("--period", type=int, help="default: the last finished period")
+    e.add_argument("--period", type=int, help="period to export (default: the last finished one)")
     e.add_argument("--out", required=True, help="the folder to write (replaced if it is an earlier export)")
     e.add_argument("--merged", action="store_true", help="merge the adapter into the backbone (merge_and_unload)")
     e.add_argument("--data", help="the dataset folder, if it moved since training (default: the run's data.path)")

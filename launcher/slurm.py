@@ -23,7 +23,7 @@ import sys
 
 from launcher.periods import MAIN, REPO, remaining_periods, train_args
 from launcher.report import write_report
-from train.trainer import EXIT_REQUEUE
+from train.exit_codes import EXIT_REQUEUE
 
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
 

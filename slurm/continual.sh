@@ -3,19 +3,20 @@
 # one after (--dependency=afterok); at the time limit or on preemption it checkpoints and
 # requeues itself; when every period is done it writes <run>/report.md and report.png.
 #
-#   PESO_DATA=data/cds PESO_RUN=runs/cds-peso sbatch slurm/continual.sh
-#   sbatch --nodes=4 --time=6:00:00 --export=ALL,PESO_DATA=data/cds,PESO_RUN=runs/cds slurm/continual.sh
+#   PESO_CONFIG=configs/paper.yaml PESO_DATA=data/cds PESO_RUN=runs/cds-peso sbatch slurm/continual.sh
+#   sbatch --nodes=4 --time=6:00:00 --export=ALL,PESO_CONFIG=configs/paper.yaml,PESO_DATA=data/cds,PESO_RUN=runs/cds slurm/continual.sh
 #
 # Every #SBATCH line below can be overridden on the sbatch command line. Settings (environment):
+#   PESO_CONFIG     experiment YAML (configs/*.yaml)                                [required]
 #   PESO_DATA       dataset folder (python -m data_tools convert / index)          [required]
 #   PESO_RUN        run folder (state.json, periods, TensorBoard)                   [required]
-#   PESO_CONFIG     experiment YAML                        [configs/tiny.yaml]
 #   PESO_DS_CONFIG  DeepSpeed config                       [ds_configs/zero3.json]
 #   PESO_OVERRIDES  dotted overrides, space-separated      [none], e.g. "optim.lr=1e-4 method.lam=2"
 #   PESO_REPO       this repository on the nodes            [the submit directory]
 #   PESO_PYTHON     interpreter                             [PESO_REPO/.venv/bin/python, else python3]
-# A failed period stops the chain with a message; submitting the same command again continues
-# from that period (finished periods are never repeated).
+# A required setting missing: exit 2 with a message naming it. A failed period stops the chain
+# with a message; submitting the same command again continues from that period (finished
+# periods are never repeated).
 #SBATCH --job-name=peso-continual
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=8

@@ -9,6 +9,7 @@ a typo in a 12-hour job's config should cost seconds, not the job.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,88 +24,110 @@ class ConfigError(ValueError):
     """A configuration problem, found before training starts."""
 
 
+def setting(default=None, help: str = "", *, factory=None, resume_may_change: bool = False):
+    """A config key: its default, its one-line help (shown by `train/main.py --print-config`), and
+    whether it may change when a period resumes from its checkpoint (what is logged, evaluated or
+    how often it is saved; everything else would silently mix two experiments in one period)."""
+    metadata = {"help": help, "resume_may_change": resume_may_change}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class ModelConfig:
-    path: str | None = None  # a local Hugging Face folder (a real backbone) ...
-    shape: str | None = None  # ... or a named shape with random weights: tiny, small, 1b, 8b (train/shapes.py)
-    dtype: str = "auto"  # auto = bf16 on a GPU that has it, fp32 on the CPU
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
-    gradient_checkpointing: bool = False  # always non-reentrant (see docs/zero3.md)
-    period0: str = "lora"  # lora | full: a random-weight backbone must first learn the task in full
-    seed: int = 0  # initial weights of a shape, LoRA init
+    path: str | None = setting(None, "a local Hugging Face folder (a real backbone); or set model.shape")
+    shape: str | None = setting(None, "a named shape with random weights: tiny, small, 1b, 8b (train/shapes.py)")
+    dtype: str = setting("auto", "auto (bf16 on a GPU that has it, fp32 on the CPU), fp32, bf16 or fp16")
+    attn_implementation: str = setting("sdpa", "sdpa, eager or flash_attention_2", resume_may_change=True)
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward (always non-reentrant, "
+                                                  "docs/zero3.md)", resume_may_change=True)
+    period0: str = setting("lora", "lora or full: a random-weight backbone must first learn the task in full")
+    seed: int = setting(0, "initial weights of a shape, LoRA init")
 
 
 @dataclass
 class LoraConfig:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    targets: list = field(default_factory=lambda: list(LORA_TARGETS))
+    r: int = setting(8, "rank of the adapters")
+    alpha: int = setting(16, "LoRA scale numerator: the update is scaled by alpha / r")
+    dropout: float = setting(0.05, "dropout on the adapters' input")
+    targets: list[str] = setting(help="projections that get an adapter",
+                                 factory=lambda: list(LORA_TARGETS))
 
 
 @dataclass
 class MethodConfig:
-    name: str = "single"  # single | peso | l2 | cumulative | cumulative_all (train/regularizers.py)
-    lam: float = 0.0  # weight of the proximal term
-    reduce: str = "sum"  # sum (the paper's equation) | mean over layers (the authors' code)
-    temperature: float = 1.0  # cross-entropy on logits / temperature (the authors use 0.8)
+    name: str = setting("single", "single, peso, l2, cumulative or cumulative_all (train/regularizers.py)")
+    lam: float = setting(0.0, "weight of the proximal term (peso, l2)")
+    reduce: str = setting("sum", "the proximal term over layers: sum (the paper's equation) or mean (the authors' code)")
+    temperature: float = setting(1.0, "cross-entropy on logits / temperature (the authors use 0.8)")
 
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # the dataset folder (data_tools convert); --data overrides
-    objective: str = "response"  # response: one sample per target (the paper's) | sequence: every target of a user's chunk in one pass
-    micro_batch_size: int = 8  # per rank
-    num_workers: int = 0  # DataLoader workers per rank (0: in the training process)
-    shuffle_buffer: int = 1000
-    seed: int = 0
-    max_history: int = 20  # items of history in a prompt (<= what the shards hold)
-    eval_batch_size: int = 32
-    template: str | None = None  # the prompt, with one {history}; None: the paper's instruction; "{history}": items only
-    separator: str = ", "  # between history items in the prompt
+    path: str | None = setting(None, "the dataset folder (python -m data_tools convert); --data overrides",
+                               resume_may_change=True)
+    objective: str = setting("response", "response: one sample per target (the paper's); sequence: every "
+                                         "target of a user's chunk in one pass")
+    micro_batch_size: int = setting(8, "samples (or chunks) per rank and forward")
+    num_workers: int = setting(0, "DataLoader workers per rank (0: in the training process); the batches "
+                                  "do not depend on it", resume_may_change=True)
+    shuffle_buffer: int = setting(1000, "samples in each rank's seeded shuffle buffer")
+    seed: int = setting(0, "seed of the training order")
+    max_history: int = setting(20, "items of history in a prompt (<= what the shards hold)")
+    eval_batch_size: int = setting(32, "samples per forward in validation and evaluation", resume_may_change=True)
+    template: str | None = setting(None, "the prompt, with one {history}; null: the paper's instruction; "
+                                         "\"{history}\": the items only")
+    separator: str = setting(", ", "between history items in the prompt")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-4  # period 0
-    later_lr_factor: float = 0.1  # periods >= 1 train at lr * this (the paper: 0.1)
-    weight_decay: float = 0.01
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    max_nonfinite_in_a_row: int = 5  # skipped micro-batches in a row before the run stops
+    lr: float = setting(2e-4, "learning rate of period 0")
+    later_lr_factor: float = setting(0.1, "periods >= 1 train at lr x this (the paper: 0.1)")
+    weight_decay: float = setting(0.01, "AdamW weight decay")
+    betas: list[float] = setting(help="AdamW betas", factory=lambda: [0.9, 0.999])
+    eps: float = setting(1e-8, "AdamW epsilon")
+    grad_clip: float = setting(1.0, "clip the gradient norm to this")
+    max_nonfinite_in_a_row: int = setting(5, "skipped micro-batches in a row before the run stops",
+                                          resume_may_change=True)
 
 
 @dataclass
 class ScheduleConfig:
-    epochs: int = 4  # per period (the cap, with patience)
-    period0_epochs: int | None = None  # period 0's cap instead (a model learning from scratch needs more); None: epochs
-    patience: int | None = None  # stop a period after this many epochs without a better validation loss; None: never
-    global_batch_size: int = 32  # = micro_batch_size x ranks x accumulation
-    warmup_ratio: float = 0.01
-    max_steps: int | None = None  # cap per period (smoke tests, benchmarks)
+    epochs: int = setting(4, "epochs per period (the cap, with patience)")
+    period0_epochs: int | None = setting(None, "period 0's epoch cap instead (a model learning from scratch "
+                                               "needs more); null: epochs")
+    patience: int | None = setting(None, "stop a period after this many epochs without a better validation "
+                                         "loss; null: never")
+    global_batch_size: int = setting(32, "samples per optimizer step = micro_batch_size x ranks x accumulation")
+    warmup_ratio: float = setting(0.01, "share of a period's steps with a linear warmup (then cosine decay)")
+    max_steps: int | None = setting(None, "cap on a period's steps (smoke tests, benchmarks); null: none")
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 200  # plus one at every epoch end
-    keep: int = 2
+    every_steps: int = setting(200, "steps between checkpoints (plus one at every epoch end)", resume_may_change=True)
+    keep: int = setting(2, "complete checkpoints kept", resume_may_change=True)
 
 
 @dataclass
 class LoggingConfig:
-    every_steps: int = 10
-    progress: bool = True
-    peak_tflops: float | None = None  # override the device peak used for MFU
+    every_steps: int = setting(10, "steps between TensorBoard scalars", resume_may_change=True)
+    progress: bool = setting(True, "a progress bar on rank 0", resume_may_change=True)
+    peak_tflops: float | None = setting(None, "device peak used for MFU; null: the known peak of the device",
+                                        resume_may_change=True)
 
 
 @dataclass
 class EvalConfig:
-    beams: int = 20  # >= the largest K
-    ks: list = field(default_factory=lambda: [5, 10, 20])
-    every_period: bool = True  # evaluate at the end of each period
-    max_users: int | None = None  # per window: a seeded random sample of the test users (quick runs); None: all
-    seed: int = 0  # of that sample, the same for every period and method
+    beams: int = setting(20, "beams of the trie-constrained beam search (>= the largest K)", resume_may_change=True)
+    ks: list[int] = setting(help="the K of Hit@K and NDCG@K", factory=lambda: [5, 10, 20],
+                            resume_may_change=True)
+    every_period: bool = setting(True, "evaluate at the end of each period", resume_may_change=True)
+    max_users: int | None = setting(None, "per window, a seeded random sample of the test users (quick runs); "
+                                          "null: all", resume_may_change=True)
+    seed: int = setting(0, "seed of that sample, the same for every period and method", resume_may_change=True)
 
 
 @dataclass
@@ -159,10 +182,11 @@ def _coerce(value, hint, key: str):
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if hint is list or origin is list:
-        if isinstance(value, list):
-            return value
-        raise ConfigError(f"{key}: expected a list, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{key}: expected a non-empty list, got {value!r}")
+        (item_hint,) = typing.get_args(hint)
+        return [_coerce(item, item_hint, f"{key}[{i}]") for i, item in enumerate(value)]
     raise ConfigError(f"{key}: unsupported type {hint}")
 
 
@@ -257,8 +281,52 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"schedule.warmup_ratio must be in [0, 1), got {cfg.schedule.warmup_ratio}")
     if cfg.data.template is not None and cfg.data.template.count("{history}") != 1:
         raise ConfigError("data.template needs exactly one {history} placeholder")
+    if any(k < 1 for k in cfg.eval.ks):
+        raise ConfigError(f"eval.ks must be positive integers, got {cfg.eval.ks}")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
     if cfg.eval.beams < max(cfg.eval.ks):
         raise ConfigError(f"eval.beams ({cfg.eval.beams}) must be >= the largest K in eval.ks ({max(cfg.eval.ks)})")
+
+
+def _settings(cfg: Config):
+    """(section.key, its dataclass field, its type hint, its value in `cfg`) for every key, in order."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        hints = typing.get_type_hints(type(values))
+        for f in dataclasses.fields(values):
+            yield f"{section.name}.{f.name}", f, hints[f.name], getattr(values, f.name)
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _type_name(hint) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint)
+
+
+def describe(cfg: Config) -> str:
+    """Every key of `cfg`: type, value, default and help, one per line (`train/main.py --print-config`);
+    values and defaults as YAML/JSON would write them (null, true, "text"), so they can be pasted back."""
+    rows = [("key", "type", "value", "default", "help")]
+    rows += [(key, _type_name(hint), json.dumps(value), json.dumps(_default(f)), f.metadata["help"])
+             for key, f, hint, value in _settings(cfg)]
+    widths = [min(max(len(row[i]) for row in rows), 30) for i in range(4)]  # a longer list overflows its row only
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4] for row in rows)
+
+
+def resume_conflicts(saved: dict, cfg: Config) -> list[str]:
+    """The keys that differ between `saved` (the `to_dict()` a period started with) and `cfg`, and
+    may not change when that period resumes, as "key: old -> new". A key the saved config
+    predates is not a conflict."""
+    conflicts = []
+    for key, f, _, value in _settings(cfg):
+        section, name = key.split(".")
+        old = saved.get(section, {}).get(name, value)
+        if not f.metadata["resume_may_change"] and old != value:
+            conflicts.append(f"{key}: {json.dumps(old)} -> {json.dumps(value)}")
+    return conflicts
 
 
 def period_epochs(cfg: Config, period: int) -> int:

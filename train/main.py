@@ -4,6 +4,10 @@
         --data data/cds --run runs/cds-peso [--period t] [optim.lr=1e-4 ...]
     torchrun --nproc_per_node 2 train/main.py ... --run_dir RUN   (torchrun takes "--run" for its own
                                                                   --run-path); a plain `python train/main.py` also works
+    python train/main.py --print-config --config configs/tiny.yaml [optim.lr=1e-4 ...]   (the resolved config)
+
+A period that resumes from its checkpoint must keep the config it started with (the keys that may
+change are marked in train/config.py); --restart-period discards its checkpoints instead.
 
 Read top to bottom: configuration (every error before any rank trains) -> distributed set-up
 -> vocabulary -> model -> data -> DeepSpeed engine -> train (resuming if a checkpoint exists)
@@ -16,22 +20,57 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import warnings
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ds_config", required=True, help="DeepSpeed config (ds_configs/zero2.json, zero3.json, zero3_offload.json)")
+def build_parser() -> argparse.ArgumentParser:
+    from data_tools.help_format import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--ds_config", help="DeepSpeed config (ds_configs/zero2.json, zero3.json, zero3_offload.json); "
+                                       "required to train (default: none)")
     p.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
-    p.add_argument("--data", help="dataset folder (python -m data_tools convert); default: data.path in the config")
+    p.add_argument("--data", help="dataset folder (python -m data_tools convert) (default: data.path in the config)")
     # torchrun reads "--run" as an abbreviation of its own --run-path: spell it --run_dir there.
-    p.add_argument("--run", "--run_dir", dest="run", required=True, help="run folder: periods, checkpoints, TensorBoard, state.json")
+    p.add_argument("--run", "--run_dir", dest="run",
+                   help="run folder: periods, checkpoints, TensorBoard, state.json; required to train (default: none)")
     p.add_argument("--period", type=int, help="period to train (default: the next one by the run's state.json)")
     p.add_argument("--eval_only", action="store_true", help="evaluate the period's exported model again; no training")
+    p.add_argument("--restart-period", action="store_true",
+                   help="discard the period's checkpoints and train it from its start (to resume with a changed config)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print every key of the resolved config (type, value, default, help) and exit")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 schedule.epochs=2")
-    return p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 schedule.epochs=2 (default: none)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    missing = [flag for flag, value in (("--ds_config", args.ds_config), ("--run", args.run)) if value is None]
+    if missing and not args.print_config:
+        p.error(f"the following arguments are required: {', '.join(missing)}")
+    if args.eval_only and args.restart_period:
+        p.error("--restart-period trains the period again: it does not go with --eval_only")
+    return args
+
+
+def print_config(args) -> int:
+    """`--print-config`: the configuration a run with these arguments would train with."""
+    from train.config import ConfigError, describe, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.data:
+        cfg.data.path = args.data
+    print(describe(cfg))
+    return 0
 
 
 def check_inputs(args):
@@ -65,6 +104,8 @@ def check_inputs(args):
     if cfg.model.period0 == "full" and period > 0 and not os.path.isdir(run.model_dir(0)):
         raise ConfigError(f"period {period} needs period 0's model ({run.model_dir(0)}); train period 0 first")
     accumulation_steps(cfg, int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1))
+    if not args.eval_only and not args.restart_period:
+        check_resume(run, period, cfg)
     if args.eval_only:
         export = run.model_dir(period) if cfg.model.period0 == "full" and period == 0 else run.adapter_dir(period)
         if not os.path.isdir(export):
@@ -72,9 +113,30 @@ def check_inputs(args):
     return cfg, ds_template, manifest, run, period
 
 
+def check_resume(run, period: int, cfg) -> None:
+    """A period resumes from its checkpoint only with the config it started with (apart from the
+    keys that may change, train/config.py): otherwise one period would mix two experiments."""
+    from train.checkpoint import COMPLETE
+    from train.config import ConfigError, resume_conflicts
+
+    started = os.path.join(run.period_dir(period), "config.json")
+    if not (os.path.isfile(os.path.join(run.ckpt_dir(period), COMPLETE)) and os.path.isfile(started)):
+        return
+    with open(started) as f:
+        conflicts = resume_conflicts(json.load(f)["config"], cfg)
+    if conflicts:
+        raise ConfigError(f"period {period} would resume from its checkpoint in {run.ckpt_dir(period)}, but the "
+                          "config changed since the period started:\n  " + "\n  ".join(conflicts) +
+                          "\nrerun with the config it started with, or add --restart-period to discard its "
+                          "checkpoints and train it from its start")
+
+
 def main(argv=None) -> int:
     from train.config import ConfigError
 
+    args = parse_args(argv)
+    if args.print_config:
+        return print_config(args)
     if not sys.stderr.isatty():  # a log file: no "Writing model shards" bars from transformers
         from transformers.utils import logging as hf_logging
 
@@ -82,16 +144,15 @@ def main(argv=None) -> int:
     # DeepSpeed 0.19 calls collectives that torch 2.13 renamed; the warning repeats every step.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
-    args = parse_args(argv)
     try:
         cfg, ds_template, manifest, run, period = check_inputs(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return train_period(cfg, ds_template, manifest, run, period, args.eval_only)
+    return train_period(cfg, ds_template, manifest, run, period, args.eval_only, args.restart_period)
 
 
-def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool = False) -> int:
+def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool = False, restart: bool = False) -> int:
     from train.checkpoint import Checkpointer
     from train.config import accumulation_steps, period_epochs
     from train.data import WindowData
@@ -105,7 +166,8 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
     from train.regularizers import make_regularizer, previous_adapter
     from train.schedule import make_optimizer, make_scheduler
     from train.strategy import DeepSpeedStrategy
-    from train.trainer import EXIT_REQUEUE, StopRequested, Trainer
+    from train.exit_codes import EXIT_REQUEUE
+    from train.trainer import StopRequested, Trainer
     from train.vocab import SampleEncoder, load_vocab
 
     # ---- distributed set-up and vocabulary -----------------------------------------------------
@@ -115,6 +177,11 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
     if strategy.is_rank0 and not eval_only:
         os.makedirs(run.period_dir(period), exist_ok=True)
         run.save_state(period=period, phase="training")
+    if restart:
+        if strategy.is_rank0 and os.path.isdir(run.ckpt_dir(period)):
+            shutil.rmtree(run.ckpt_dir(period))
+            strategy.print0(f"period {period}: --restart-period: its checkpoints are discarded; training it from its start")
+        strategy.barrier()  # no rank may look for a checkpoint before they are gone
     tokenizer, codebook, template = load_vocab(cfg, run, cfg.data.path, strategy)
 
     # ---- model ---------------------------------------------------------------------------------
@@ -189,6 +256,8 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
         progress = trainer.fit()
     except StopRequested:
         strategy.print0(f"period {period}: checkpointed on a signal; rerun to resume")
+        if strategy.is_rank0:
+            run.save_state(phase="stopped")  # for a launcher that sees only torchrun's exit code (1)
         logger.close()
         strategy.close()
         return EXIT_REQUEUE

@@ -9,7 +9,7 @@ stops after that many epochs without a better one (`schedule.epochs`, or
 is skipped on every rank (no backward, and it does not count toward the accumulation window,
 so the optimizer step waits for the next good micro-batch), counted, and too many in a row stop
 the run with an error. SIGUSR1 or SIGTERM (a SLURM time limit or preemption) makes
-every rank checkpoint at the next step boundary and exit with EXIT_REQUEUE.
+every rank checkpoint at the next step boundary and exit with EXIT_REQUEUE (train/exit_codes.py).
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from data_tools.progress import progress_bar
 from train.checkpoint import Checkpointer
 from train.loss import IGNORE, lm_loss
 from train.metrics import Throughput, memory_stats
-
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: "checkpointed on a signal, run me again"
 
 
 class NonFiniteLossError(RuntimeError):

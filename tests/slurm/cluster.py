@@ -746,7 +746,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m tests.slurm.cluster", description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["start", "stop", "status", "env"])
+    parser.add_argument("command", choices=["start", "stop", "status", "env"],
+                        help="start (install if needed) or stop the local cluster, show its status, or print the line that points commands at it")
     args = parser.parse_args(argv)
     cluster = LocalSlurm()
     try:

@@ -119,7 +119,7 @@ def test_unknown_format_is_a_clear_error(tmp_path):
         run(tmp_path, good_stream(), fmt="yelp")
     proc = subprocess.run([sys.executable, "-m", "data_tools", "convert", "--format", "yelp", "--reviews", "x", "--out", str(tmp_path / "o")],
                           capture_output=True, text=True)
-    assert proc.returncode == 2 and "unknown format 'yelp'" in proc.stderr
+    assert proc.returncode == 2 and "argument --format: invalid choice: 'yelp' (choose from 'amazon2023'" in proc.stderr
 
 
 def test_missing_input_file_is_a_clear_error(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ import sys
 
 import pytest
 
-from train.config import ConfigError, accumulation_steps, load_config
+from train.config import ConfigError, accumulation_steps, describe, load_config, resume_conflicts
 from train.ds_config import fill_ds_config, load_ds_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,6 +34,14 @@ def test_tiny_config_loads_and_overrides_apply():
     (["model.path=/somewhere"], "set exactly one of model.path"),
     (["eval.beams=3"], "eval.beams (3) must be >= the largest K"),
     (["optim.lr"], "is not of the form section.key=value"),
+    (["eval.ks=[]"], "eval.ks: expected a non-empty list, got []"),
+    (["eval.ks=5"], "eval.ks: expected a non-empty list, got 5"),
+    (["eval.ks=[5, a]"], "eval.ks[1]: expected an integer, got 'a'"),
+    (["eval.ks=[0, 5]"], "eval.ks must be positive integers, got [0, 5]"),
+    (["lora.targets=[q_proj, 7]"], "lora.targets[1]: expected a string, got 7"),
+    (["lora.targets=[]"], "lora.targets: expected a non-empty list"),
+    (["optim.betas=[0.9, x]"], "optim.betas[1]: expected a number, got 'x'"),
+    (["optim.betas=[0.9]"], "optim.betas must be two numbers in [0, 1), got [0.9]"),
 ])
 def test_config_errors_name_the_problem(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -103,3 +112,28 @@ def test_main_requires_an_item_index(tmp_path, ml_indexed):
     assert "python -m data_tools index" in proc.stderr
     with open(os.path.join(data, "manifest.json")) as f:
         assert json.load(f)["windows"]
+
+
+def test_every_key_has_a_help_text_and_print_config_shows_every_key():
+    cfg = load_config(TINY, ["optim.lr=1e-4", "eval.ks=[5, 10]"])
+    lines = describe(cfg).splitlines()
+    fields = {f"{section}.{f.name}": f for section in cfg.to_dict() for f in dataclasses.fields(getattr(cfg, section))}
+    assert [line.split()[0] for line in lines[1:]] == list(fields)
+    assert not [key for key, f in fields.items() if not f.metadata["help"].strip()]
+    row = {line.split()[0]: line for line in lines}
+    assert row["optim.lr"].split()[1:4] == ["float", "0.0001", "0.0002"]
+    assert row["eval.ks"].split()[1:] == ["list[int]", "[5,", "10]", "[5,", "10,", "20]", *"the K of Hit@K and NDCG@K".split()]
+    assert row["model.path"].split()[1:6] == ["str", "|", "None", "null", "null"]
+
+
+def test_resume_conflicts_name_the_keys_that_matter_with_old_and_new_values():
+    started = load_config(TINY).to_dict()
+    same_experiment = load_config(TINY, ["logging.every_steps=3", "eval.ks=[5]", "eval.beams=5", "checkpoint.every_steps=7",
+                                         "data.num_workers=2", "data.path=/moved", "model.gradient_checkpointing=true"])
+    assert resume_conflicts(started, same_experiment) == []
+    changed = load_config(TINY, ["optim.lr=1e-3", "method.name=single", "lora.targets=[q_proj]", "data.micro_batch_size=8"])
+    assert resume_conflicts(started, changed) == [
+        'lora.targets: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] -> ["q_proj"]',
+        'method.name: "peso" -> "single"', "data.micro_batch_size: 16 -> 8", "optim.lr: 0.003 -> 0.001"]
+    del started["method"]["temperature"]  # a config.json written before the key existed
+    assert resume_conflicts(started, load_config(TINY, ["method.temperature=0.8"])) == []
