@@ -7,16 +7,20 @@ interrupted resumes inside itself from its own checkpoints.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
 import sys
 
 from data_tools.dataset import load_manifest
+from train.logs import stamped
 from train.run_folder import RunFolder
 from train.trainer import EXIT_REQUEUE
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+log = logging.getLogger(__name__)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # a checkout, or site-packages when installed
 MAIN = os.path.join(REPO, "train", "main.py")
 
 
@@ -52,20 +56,28 @@ def run_local(config: str, data: str, run: str, ds_config: str, nproc: int, over
     """Train every remaining period (up to period `upto`) on this machine; returns those trained.
     `log`: a file that takes the periods' output (default: this process's stdout and stderr)."""
     trained = []
-    out = log or sys.stdout
     for t in remaining_periods(data, run):
         if upto is not None and t > upto:
             break
-        print(f"== period {t}: {os.path.basename(config)} on {nproc} rank(s)", file=out, flush=True)
+        _announce(f"== period {t}: {os.path.basename(config)} on {nproc} rank(s)", log)
         code = subprocess.call(local_command(nproc, train_args(config, data, run, ds_config, list(overrides), t)),
-                               env=env, cwd=REPO, stdout=log, stderr=log)
+                               env=env, stdout=log, stderr=log)
         if code == EXIT_REQUEUE:
-            print(f"period {t} stopped on a signal after a checkpoint; rerun to resume", file=out, flush=True)
+            _announce(f"period {t} stopped on a signal after a checkpoint; rerun to resume", log)
             break
         if code != 0:
             raise PeriodFailed(t, code)
         trained.append(t)
     return trained
+
+
+def _announce(message: str, log_file=None) -> None:
+    """A line of the chain's log: into `log_file` beside the periods' own output when there is
+    one, else through this process's logger."""
+    if log_file is None:
+        log.info(message)
+    else:
+        print(stamped(message), file=log_file, flush=True)
 
 
 def start_from_period0(src: str, dst: str) -> None:

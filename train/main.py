@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
 import warnings
+
+log = logging.getLogger("train.main")  # "__main__" when run as a script: outside the configured loggers
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -99,6 +102,7 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
     from train.evaluate import evaluate_period
     from train.export import export_adapter, export_full_model
     from train.flops import FlopCounter, device_peak_flops
+    from train.logs import configure_logging
     from train.metrics import MetricsLogger
     from train.model import (apply_lora, backbone_dir, build_shape_backbone, hidden_size, load_adapter_weights,
                              load_backbone, load_full_weights, param_groups)
@@ -110,6 +114,7 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
 
     # ---- distributed set-up and vocabulary -----------------------------------------------------
     strategy = DeepSpeedStrategy()
+    configure_logging(strategy.rank)
     accumulation = accumulation_steps(cfg, strategy.world_size)
     dtype = resolve_dtype(cfg, strategy.cuda, strategy.bf16_supported)
     if strategy.is_rank0 and not eval_only:
@@ -150,16 +155,21 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
 
     # ---- bookkeeping -----------------------------------------------------------------------------
     step_offset = run.state().get("global_step", 0)
-    logger = MetricsLogger(run.root, strategy.is_rank0)
+    checkpointer = Checkpointer(strategy, run.ckpt_dir(period), cfg.checkpoint.keep)
+    # Training writes again from the step after the checkpoint it resumes from (or the period's
+    # first step): whatever a killed run wrote from there on is hidden, not shown twice.
+    # --eval_only writes only evaluation points, at a step that keeps its training points.
+    logger = MetricsLogger(run.root, strategy.is_rank0,
+                           purge_step=None if eval_only else step_offset + checkpointer.latest_step() + 1)
     if strategy.is_rank0 and not eval_only:
         with open(os.path.join(run.period_dir(period), "config.json"), "w") as f:
             json.dump({"config": cfg.to_dict(), "ds_config": ds_config, "world_size": strategy.world_size}, f, indent=1)
         logger.text("config", {"period": period, "config": cfg.to_dict(), "ds_config": ds_config}, step_offset)
-        strategy.print0(f"period {period}: {'full training' if full else f'LoRA r={cfg.lora.r}'} of {source}, "
-                        f"{trainable:,} trainable parameters, {data.train_plan.samples:,} "
-                        f"{'chunks of user sequences' if cfg.data.objective == 'sequence' else 'samples'}, "
-                        f"{data.train_plan.steps} steps/epoch x {epochs} epochs "
-                        f"(capped at {total_steps}), ZeRO-{strategy.zero_stage}, {strategy.world_size} ranks, {dtype}")
+        log.info(f"period {period}: {'full training' if full else f'LoRA r={cfg.lora.r}'} of {source}, "
+                 f"{trainable:,} trainable parameters, {data.train_plan.samples:,} "
+                 f"{'chunks of user sequences' if cfg.data.objective == 'sequence' else 'samples'}, "
+                 f"{data.train_plan.steps} steps/epoch x {epochs} epochs "
+                 f"(capped at {total_steps}), ZeRO-{strategy.zero_stage}, {strategy.world_size} ranks, {dtype}")
     flops = FlopCounter(engine.module.config, None if full else cfg.lora.r, cfg.lora.targets, full,
                         cfg.model.gradient_checkpointing)
 
@@ -170,7 +180,7 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
             export_adapter(strategy, engine.module, run.adapter_dir(period), {"period": period})
 
     trainer = Trainer(cfg=cfg, strategy=strategy, engine=engine, data=data,
-                      checkpointer=Checkpointer(strategy, run.ckpt_dir(period), cfg.checkpoint.keep),
+                      checkpointer=checkpointer,
                       export=export, logger=logger, flops=flops,
                       peak_flops=device_peak_flops(strategy.cuda, dtype, cfg.logging.peak_tflops),
                       step_offset=step_offset, period=period, epochs=epochs,
@@ -188,7 +198,7 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
     try:
         progress = trainer.fit()
     except StopRequested:
-        strategy.print0(f"period {period}: checkpointed on a signal; rerun to resume")
+        log.info(f"period {period}: checkpointed on a signal; rerun to resume")
         logger.close()
         strategy.close()
         return EXIT_REQUEUE
@@ -231,7 +241,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """`python train/main.py` and the `peso-train` command."""
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -240,3 +251,7 @@ if __name__ == "__main__":
     # in 45 in docs/zero3.md, after all results were written). Everything this
     # process had to write is written and closed by now.
     os._exit(code)
+
+
+if __name__ == "__main__":
+    console_main()
