@@ -14,13 +14,15 @@ import argparse
 import os
 import sys
 
-from launcher.periods import REPO
+from launcher.files import shipped
+from train.logs import configure_logging
 
-DEFAULT_CONFIG = os.path.join(REPO, "configs", "tiny.yaml")
-DEFAULT_DS = os.path.join(REPO, "ds_configs", "zero3.json")
+DEFAULT_CONFIG = shipped("configs", "tiny.yaml")
+DEFAULT_DS = shipped("ds_configs", "zero3.json")
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_logging()
     p = argparse.ArgumentParser(prog="python -m launcher", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--metric", default="ndcg@10")
 
     d = sub.add_parser("demo", help="MovieLens-100K end to end on this machine (CPU, two ranks)")
-    d.add_argument("--workdir", default=os.path.join(REPO, "demo"), help="where data and runs go (default ./demo)")
+    d.add_argument("--workdir", default="demo", help="where data and runs go (default ./demo)")
     d.add_argument("--nproc", type=int, default=2)
 
     from launcher.recommend import add_parsers
