@@ -305,7 +305,10 @@ def _build(opts: ConvertOptions, rule: SplitRule, folder: str, t0: float) -> dic
 
         codes, method = import_codes(opts.index, {s: i for i, s in enumerate(stream.item_ids)}, opts.collisions)
         sources.append({"role": "index", "path": method["path"], "sha256": method["sha256"],
-                        "bytes": os.path.getsize(opts.index), "format": "semantic_ids"})
+                        "bytes": os.path.getsize(opts.index), "format": "semantic_ids",
+                        "items_not_in_data": method["items_not_in_data"]})
+        if method["items_not_in_data"]:
+            _say(opts, f"{opts.index} codes {method['items_not_in_data']:,} items that the data lacks; left out")
         write_item_index(folder, codes, method, codes_per_level=max(256, 1 + max(max(c) for c in codes.values())))
         index_info = method["collisions"]
 

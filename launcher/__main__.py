@@ -19,10 +19,11 @@ import re
 import sys
 
 from data_tools.help_format import HelpFormatter
-from launcher.periods import REPO
+from launcher.files import shipped
 from train.exit_codes import EXIT_REQUEUE
+from train.logs import configure_logging
 
-DEFAULT_DS = os.path.join(REPO, "ds_configs", "zero3.json")
+DEFAULT_DS = shipped("ds_configs", "zero3.json")
 SLURM_REQUIRED = ("PESO_CONFIG", "PESO_DATA", "PESO_RUN")
 
 
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the metric of the table and the plot")
 
     d = sub.add_parser("demo", help="MovieLens-100K end to end on this machine (CPU, two ranks)", formatter_class=HelpFormatter)
-    d.add_argument("--workdir", default=os.path.join(REPO, "demo"), help="where data and runs go (default: demo/ in this repository)")
+    d.add_argument("--workdir", default="demo", help="where data and runs go (default: ./demo)")
     d.add_argument("--nproc", type=int, default=2, help="ranks of period 0")
 
     from launcher.recommend import add_parsers
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_logging()
     a = build_parser().parse_args(argv)
 
     if a.command == "run":
@@ -117,7 +119,7 @@ def run_command(a) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    # The periods run from the repository: paths are taken from where this command was given.
+    # Absolute paths: the run's saved config names its dataset wherever it is read from later.
     config, data, run, ds_config = (os.path.abspath(x) for x in (a.config, a.data, a.run, a.ds_config))
     try:
         run_local(config, data, run, ds_config, a.nproc, a.overrides, restart=a.restart_period)

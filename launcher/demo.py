@@ -21,11 +21,12 @@ from data_tools.convert import ConvertOptions, convert
 from data_tools.examples import movielens_100k
 from data_tools.index.build import build_index
 from data_tools.inspect import window_table
-from launcher.periods import REPO, run_local, start_from_period0
+from launcher.files import shipped
+from launcher.periods import run_local, start_from_period0
 from launcher.report import report
 
-CONFIG = os.path.join(REPO, "configs", "demo.yaml")
-DS_CONFIG = os.path.join(REPO, "ds_configs", "zero2.json")
+CONFIG = shipped("configs", "demo.yaml")
+DS_CONFIG = shipped("ds_configs", "zero2.json")
 METHODS = ("peso", "single", "cumulative")
 
 

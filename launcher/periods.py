@@ -8,6 +8,7 @@ interrupted resumes inside itself from its own checkpoints.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -17,10 +18,13 @@ import threading
 import time
 
 from data_tools.dataset import load_manifest
+from train.logs import stamped
 from train.run_folder import RunFolder
 from train.exit_codes import EXIT_REQUEUE
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+log = logging.getLogger(__name__)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # a checkout, or site-packages when installed
 MAIN = os.path.join(REPO, "train", "main.py")
 
 
@@ -69,11 +73,10 @@ def run_local(config: str, data: str, run: str, ds_config: str, nproc: int, over
     `restart`: the first period discards its checkpoints instead of resuming (--restart-period).
     Raises PeriodFailed, or PeriodInterrupted when a period checkpointed on a signal."""
     trained = []
-    out = log or sys.stdout
     for t in remaining_periods(data, run):
         if upto is not None and t > upto:
             break
-        print(f"== period {t}: {os.path.basename(config)} on {nproc} rank(s)", file=out, flush=True)
+        _announce(f"== period {t}: {os.path.basename(config)} on {nproc} rank(s)", log)
         started = time.time()
         args = train_args(config, data, run, ds_config, list(overrides), t, restart=restart and not trained)
         code = _run_period(local_command(nproc, args), env, log)
@@ -89,7 +92,7 @@ def _run_period(command: list[str], env: dict | None, log) -> int:
     """The period's exit code. SIGTERM or SIGUSR1 to this process asks the period to checkpoint and
     stop: passed on as SIGTERM, which the trainer takes like SIGUSR1 and torchrun passes on to its
     workers (it kills them 30 s later if they have not finished their checkpoint)."""
-    proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=log)
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=log)
     with _signals_passed_to(proc):
         return proc.wait()
 
@@ -118,6 +121,15 @@ def _stopped_on_signal(run: str, period: int, since: float) -> bool:
         return False
     state = folder.state()
     return fresh and state["phase"] == "stopped" and state["period"] == period
+
+
+def _announce(message: str, log_file=None) -> None:
+    """A line of the chain's log: into `log_file` beside the periods' own output when there is
+    one, else through this process's logger."""
+    if log_file is None:
+        log.info(message)
+    else:
+        print(stamped(message), file=log_file, flush=True)
 
 
 def start_from_period0(src: str, dst: str) -> None:

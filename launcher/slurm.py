@@ -14,6 +14,7 @@ period; a failure -> stop the chain with a message; resubmitting continues from 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -21,9 +22,11 @@ import socket
 import subprocess
 import sys
 
-from launcher.periods import MAIN, REPO, remaining_periods, train_args
+from launcher.periods import MAIN, remaining_periods, train_args
 from launcher.report import write_report
 from train.exit_codes import EXIT_REQUEUE
+
+log = logging.getLogger(__name__)
 
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -113,30 +116,30 @@ def slurm_step(config: str, data: str, run: str, ds_config: str, overrides: list
     write_hostfile(run, hosts, tasks_per_node())
     env = dict(os.environ, MASTER_ADDR=node_address(hosts[0]), MASTER_PORT=str(free_port()))
     restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
-    print(f"== job {job} (restart {restarts}): period {period} on {len(hosts)} node(s) {','.join(hosts)}, "
-          f"{os.environ.get('SLURM_NTASKS', '?')} ranks", flush=True)
-    proc = subprocess.Popen(srun_command(train_args(config, data, run, ds_config, overrides, period)), env=env, cwd=REPO)
+    log.info(f"== job {job} (restart {restarts}): period {period} on {len(hosts)} node(s) {','.join(hosts)}, "
+             f"{os.environ.get('SLURM_NTASKS', '?')} ranks")
+    proc = subprocess.Popen(srun_command(train_args(config, data, run, ds_config, overrides, period)), env=env)
 
     def forward(signum, frame):  # SIGUSR1 before the time limit, SIGTERM on preemption
-        print(f"== job {job}: signal {signal.Signals(signum).name}: asking every rank to checkpoint", flush=True)
+        log.warning(f"== job {job}: signal {signal.Signals(signum).name}: asking every rank to checkpoint")
         proc.send_signal(signal.SIGUSR1)
 
     for sig in FORWARDED:
         signal.signal(sig, forward)
     code = proc.wait()
     if code == EXIT_REQUEUE:
-        print(f"== job {job}: period {period} checkpointed; requeueing this job to resume it", flush=True)
+        log.info(f"== job {job}: period {period} checkpointed; requeueing this job to resume it")
         scontrol("requeue", job)
         return 0
     if code != 0:
-        print(f"== job {job}: period {period} FAILED (exit code {code}). The chain stops here; fix the cause and "
-              f"resubmit the same sbatch command: finished periods are kept and period {period} resumes.", flush=True)
+        log.error(f"== job {job}: period {period} FAILED (exit code {code}). The chain stops here; fix the cause and "
+                  f"resubmit the same sbatch command: finished periods are kept and period {period} resumes.")
         return code
     if len(left) > 1:
         fields = job_fields(job)
         nxt = subprocess.run(next_job_command(fields, fields["Command"]), env=_clean_env(), check=True,
                              capture_output=True, text=True).stdout.strip()
-        print(f"== job {job}: period {period} done; submitted job {nxt} for period {left[1]}", flush=True)
+        log.info(f"== job {job}: period {period} done; submitted job {nxt} for period {left[1]}")
     else:
         _final_report(run)
     return 0
@@ -144,4 +147,5 @@ def slurm_step(config: str, data: str, run: str, ds_config: str, overrides: list
 
 def _final_report(run: str) -> None:
     text = write_report(run)
-    print(f"== all periods done; report in {run}/report.md and report.png\n{text}", flush=True)
+    log.info(f"== all periods done; report in {run}/report.md and report.png")
+    print(text, flush=True)

@@ -31,6 +31,11 @@ class Checkpointer:
         except FileNotFoundError:
             return None
 
+    def latest_step(self) -> int:
+        """The step of the latest complete checkpoint (0 without one): a resumed period goes on from there."""
+        info = self.latest()
+        return int(info["tag"].removeprefix("step-")) if info else 0
+
     def save(self, engine, step: int, client_state: dict) -> None:
         tag = f"step-{step:08d}"
         engine.save_checkpoint(self.folder, tag=tag, client_state=client_state, save_latest=False,

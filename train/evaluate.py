@@ -17,6 +17,7 @@ same number of steps: ranks pad with masked copies that count for nothing.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 from collections import Counter
@@ -25,12 +26,17 @@ import torch
 from transformers import DynamicCache
 
 from data_tools.dataset import atomic_write_bytes, atomic_write_json
+from data_tools.progress import progress_bar
 from data_tools.reader import read_split, split_size
 from data_tools.windows import GROUPS
 from train.data import collate
 from train.loss import IGNORE, lm_loss
+from train.metrics import Pace
+
+log = logging.getLogger(__name__)
 
 NEG = float("-inf")
+REPORT_EVERY_S = 60.0  # without a terminal: one progress line per minute of a window's evaluation
 
 
 def rank_metrics(ranks: list[int | None], ks: list[int]) -> dict[str, float]:
@@ -108,6 +114,30 @@ def popular_codes(root: str, manifest: dict, window: int, codebook, k: int) -> l
     return [code for code, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
 
 
+class EvalProgress:
+    """How far a window's evaluation is, in users: a bar on a terminal; in a log file (no
+    terminal, or logging.progress false), a line every REPORT_EVERY_S seconds, so a long
+    evaluation is not mistaken for a hung job. Counted by this rank's batches (ranks share the
+    users evenly)."""
+
+    def __init__(self, window: int, users: int, batches: int, show_bar: bool):
+        self.window, self.users, self.batches = window, users, batches
+        self.bar = progress_bar(total=users, desc=f"evaluating window {window}", unit="user", enabled=show_bar)
+        self.pace = Pace(0, batches)
+        self.next_report = REPORT_EVERY_S
+
+    def batch_done(self, k: int) -> None:
+        """Batch `k` (0-based) of this rank is done."""
+        done = min(self.users, round((k + 1) / self.batches * self.users))
+        self.bar.update(done - self.bar.n)
+        if self.bar.disable and self.pace.elapsed() >= self.next_report:
+            log.info(f"evaluating window {self.window}: {done:,} of {self.users:,} users, {self.pace.summary(k + 1)}")
+            self.next_report += REPORT_EVERY_S
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def evaluate_window(cfg, strategy, engine, encoder, manifest, window: int) -> dict:
     """One window's test users (all, or the seeded sample of eval.max_users), shared round-robin
     by the ranks, combined across ranks; with the popularity reference on the same users."""
@@ -132,6 +162,7 @@ def evaluate_window(cfg, strategy, engine, encoder, manifest, window: int) -> di
     dummy = encoder.prompt([0])
     masked = encoder.target([0], 0)
     masked = {"input_ids": masked["input_ids"], "labels": [IGNORE] * len(masked["labels"])}
+    progress = EvalProgress(window, len(users), batches, strategy.is_rank0 and cfg.logging.progress)
     for k in range(batches):
         chunk = samples[k * batch:(k + 1) * batch]
         prompts = [encoder.prompt(s["history"]) for s in chunk]
@@ -167,6 +198,8 @@ def evaluate_window(cfg, strategy, engine, encoder, manifest, window: int) -> di
                           "items": items, "scores": item_scores})
             popularity_ranks.append(popular.index(target) if target in popular else None)
             groups.append(s["group"])
+        progress.batch_done(k)
+    progress.close()
     engine.train()
     out = _combine(strategy, ranks, groups, invalid, cfg.eval.ks)
     reference = _combine(strategy, popularity_ranks, groups, 0, cfg.eval.ks)
@@ -229,9 +262,9 @@ def evaluate_period(cfg, strategy, engine, encoder, manifest, period: int, run, 
             logger.scalars({f"eval/current/{k}": v for k, v in current["overall"].items()}, step)
             for g, vals in current["groups"].items():
                 logger.scalars({f"eval/current_{g}/{k}": v for k, v in vals.items() if k != "users"}, step)
-        strategy.print0(f"period {period} test (window {period}, {current['users'] if current else 0} users): " +
-                        ", ".join(f"{k} {v:.4f}" for k, v in result["overall"].items()))
+        log.info(f"period {period} test (window {period}, {current['users'] if current else 0} users): " +
+                 ", ".join(f"{k} {v:.4f}" for k, v in result["overall"].items()))
         if current:
-            strategy.print0("   most popular items of the window (reference): " +
-                            ", ".join(f"{k} {v:.4f}" for k, v in current["popularity"]["overall"].items()))
+            log.info("   most popular items of the window (reference): " +
+                     ", ".join(f"{k} {v:.4f}" for k, v in current["popularity"]["overall"].items()))
     return result

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import shutil
 import sys
 import warnings
+
+log = logging.getLogger("train.main")  # "__main__" when run as a script: outside the configured loggers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +163,7 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
     from train.evaluate import evaluate_period
     from train.export import export_adapter, export_full_model
     from train.flops import FlopCounter, device_peak_flops
+    from train.logs import configure_logging
     from train.metrics import MetricsLogger
     from train.model import (apply_lora, backbone_dir, build_shape_backbone, hidden_size, load_adapter_weights,
                              load_backbone, load_full_weights, param_groups)
@@ -172,6 +176,7 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
 
     # ---- distributed set-up and vocabulary -----------------------------------------------------
     strategy = DeepSpeedStrategy()
+    configure_logging(strategy.rank)
     accumulation = accumulation_steps(cfg, strategy.world_size)
     dtype = resolve_dtype(cfg, strategy.cuda, strategy.bf16_supported)
     if strategy.is_rank0 and not eval_only:
@@ -217,16 +222,21 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
 
     # ---- bookkeeping -----------------------------------------------------------------------------
     step_offset = run.state().get("global_step", 0)
-    logger = MetricsLogger(run.root, strategy.is_rank0)
+    checkpointer = Checkpointer(strategy, run.ckpt_dir(period), cfg.checkpoint.keep)
+    # Training writes again from the step after the checkpoint it resumes from (or the period's
+    # first step): whatever a killed run wrote from there on is hidden, not shown twice.
+    # --eval_only writes only evaluation points, at a step that keeps its training points.
+    logger = MetricsLogger(run.root, strategy.is_rank0,
+                           purge_step=None if eval_only else step_offset + checkpointer.latest_step() + 1)
     if strategy.is_rank0 and not eval_only:
         with open(os.path.join(run.period_dir(period), "config.json"), "w") as f:
             json.dump({"config": cfg.to_dict(), "ds_config": ds_config, "world_size": strategy.world_size}, f, indent=1)
         logger.text("config", {"period": period, "config": cfg.to_dict(), "ds_config": ds_config}, step_offset)
-        strategy.print0(f"period {period}: {'full training' if full else f'LoRA r={cfg.lora.r}'} of {source}, "
-                        f"{trainable:,} trainable parameters, {data.train_plan.samples:,} "
-                        f"{'chunks of user sequences' if cfg.data.objective == 'sequence' else 'samples'}, "
-                        f"{data.train_plan.steps} steps/epoch x {epochs} epochs "
-                        f"(capped at {total_steps}), ZeRO-{strategy.zero_stage}, {strategy.world_size} ranks, {dtype}")
+        log.info(f"period {period}: {'full training' if full else f'LoRA r={cfg.lora.r}'} of {source}, "
+                 f"{trainable:,} trainable parameters, {data.train_plan.samples:,} "
+                 f"{'chunks of user sequences' if cfg.data.objective == 'sequence' else 'samples'}, "
+                 f"{data.train_plan.steps} steps/epoch x {epochs} epochs "
+                 f"(capped at {total_steps}), ZeRO-{strategy.zero_stage}, {strategy.world_size} ranks, {dtype}")
     flops = FlopCounter(engine.module.config, None if full else cfg.lora.r, cfg.lora.targets, full,
                         cfg.model.gradient_checkpointing)
 
@@ -237,7 +247,7 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
             export_adapter(strategy, engine.module, run.adapter_dir(period), {"period": period})
 
     trainer = Trainer(cfg=cfg, strategy=strategy, engine=engine, data=data,
-                      checkpointer=Checkpointer(strategy, run.ckpt_dir(period), cfg.checkpoint.keep),
+                      checkpointer=checkpointer,
                       export=export, logger=logger, flops=flops,
                       peak_flops=device_peak_flops(strategy.cuda, dtype, cfg.logging.peak_tflops),
                       step_offset=step_offset, period=period, epochs=epochs,
@@ -255,7 +265,7 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
     try:
         progress = trainer.fit()
     except StopRequested:
-        strategy.print0(f"period {period}: checkpointed on a signal; rerun to resume")
+        log.info(f"period {period}: checkpointed on a signal; rerun to resume")
         if strategy.is_rank0:
             run.save_state(phase="stopped")  # for a launcher that sees only torchrun's exit code (1)
         logger.close()
@@ -300,7 +310,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """`python train/main.py` and the `peso-train` command."""
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -309,3 +320,7 @@ if __name__ == "__main__":
     # in 45 in docs/zero3.md, after all results were written). Everything this
     # process had to write is written and closed by now.
     os._exit(code)
+
+
+if __name__ == "__main__":
+    console_main()

@@ -4,10 +4,13 @@ MFU, memory, and the share of time spent waiting for data.
 
 Scalars go under `<run>/tb/` with a step that keeps counting across periods, so the whole
 continual run reads as one curve; each period's first step is marked in the `period` scalar.
+A resumed period hides the points its killed run wrote after the checkpoint it resumes from
+(`purge_step`), so every step has exactly one point.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import resource
@@ -57,15 +60,41 @@ class Throughput:
         return out
 
 
-class MetricsLogger:
-    """TensorBoard on rank 0; a no-op elsewhere."""
+def duration(seconds: float) -> str:
+    """1:02:03 (hours:minutes:seconds)."""
+    return str(datetime.timedelta(seconds=round(seconds)))
 
-    def __init__(self, run_dir: str, enabled: bool):
+
+class Pace:
+    """Elapsed time and the time left of a job of `total` units, from the pace of the units done
+    in this process (a resumed period measures its own pace, not the time before the restart)."""
+
+    def __init__(self, done: int, total: int):
+        self.t0 = time.perf_counter()
+        self.start, self.total = done, total
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def summary(self, done: int) -> str:
+        elapsed = self.elapsed()
+        rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
+        left = duration((self.total - done) / rate) if rate > 0 else "unknown"
+        return f"elapsed {duration(elapsed)}, ETA {left}"
+
+
+class MetricsLogger:
+    """TensorBoard on rank 0; a no-op elsewhere.
+
+    `purge_step`: the first step this process writes; TensorBoard hides every point at or after
+    it that earlier processes wrote (a resumed period's killed run got past its checkpoint)."""
+
+    def __init__(self, run_dir: str, enabled: bool, purge_step: int | None = None):
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
+            self.writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=purge_step)
 
     def scalars(self, values: dict, step: int) -> None:
         if self.writer is None:
@@ -73,6 +102,9 @@ class MetricsLogger:
         for key, value in values.items():
             if value is not None:
                 self.writer.add_scalar(key, value, step)
+        # On disk now: a killed run keeps every point up to its checkpoint, which its resumed
+        # run does not write again (the writer's buffer would otherwise lose the last minutes).
+        self.writer.flush()
 
     def text(self, tag: str, payload: dict, step: int) -> None:
         if self.writer is not None:

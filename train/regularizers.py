@@ -23,12 +23,15 @@ its terms (docs/zero3.md, "Gradient checkpointing", Fix 1).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import peft
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
 
 
 def previous_adapter(cfg, run, period: int) -> str | None:
@@ -170,11 +173,11 @@ def make_regularizer(cfg, run, period: int, model: nn.Module, strategy) -> Proxi
         earlier = frozen_adapter_periods(cfg, name, period)
         if earlier:
             n = attach_frozen_adapters(model, [run.adapter_dir(t) for t in earlier])
-            strategy.print0(f"{name}: the adapters of periods {earlier} frozen, normalized and summed into {n} layers")
+            log.info(f"{name}: the adapters of periods {earlier} frozen, normalized and summed into {n} layers")
         return None
     if name == "single" or previous is None:
         if name in ("peso", "l2") and previous is None:
-            strategy.print0(f"{name}: no previous adapter in period {period}, so no proximal term this period")
+            log.info(f"{name}: no previous adapter in period {period}, so no proximal term this period")
         return None
     anchor = lora_factors(load_file(os.path.join(previous, "adapter_model.safetensors")))
     if strategy.is_rank0:

@@ -147,10 +147,6 @@ class DeepSpeedStrategy:
         if self.world_size > 1:
             self.comm.barrier()
 
-    def print0(self, *args, **kwargs) -> None:
-        if self.is_rank0:
-            print(*args, **kwargs, flush=True)
-
     def close(self) -> None:
         self.barrier()
         if torch.distributed.is_initialized():

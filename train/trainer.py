@@ -15,6 +15,7 @@ every rank checkpoint at the next step boundary and exit with EXIT_REQUEUE (trai
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import signal
@@ -26,7 +27,9 @@ import torch
 from data_tools.progress import progress_bar
 from train.checkpoint import Checkpointer
 from train.loss import IGNORE, lm_loss
-from train.metrics import Throughput, memory_stats
+from train.metrics import Pace, Throughput, memory_stats
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -119,7 +122,8 @@ class Trainer:
         saved = self.checkpointer.load(engine)
         p = Progress(**saved) if saved else Progress()
         if saved:
-            strategy.print0(f"resumed period {self.period} at epoch {p.epoch}, micro-batch {p.micro}, step {engine.global_steps}")
+            log.info(f"resumed period {self.period} at epoch {p.epoch}, micro-batch {p.micro}, step {engine.global_steps}")
+        self.pace = Pace(engine.global_steps, self.total_steps)
         engine.train()  # from_pretrained returns eval mode and deepspeed.initialize keeps it
         plan = self.data.train_plan
         bar = progress_bar(total=self.total_steps, initial=engine.global_steps, desc=f"period {self.period}", unit="step",
@@ -188,9 +192,9 @@ class Trainer:
             self.export()
         patience = self.cfg.schedule.patience
         p.stopped_early = bool(patience) and p.epoch - p.best_epoch >= patience
-        self.strategy.print0(f"period {self.period} epoch {p.epoch}: validation loss {val:.4f}"
-                             + (" (best so far, exported)" if improved else f" (best: epoch {p.best_epoch}, {p.best_val:.4f})")
-                             + (f"; no better epoch in {patience}, stopping" if p.stopped_early else ""))
+        log.info(f"period {self.period} epoch {p.epoch}: validation loss {val:.4f}"
+                 + (" (best so far, exported)" if improved else f" (best: epoch {p.best_epoch}, {p.best_val:.4f})")
+                 + (f"; no better epoch in {patience}, stopping" if p.stopped_early else ""))
         p.epoch += 1
         p.micro = 0
         p.finished = p.epoch >= self.epochs or step >= self.total_steps or p.stopped_early
@@ -220,7 +224,7 @@ class Trainer:
             values["train/grad_norm"] = float(grad_norm)
         self.logger.scalars(values, self.step_offset + step)
         if not self.bar_shown:  # no terminal (a SLURM log): one line per log step instead of a bar
-            self.strategy.print0(
-                f"period {self.period} step {step}/{self.total_steps}: loss {values['train/loss']:.4f}"
-                + (f" (proximal {values['train/proximal']:.3g})" if n_prox else "")
-                + f", lr {values['train/lr']:.3g}, {values['perf/input_tokens_per_s_per_rank']:.0f} tokens/s/rank")
+            log.info(f"period {self.period} step {step}/{self.total_steps}: loss {values['train/loss']:.4f}"
+                     + (f" (proximal {values['train/proximal']:.3g})" if n_prox else "")
+                     + f", lr {values['train/lr']:.3g}, {values['perf/input_tokens_per_s_per_rank']:.0f} tokens/s/rank, "
+                     + self.pace.summary(step))

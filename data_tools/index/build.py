@@ -223,8 +223,9 @@ def import_index(root: str, path: str, collisions: str = "keep", codes: int = 25
     if os.path.exists(stale):  # the quantizer of a replaced built index codes nothing now
         os.unlink(stale)
     r = method["collisions"]
-    _say(log, f"imported {r['items']:,} items from {path}: {r['items_sharing_a_code']:,} items share {r['codes_shared']:,} codes "
-              f"(policy {r['policy']}); perplexity per level {doc['perplexity']}; wrote {target}")
+    extra = f" ({method['items_not_in_data']:,} more that the data lacks left out)" if method["items_not_in_data"] else ""
+    _say(log, f"imported {r['items']:,} items from {path}{extra}: {r['items_sharing_a_code']:,} items share "
+              f"{r['codes_shared']:,} codes (policy {r['policy']}); perplexity per level {doc['perplexity']}; wrote {target}")
     return doc
 
 

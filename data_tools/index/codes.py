@@ -58,7 +58,9 @@ def extend_collisions(codes: dict[int, tuple]) -> dict[int, tuple]:
 
 def import_codes(path: str, source_to_item: dict[str, int], collisions: str = "keep") -> tuple[dict[int, tuple], dict]:
     """Read an `item_id -> tokens` JSON file (like the paper's semantic_ids.json) and validate it:
-    every code has the same depth, every item of the data has a code, every coded item is known.
+    every code has the same depth and every item of the data has a code. The file may code more
+    items than the data has (a catalog-wide index over a slice of the data): those are left out
+    and counted in the method record (`items_not_in_data`).
 
     `collisions`: what to do when several items share a code. `keep` (the paper's released
     indexes have a few; items sharing a code are then indistinguishable to the model and a
@@ -76,7 +78,7 @@ def import_codes(path: str, source_to_item: dict[str, int], collisions: str = "k
     if not isinstance(table, dict) or not table:
         raise InputError("the item index must be a non-empty JSON object item_id -> [tokens]", path)
     codes: dict[int, tuple] = {}
-    unknown = []
+    not_in_data = 0
     depth = None
     for src, tokens in table.items():
         if not isinstance(tokens, list) or not tokens:
@@ -88,11 +90,9 @@ def import_codes(path: str, source_to_item: dict[str, int], collisions: str = "k
             raise InputError(f"item {src!r} has {len(code)} levels, the others {depth}: every code needs the same depth", path)
         item = source_to_item.get(src)
         if item is None:
-            unknown.append(src)
+            not_in_data += 1
         else:
             codes[item] = code
-    if unknown:
-        raise InputError(f"{len(unknown)} items of the index are not in the data (first: {unknown[:5]})", path)
     missing = [src for src, item in source_to_item.items() if item not in codes]
     if missing:
         raise InputError(f"{len(missing)} items of the data have no code (first: {missing[:5]})", path)
@@ -110,7 +110,7 @@ def import_codes(path: str, source_to_item: dict[str, int], collisions: str = "k
         codes = extend_collisions(codes)
         depth += 1
     return codes, {"kind": "import", "path": os.path.abspath(path), "sha256": hashlib.sha256(raw).hexdigest(),
-                   "levels": depth, "collisions": report}
+                   "levels": depth, "items_not_in_data": not_in_data, "collisions": report}
 
 
 def assign_unique(codes: np.ndarray, residuals: np.ndarray, last_codebook: np.ndarray,

@@ -17,12 +17,17 @@ from tests.dist.conftest import QUICK, REPO, RESPONSE, env, kill_all_with, train
 CONFIG = os.path.join(REPO, "configs", "tiny.yaml")
 
 
-def scalars(run: str, tag: str) -> dict[int, float]:
+def scalar_events(run: str, tag: str) -> list:
+    """The points TensorBoard shows for `tag`, in the order read (a step twice if written twice)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(os.path.join(run, "tb"), size_guidance={"scalars": 0})
     acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
+    return acc.Scalars(tag)
+
+
+def scalars(run: str, tag: str) -> dict[int, float]:
+    return {e.step: e.value for e in scalar_events(run, tag)}
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +165,17 @@ def _resume_args(ds, data, run, objective):
             *(RESPONSE if objective == "response" else [])]
 
 
+def _log_past_the_checkpoint(run: str) -> None:
+    """A point the killed run could have written after its last checkpoint (written here, so the
+    test does not depend on when the kill landed): the resumed run writes that step again."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with open(os.path.join(run, "periods", "0", "ds_ckpt", "COMPLETE.json")) as f:
+        step = int(json.load(f)["tag"].removeprefix("step-"))
+    with SummaryWriter(os.path.join(run, "tb")) as writer:
+        writer.add_scalar("train/loss", 99.0, step + 1)
+
+
 @pytest.mark.parametrize("objective", ["sequence", "response"])
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, small_dataset, ds_configs, objective):
     """10 steps: the sequence objective's epoch (60 chunks) ends inside them, the response one's does not."""
@@ -182,10 +198,16 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, small_data
     finally:
         proc.wait()
     assert not os.path.exists(os.path.join(killed, "periods", "0", "train_summary.json"))
+    _log_past_the_checkpoint(killed)
     # Settings that may change when a period resumes (train/config.py) change here: it still resumes.
     resumed = train(2, _resume_args(ds_configs[3], small_dataset, killed, objective) + ["checkpoint.keep=3", "eval.max_users=7"])
     step = int(re.search(r"resumed period 0 at epoch \d+, micro-batch \d+, step (\d+)", resumed.stdout).group(1))
     assert 4 <= step < 10  # it really resumed mid-epoch, with steps left to train
+    # TensorBoard: every step once, none lost by the kill, none twice after the resume.
+    assert sorted(e.step for e in scalar_events(killed, "train/loss")) == list(range(1, 11))
+    # No terminal here: step lines carry the time, elapsed time and the period's ETA.
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO period 0 step 10/10: loss .*, elapsed \d+:\d\d:\d\d, "
+                     r"ETA \d+:\d\d:\d\d$", resumed.stdout, re.M), resumed.stdout[-2000:]
     a = load_file(os.path.join(straight, "periods", "0", "adapter", "adapter_model.safetensors"))
     b = load_file(os.path.join(killed, "periods", "0", "adapter", "adapter_model.safetensors"))
     for k in a:

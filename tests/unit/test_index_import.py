@@ -67,10 +67,9 @@ def test_extend_policy_makes_codes_unique(cds, tmp_path):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda t: t.pop(next(iter(t))), "have no code"),
-    (lambda t: t.__setitem__("not-an-item", ["<a_1>", "<b_2>", "<c_3>", "<d_4>"]), "not in the data"),
     (lambda t: t.__setitem__(next(iter(t)), ["<a_1>", "<b_2>", "<c_3>"]), "same depth"),
     (lambda t: t.__setitem__(next(iter(t)), ["<a_1>", "<c_2>", "<b_3>", "<d_4>"]), "not of the form <b_N>"),
-], ids=["missing-item", "unknown-item", "mixed-depth", "level-order"])
+], ids=["missing-item", "mixed-depth", "level-order"])
 def test_import_rejects_a_damaged_index(cds, tmp_path, damage, message):
     root, _, original = cds
     table = dict(original)
@@ -85,3 +84,69 @@ def test_error_policy_refuses_shared_codes(cds):
     root, path, _ = cds
     with pytest.raises(InputError, match="share 546 codes"):
         import_index(root, path, collisions="error", force=True, log=io.StringIO())
+
+
+# ---- a catalog-wide index over a slice of the data --------------------------------------------
+
+def _tiny_blocks(folder) -> list[str]:
+    """Two blocks of 3 users x 6 items over the items i0..i9; returns the item ids."""
+    current = {f"u{u}": [f"i{(u + k) % 10}" for k in range(6)] for u in range(3)}
+    later = {user: [f"i{(int(user[1]) + k + 5) % 10}" for k in range(6)] for user in current}
+    (folder / "block_0.json").write_text(json.dumps({u: {"previous_block": [], "current_block": c} for u, c in current.items()}))
+    (folder / "block_1.json").write_text(json.dumps({u: {"previous_block": current[u], "current_block": later[u]}
+                                                     for u in current}))
+    return [f"i{k}" for k in range(10)]
+
+
+def _catalog(items: list[str], extra: int) -> dict:
+    """Unique codes for `items` and for `extra` items that no block mentions."""
+    names = items + [f"elsewhere{k}" for k in range(extra)]
+    return {name: [f"<a_{k}>", "<b_0>", "<c_0>", "<d_0>"] for k, name in enumerate(names)}
+
+
+@pytest.fixture
+def tiny_blocks(tmp_path):
+    blocks = tmp_path / "blocks"
+    blocks.mkdir()
+    items = _tiny_blocks(blocks)
+    index = tmp_path / "catalog.json"
+    index.write_text(json.dumps(_catalog(items, extra=3)))
+    return str(blocks), str(index), items
+
+
+def test_convert_accepts_an_index_of_more_items_and_records_the_extra_count(tiny_blocks, tmp_path):
+    blocks, index, items = tiny_blocks
+    out = str(tmp_path / "ds")
+    manifest = convert(ConvertOptions(format="blocks", reviews=blocks, index=index, out=out, progress=False,
+                                      log=io.StringIO()))
+    (source,) = [s for s in manifest["sources"] if s["role"] == "index"]
+    assert source["items_not_in_data"] == 3
+    with open(os.path.join(out, ITEM_INDEX)) as f:
+        doc = json.load(f)
+    assert len(doc["items"]) == len(items) and doc["method"]["items_not_in_data"] == 3
+
+
+def test_import_accepts_an_index_of_more_items_and_records_the_extra_count(tiny_blocks, tmp_path):
+    blocks, index, items = tiny_blocks
+    out = str(tmp_path / "ds")
+    convert(ConvertOptions(format="blocks", reviews=blocks, out=out, progress=False, log=io.StringIO()))
+    log = io.StringIO()
+    doc = import_index(out, index, log=log)
+    assert len(doc["items"]) == len(items) and doc["method"]["items_not_in_data"] == 3
+    assert "3 more that the data lacks left out" in log.getvalue()
+
+
+def test_items_of_the_data_without_a_code_stay_an_error(tiny_blocks, tmp_path):
+    blocks, index, items = tiny_blocks
+    with open(index) as f:
+        table = json.load(f)
+    del table[items[0]]
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps(table))
+    with pytest.raises(InputError, match="1 items of the data have no code"):
+        convert(ConvertOptions(format="blocks", reviews=blocks, index=str(partial), out=str(tmp_path / "a"),
+                               progress=False, log=io.StringIO()))
+    out = str(tmp_path / "b")
+    convert(ConvertOptions(format="blocks", reviews=blocks, out=out, progress=False, log=io.StringIO()))
+    with pytest.raises(InputError, match="1 items of the data have no code"):
+        import_index(out, str(partial), log=io.StringIO())
