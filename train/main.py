@@ -185,7 +185,7 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
     if restart:
         if strategy.is_rank0 and os.path.isdir(run.ckpt_dir(period)):
             shutil.rmtree(run.ckpt_dir(period))
-            strategy.print0(f"period {period}: --restart-period: its checkpoints are discarded; training it from its start")
+            log.info(f"period {period}: --restart-period: its checkpoints are discarded; training it from its start")
         strategy.barrier()  # no rank may look for a checkpoint before they are gone
     tokenizer, codebook, template = load_vocab(cfg, run, cfg.data.path, strategy)
 
