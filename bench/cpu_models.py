@@ -41,6 +41,9 @@ VARIANTS = {  # a shape of train/shapes.py, its embeddings tied or not, the opti
     "tiny, cosine to zero over the budget (sequence)": dict(shape="tiny", lr=3e-3, cosine=True),
     "mini, lr 1e-3, weight decay 0.1, cosine to zero over the budget (sequence)": dict(shape="mini", lr=1e-3, weight_decay=0.1, cosine=True),
     "mini, lr 2e-3, weight decay 0.1, cosine to zero over the budget (sequence)": dict(shape="mini", lr=2e-3, weight_decay=0.1, cosine=True),
+    "mini, lr 2e-3, weight decay 0.1 but not on embeddings and norms (as the framework), cosine (sequence)":
+        dict(shape="mini", lr=2e-3, weight_decay=0.1, cosine=True, framework_groups=True),
+    "mini, lr 3e-3, weight decay 0.1, cosine to zero over the budget (sequence)": dict(shape="mini", lr=3e-3, weight_decay=0.1, cosine=True),
 }
 PAD, BOS, EOS, FIRST_CODE = 0, 1, 2, 3
 
@@ -59,7 +62,8 @@ def add_residual_dropout(model, p: float) -> None:
         layer.mlp.register_forward_hook(drop)
 
 
-def run_variant(name: str, spec: dict, data: str, window: int, minutes: float, users: int | None = None, beams: int = 10) -> dict:
+def run_variant(name: str, spec: dict, data: str, window: int, minutes: float, users: int | None = None, beams: int = 10,
+                epochs: int | None = None) -> dict:
     import torch
     import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -69,6 +73,7 @@ def run_variant(name: str, spec: dict, data: str, window: int, minutes: float, u
     from data_tools.reader import window_split
     from data_tools.sequences import window_chunks
     from train.evaluate import constrained_beam_search, rank_metrics
+    from train.model import param_groups
     from train.shapes import SHAPES
 
     torch.set_num_threads(1)
@@ -116,12 +121,22 @@ def run_variant(name: str, spec: dict, data: str, window: int, minutes: float, u
     if spec.get("residual_dropout"):  # SASRec-style dropout, which Llama lacks: on the embeddings and each block's outputs
         add_residual_dropout(model, spec["residual_dropout"])
     params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=spec.get("weight_decay", 0.01))
+    decay = spec.get("weight_decay", 0.01)
+    # The framework (train/model.py) exempts embeddings and norms from weight decay; this loop
+    # decays everything unless the variant asks for the framework's groups.
+    opt = torch.optim.AdamW(param_groups(model, decay) if spec.get("framework_groups") else model.parameters(),
+                            lr=spec["lr"], weight_decay=decay)
     t0 = time.time()
+    steps_per_epoch = math.ceil(len(examples) / 32)
 
-    def lr_factor(step: int) -> float:  # warmup; then constant, or (cosine) a cosine to zero over the time budget
-        decay = 0.5 * (1 + math.cos(math.pi * min(1.0, (time.time() - t0) / (minutes * 60)))) if spec.get("cosine") else 1.0
-        return min(1.0, (step + 1) / 50) * decay
+    def done_share() -> float:  # of the budget: the minutes, or --epochs
+        if epochs:
+            return min(1.0, opt_steps[0] / (epochs * steps_per_epoch))
+        return min(1.0, (time.time() - t0) / (minutes * 60))
+
+    def lr_factor(step: int) -> float:  # warmup; then constant, or (cosine) a cosine to zero over the budget
+        cosine = 0.5 * (1 + math.cos(math.pi * done_share())) if spec.get("cosine") else 1.0
+        return min(1.0, (step + 1) / 50) * cosine
 
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 
@@ -131,7 +146,8 @@ def run_variant(name: str, spec: dict, data: str, window: int, minutes: float, u
                                reduction="sum"), (labels[:, 1:] != -100).sum()
 
     epoch, best, best_state, targets = 0, math.inf, None, 0
-    while time.time() - t0 < minutes * 60:
+    opt_steps = [0]
+    while (epoch < epochs) if epochs else (time.time() - t0 < minutes * 60):
         model.train()
         order = list(range(len(examples)))
         random.Random(epoch).shuffle(order)
@@ -141,9 +157,10 @@ def run_variant(name: str, spec: dict, data: str, window: int, minutes: float, u
             (total / count).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            opt_steps[0] += 1
             warmup.step()
             targets += int(count) // levels
-            if time.time() - t0 > minutes * 60:
+            if not epochs and time.time() - t0 > minutes * 60:
                 break
         model.eval()
         with torch.no_grad():
@@ -153,6 +170,7 @@ def run_variant(name: str, spec: dict, data: str, window: int, minutes: float, u
         if val < best:
             best, best_state = val, {k: v.clone() for k, v in model.state_dict().items()}
         epoch += 1
+    train_minutes = (time.time() - t0) / 60
     model.load_state_dict(best_state)
     model.eval()
 
@@ -176,7 +194,7 @@ def run_variant(name: str, spec: dict, data: str, window: int, minutes: float, u
     top = [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:10]]
     popular = [top.index(tuple(codes[s["target"]])) if tuple(codes[s["target"]]) in top else None for s in users]
     m, p = rank_metrics(ranks, [10]), rank_metrics(popular, [10])
-    return {"variant": name, "parameters": params, "epochs": epoch, "targets_trained": targets, "users": len(users),
+    return {"variant": name, "parameters": params, "epochs": epoch, "train_minutes": round(train_minutes, 1), "targets_trained": targets, "users": len(users),
             "best_val_loss_per_code_token": round(best, 4), "ndcg@10": round(m["ndcg@10"], 4), "hit@10": round(m["hit@10"], 4),
             "popularity_ndcg@10": round(p["ndcg@10"], 4), "popularity_hit@10": round(p["hit@10"], 4)}
 
@@ -186,6 +204,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--minutes", type=float, default=12.0, help="training time per variant (one core)")
+    ap.add_argument("--epochs", type=int, help="train this many epochs instead of --minutes (figures that other "
+                                               "load on the cores cannot bias; cosine variants decay over them)")
     ap.add_argument("--data", help="a dataset folder with an item index (default: the CDs blocks, converted here)")
     ap.add_argument("--window", type=int, default=0, help="the window trained on and evaluated")
     ap.add_argument("--users", type=int, default=None, help="a seeded sample of the test users (default: all)")
@@ -203,8 +223,8 @@ def main() -> None:
     with ProcessPoolExecutor(2) as pool:
         n = len(a.variants)
         results = list(pool.map(run_variant, a.variants, [VARIANTS[v] for v in a.variants], [data] * n, [a.window] * n,
-                                [a.minutes] * n, [a.users] * n, [a.beams] * n))
-    print(json.dumps({"bench": "cpu_models", "minutes_per_variant": a.minutes, "window": a.window, "beams": a.beams, "results": results,
+                                [a.minutes] * n, [a.users] * n, [a.beams] * n, [a.epochs] * n))
+    print(json.dumps({"bench": "cpu_models", "minutes_per_variant": None if a.epochs else a.minutes, "epochs": a.epochs, "window": a.window, "beams": a.beams, "results": results,
                       "machine": f"{platform.machine()} {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}))
 
 

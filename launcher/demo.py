@@ -32,6 +32,7 @@ METHODS = ("peso", "single", "cumulative")
 
 def run_demo(workdir: str, nproc: int = 2) -> None:
     t0 = time.time()
+    workdir = os.path.abspath(workdir)  # the runs' saved configs name the dataset wherever they are read from
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     data = os.path.join(workdir, "data", "ml-100k")
