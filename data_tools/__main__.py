@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from data_tools.accounting import InputError
+from data_tools.dataset import WriteError
 from data_tools.formats import FORMATS
 from data_tools.help_format import HelpFormatter
 
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (InputError, FileNotFoundError, ValueError) as e:
+    except (InputError, WriteError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

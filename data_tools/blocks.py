@@ -21,6 +21,7 @@ from data_tools.progress import progress_bar
 
 from data_tools.accounting import InputError, Ledger
 from data_tools.stream import Stream
+from data_tools.textio import open_input
 
 
 def block_files(folder: str) -> list[str]:
@@ -51,7 +52,7 @@ def read_blocks(folder: str, ledger: Ledger, progress: bool = True) -> tuple[Str
     files = block_files(folder)
     item_first: dict[int, int] = {}
     for b, path in enumerate(progress_bar(files, desc="blocks", enabled=progress)):
-        with open(path, "rb") as f:
+        with open_input(path) as f:
             raw = f.read()
         sources.append({"role": "block", "path": os.path.abspath(path), "sha256": hashlib.sha256(raw).hexdigest(),
                         "bytes": len(raw), "format": "blocks"})

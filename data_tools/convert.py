@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,7 +27,8 @@ import orjson
 from data_tools import __version__
 from data_tools.accounting import InputError, Ledger, Skip
 from data_tools.blocks import read_blocks
-from data_tools.dataset import ITEMS, MANIFEST, USERS, SCHEMA_VERSION, atomic_write_json, current_umask, load_manifest, window_dir
+from data_tools.dataset import (ITEMS, MANIFEST, USERS, SCHEMA_VERSION, atomic_write_json, current_umask, fsync_tree,
+                                load_manifest, window_dir, writing)
 from data_tools.formats import FORMATS, METAS, REVIEWS, default_max_seconds
 from data_tools.shards import write_tar
 from data_tools.stream import IdCollector, Stream, first_windows, normalize
@@ -211,6 +213,17 @@ def _write_shard(job: _Shard) -> dict:
     return write_tar(os.path.join(window_dir(folder, t), f"{job.split}-{job.index:06d}.tar"), members)
 
 
+@contextmanager
+def _shard_writers(workers: int):
+    """`imap` over `workers` forked processes (the plain `map` for one). Leaving stops them, so
+    after a failed shard none is still writing into the folder that is about to be removed."""
+    if workers == 1:
+        yield map
+        return
+    with multiprocessing.get_context("fork").Pool(workers) as pool:  # leaving terminates it
+        yield pool.imap
+
+
 def _write_samples(folder: str, um: UserMajor, plans: list, opts: ConvertOptions) -> list[dict]:
     """All shards of all windows, on `opts.workers` processes; training samples in a seeded
     random order (so any contiguous slice a reader takes is a random subset)."""
@@ -230,15 +243,11 @@ def _write_samples(folder: str, um: UserMajor, plans: list, opts: ConvertOptions
     total = sum(j.hi - j.lo for j in jobs)
     workers = max(1, min(opts.workers or os.cpu_count() or 1, len(jobs)))
     try:
-        with progress_bar(total=total, desc="samples", unit="sample", enabled=opts.progress) as bar:
-            pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
-            results = pool.imap(_write_shard, jobs) if pool else map(_write_shard, jobs)
-            for job, info in zip(jobs, results):
+        with progress_bar(total=total, desc="samples", unit="sample", enabled=opts.progress) as bar, \
+                _shard_writers(workers) as imap:
+            for job, info in zip(jobs, imap(_write_shard, jobs)):
                 shards[job.t][job.split].append(info)
                 bar.update(info["samples"])
-            if pool:
-                pool.close()
-                pool.join()
     finally:
         _WRITING.clear()
     return shards
@@ -251,16 +260,24 @@ def convert(opts: ConvertOptions) -> dict:
         if existing is not None:
             _say(opts, f"{opts.out} is up to date with these inputs and parameters; nothing to do (--force redoes it)")
             return existing
-    t0 = time.time()
     out = os.path.abspath(opts.out)
+    # Inputs are read as InputError, so an OSError here is the output's: a full disk, say.
+    with writing("cannot write the dataset folder", out):
+        return _build_aside(opts, rule, out, time.time())
+
+
+def _build_aside(opts: ConvertOptions, rule: SplitRule, out: str, t0: float) -> dict:
+    """Build in a staging folder beside `out`, flush it to disk, then rename it into place; on
+    any failure the staging folder is removed and `out` is as it was."""
     parent, name = os.path.split(out)
     os.makedirs(parent, exist_ok=True)
     for stale in glob.glob(os.path.join(parent, f".{name}.staging-*")):
         shutil.rmtree(stale, ignore_errors=True)
     staging = tempfile.mkdtemp(dir=parent, prefix=f".{name}.staging-")
-    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700 folders
     try:
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700 folders
         manifest = _build(opts, rule, staging, t0)
+        fsync_tree(staging)
         _swap_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 
 # 2: a new user's first interaction is a training sample (empty history); 1 dropped it.
 SCHEMA_VERSION = 2
@@ -40,6 +43,64 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def fsync_tree(folder: str) -> None:
+    """Flush every file under `folder` to disk, before the folder is renamed into place: some
+    file systems (NFS, quota-limited ones) report a full disk only at fsync, not at write."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class WriteError(Exception):
+    """Something could not be written (a full disk, a quota, no permission): the commands print
+    it as one line, `<what> (<folder>): <cause>`, and exit with 2."""
+
+
+@contextmanager
+def writing(what: str, folder: str):
+    """Turn an OSError inside into a WriteError that says what was being written, where, and why.
+    Removing what the block left half-written is the block's job."""
+    try:
+        yield
+    except OSError as e:
+        raise WriteError(f"{what} ({folder}): {e.strerror or e}") from e
+
+
+@contextmanager
+def written_aside(what: str, folder: str):
+    """Yield `<folder>.tmp` to write a whole folder into; when the block is done, flush it and
+    rename it over `folder`. On any failure the temporary folder is removed, `folder` is as it
+    was, and an OSError (a full disk) becomes a WriteError naming `what` and `folder`."""
+    tmp = folder.rstrip("/") + ".tmp"
+    with writing(what, folder):
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            yield tmp
+            fsync_tree(tmp)
+            _replace_folder(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _replace_folder(tmp: str, final: str) -> None:
+    if os.path.isdir(final):
+        old = final + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
 
 
 def atomic_write_json(path: str, obj) -> None:

@@ -3,7 +3,9 @@
 Reading in large chunks and splitting on newlines is several times faster than iterating a
 GzipFile line by line, and hashing while reading avoids a second pass over a multi-GB input.
 Gzip input is read, hashed and decompressed on a second thread (ISA-L and hashlib release the
-GIL), so parsing on the main thread overlaps with it.
+GIL), so parsing on the main thread overlaps with it. A UTF-8 byte-order mark at the start of the
+text (Windows tools and some exporters write one) is dropped here, where the text starts, so
+every format reads its first record like any other; the hash still covers the file's own bytes.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from data_tools.progress import progress_bar
 
 CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
+BOM = b"\xef\xbb\xbf"
 
 
 class _HashingReader:
@@ -57,6 +60,14 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def open_input(path: str):
+    """Open an input for reading; failing to is bad input (named), not a crash."""
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise InputError(f"cannot read it ({e.strerror or e})", path) from None
+
+
 class LineStream:
     """Iterate `(line_number, bytes)` over a plain or gzip file; `sha256` is set once exhausted."""
 
@@ -71,7 +82,7 @@ class LineStream:
 
     def chunks(self) -> Iterator[tuple[int, list[bytes]]]:
         """(number of the first line, lines) per ~1 MiB block: the cheap way through big files."""
-        with open(self.path, "rb") as raw_file:
+        with open_input(self.path) as raw_file:
             gz = raw_file.read(2) == GZIP_MAGIC
             raw_file.seek(0)
             bar = progress_bar(total=self.size, unit="B", unit_scale=True, desc=self.desc, enabled=self.progress)
@@ -86,15 +97,19 @@ class LineStream:
                         chunk = stream.read(CHUNK)
                     except (EOFError, gzip.BadGzipFile, zlib.error, isal_zlib.error) as e:
                         raise InputError(f"corrupt or truncated gzip stream after line {lineno} ({e})", self.path, lineno + 1) from None
+                    except OSError as e:
+                        raise InputError(f"cannot read it after line {lineno} ({e.strerror or e})", self.path, lineno + 1) from None
                     if not chunk:
                         break
                     lines = (rest + chunk).split(b"\n")
                     rest = lines.pop()
                     if lines:
+                        if lineno == 0:  # the first line is whole only now, however the chunks fell
+                            lines[0] = lines[0].removeprefix(BOM)
                         yield lineno + 1, lines
                         lineno += len(lines)
                 if rest:
-                    yield lineno + 1, [rest]
+                    yield lineno + 1, [rest.removeprefix(BOM) if lineno == 0 else rest]
                 # The reader thread handed over the end of the stream as its last act, so the
                 # bytes after it (if any) are ours to hash.
                 raw.drain()

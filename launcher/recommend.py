@@ -132,12 +132,13 @@ def _write(answers: list[dict], period: int, out: str | None) -> None:
 
 
 def export_command(a) -> int:
+    from data_tools.dataset import WriteError
     from train.export_recommender import export_recommender
 
     _quiet_loading()
     try:
         info = export_recommender(a.run, a.out, a.period, a.merged, a.data)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_EXIT
     print(f"period {info['period']} ({info['method']}) exported to {a.out} ({info['kind']})")

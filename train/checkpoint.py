@@ -1,8 +1,9 @@
 """Checkpoints inside a period: DeepSpeed's engine state plus where the data stood.
 
 A checkpoint counts only once every rank has finished writing it: then rank 0 writes
-`COMPLETE.json` (atomically) naming its tag, and only then are older tags pruned. A run killed
-at any moment, even in the middle of a save, resumes from the last complete checkpoint.
+`COMPLETE.json` (atomically) naming its tag, and only then are older tags pruned. A save never
+writes into the complete tag, so a run killed at any moment, even in the middle of a save or on
+a full disk, resumes from the last complete checkpoint.
 Frozen base weights are not saved (they are in the backbone folder). Each rank also saves its
 RNG state (LoRA dropout), loaded back with `weights_only=True`.
 """
@@ -15,9 +16,15 @@ import shutil
 
 import torch
 
-from data_tools.dataset import atomic_write_json
+from data_tools.dataset import atomic_write_json, fsync_tree, writing
 
 COMPLETE = "COMPLETE.json"
+AGAIN = "-again"  # the suffix of a second save at the same step (Checkpointer._new_tag)
+
+
+def tag_step(tag: str) -> int:
+    """The optimizer step a checkpoint tag was saved at: `step-00000200` or `step-00000200-again`."""
+    return int(tag.removeprefix("step-").removesuffix(AGAIN))
 
 
 class Checkpointer:
@@ -34,20 +41,31 @@ class Checkpointer:
     def latest_step(self) -> int:
         """The step of the latest complete checkpoint (0 without one): a resumed period goes on from there."""
         info = self.latest()
-        return int(info["tag"].removeprefix("step-")) if info else 0
+        return tag_step(info["tag"]) if info else 0
+
+    def _new_tag(self, step: int) -> str:
+        """A tag other than the complete checkpoint's. An epoch that ends on a checkpoint step
+        saves that step twice; writing over the complete tag would leave nothing whole to resume
+        from if the disk filled (or the job died) midway, so the second save goes beside it."""
+        tag = f"step-{step:08d}"
+        complete = self.latest()
+        return tag + AGAIN if complete and complete["tag"] == tag else tag
 
     def save(self, engine, step: int, client_state: dict) -> None:
-        tag = f"step-{step:08d}"
-        engine.save_checkpoint(self.folder, tag=tag, client_state=client_state, save_latest=False,
-                               exclude_frozen_parameters=True)
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save(rng, os.path.join(self.folder, tag, f"rng-{self.strategy.rank}.pt"))
+        tag = self._new_tag(step)
+        with writing(f"cannot save the checkpoint {tag}", self.folder):
+            engine.save_checkpoint(self.folder, tag=tag, client_state=client_state, save_latest=False,
+                                   exclude_frozen_parameters=True)
+            rng = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state()
+            torch.save(rng, os.path.join(self.folder, tag, f"rng-{self.strategy.rank}.pt"))
+            fsync_tree(os.path.join(self.folder, tag))  # every rank flushes what it wrote
         self.strategy.barrier()
         if self.strategy.is_rank0:
-            atomic_write_json(os.path.join(self.folder, COMPLETE),
-                              {"tag": tag, "world_size": self.strategy.world_size, "client_state": client_state})
+            with writing(f"cannot save the checkpoint {tag}", self.folder):
+                atomic_write_json(os.path.join(self.folder, COMPLETE),
+                                  {"tag": tag, "world_size": self.strategy.world_size, "client_state": client_state})
             tags = sorted(d for d in os.listdir(self.folder) if d.startswith("step-") and d != tag)
             for old in tags[: max(0, len(tags) - (self.keep - 1))]:
                 shutil.rmtree(os.path.join(self.folder, old), ignore_errors=True)

@@ -3,17 +3,18 @@
 Under ZeRO-3 with real partitioning, peft's `save_pretrained` writes 0-element tensors without
 any error (docs/zero3.md, "Saving an adapter"). So the trainable parameters are gathered on ALL ranks
 (a collective) and rank 0 writes them inside the gather; every tensor is checked non-empty
-before it is written; the folder appears atomically (written aside, then renamed). The export
+before it is written; the folder appears atomically (written aside, flushed, then renamed). The export
 loads with `PeftModel.from_pretrained` onto a plain CPU model, on any number of ranks.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 
 import torch
 from safetensors.torch import save_file
+
+from data_tools.dataset import written_aside
 
 from train.model import adapter_state_keys
 
@@ -23,17 +24,6 @@ def _check_nonempty(state: dict[str, torch.Tensor], what: str) -> None:
     if empty:
         raise RuntimeError(f"{what}: {len(empty)} tensors are empty after gathering (first: {empty[0]}); "
                            "a ZeRO-3 partition was not gathered")
-
-
-def _replace_dir(tmp: str, final: str) -> None:
-    if os.path.isdir(final):
-        old = final + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 def gather_adapter_state(strategy, model) -> dict[str, torch.Tensor] | None:
@@ -50,13 +40,11 @@ def export_adapter(strategy, model, out_dir: str, metadata: dict | None = None) 
     state = gather_adapter_state(strategy, model)
     if strategy.is_rank0:
         _check_nonempty(state, out_dir)
-        tmp = out_dir + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        model.peft_config["default"].save_pretrained(tmp)
-        save_file(state, os.path.join(tmp, "adapter_model.safetensors"),
-                  metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}})
-        _replace_dir(tmp, out_dir)
+        with written_aside("cannot export the period's adapter", out_dir) as tmp:
+            os.makedirs(tmp)
+            model.peft_config["default"].save_pretrained(tmp)
+            save_file(state, os.path.join(tmp, "adapter_model.safetensors"),
+                      metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}})
     strategy.barrier()
 
 
@@ -74,9 +62,7 @@ def export_full_model(strategy, model, tokenizer, out_dir: str) -> None:
                     state[f"{prefix}.{name}" if prefix else name] = p.detach().to("cpu", copy=True)
     if strategy.is_rank0:
         _check_nonempty(state, out_dir)
-        tmp = out_dir + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=state)
-        tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, out_dir)
+        with written_aside("cannot export the period's model", out_dir) as tmp:
+            model.save_pretrained(tmp, state_dict=state)
+            tokenizer.save_pretrained(tmp)
     strategy.barrier()

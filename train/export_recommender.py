@@ -31,8 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from data_tools.dataset import ITEM_INDEX, ITEMS
-from train.export import _replace_dir
+from data_tools.dataset import ITEM_INDEX, ITEMS, written_aside
 from train.model import backbone_dir
 from train.recommender import EXPORT_INFO, last_done_period, load_period_model, plain_backbone, saved_config
 from train.regularizers import frozen_adapter_periods, normalized
@@ -41,9 +40,9 @@ from train.run_folder import RunFolder
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 
 
-def folded_adapter(run: RunFolder, cfg, period: int, out_dir: str) -> None:
-    """Write period `period`'s adapter to `out_dir` (PEFT format), with the frozen sum of the
-    cumulative methods folded in as extra rank."""
+def folded_adapter(run: RunFolder, cfg, period: int) -> tuple[dict, object]:
+    """Period `period`'s adapter (tensors, LoraConfig), with the frozen sum of the cumulative
+    methods folded in as extra rank."""
     from peft import LoraConfig
 
     source = run.adapter_dir(period)
@@ -60,15 +59,22 @@ def folded_adapter(run: RunFolder, cfg, period: int, out_dir: str) -> None:
         scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
         config.r = config.r * (1 + len(earlier))
         config.lora_alpha = scaling * (math.sqrt(config.r) if config.use_rslora else config.r)
+    return state, config
+
+
+def save_adapter(state: dict, config, out_dir: str, metadata: dict) -> None:
+    """Write an adapter in PEFT format (adapter_config.json + adapter_model.safetensors)."""
     os.makedirs(out_dir, exist_ok=True)
     config.save_pretrained(out_dir)
     save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out_dir, "adapter_model.safetensors"),
-              metadata={"format": "pt", "period": str(period), "method": cfg.method.name})
+              metadata={"format": "pt", **metadata})
 
 
 def export_recommender(run_dir: str, out: str, period: int | None = None, merged: bool = False,
                        data: str | None = None) -> dict:
-    """Write the folder (see the module doc) and return its recommender.json."""
+    """Write the folder (see the module doc) and return its recommender.json. Everything is read
+    from the run first, so an OSError while writing is the export's (a full disk), reported as a
+    WriteError naming `out`."""
     from peft import PeftModel
 
     run = RunFolder(run_dir)
@@ -83,15 +89,26 @@ def export_recommender(run_dir: str, out: str, period: int | None = None, merged
     tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_dir)
     full = cfg.model.period0 == "full" and period == 0
     kind = "merged" if merged or full else "adapter"
-    tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        if full:  # no adapter: period 0's model is the recommender
-            load_period_model(run, cfg, period, len(tokenizer)).save_pretrained(tmp)
+    if full:  # no adapter: period 0's model is the recommender
+        model = load_period_model(run, cfg, period, len(tokenizer))
+    else:
+        adapter = folded_adapter(run, cfg, period)
+        base = plain_backbone(backbone_dir(cfg, run, period), len(tokenizer))
+    metrics = None
+    if os.path.isfile(run.metrics_path(period)):
+        with open(run.metrics_path(period)) as f:
+            metrics = json.load(f)["overall"]
+    info = {"format_version": 1, "kind": kind, "period": period, "method": cfg.method.name,
+            "run": run.root, "data": os.path.abspath(data_root),
+            "prompt": {"template": cfg.data.template, "separator": cfg.data.separator,
+                       "max_history": cfg.data.max_history, "objective": cfg.data.objective},
+            "beams": cfg.eval.beams, "metrics": metrics, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with written_aside("cannot write the export", out) as tmp:
+        os.makedirs(tmp)
+        if full:
+            model.save_pretrained(tmp)
         else:
-            folded_adapter(run, cfg, period, os.path.join(tmp, "adapter"))
-            base = plain_backbone(backbone_dir(cfg, run, period), len(tokenizer))
+            save_adapter(*adapter, os.path.join(tmp, "adapter"), {"period": str(period), "method": cfg.method.name})
             if merged:
                 with warnings.catch_warnings():  # see train/recommender.py
                     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
@@ -103,19 +120,6 @@ def export_recommender(run_dir: str, out: str, period: int | None = None, merged
         tokenizer.save_pretrained(tmp)
         for name in (ITEM_INDEX, ITEMS):
             shutil.copyfile(os.path.join(data_root, name), os.path.join(tmp, name))
-        metrics = None
-        if os.path.isfile(run.metrics_path(period)):
-            with open(run.metrics_path(period)) as f:
-                metrics = json.load(f)["overall"]
-        info = {"format_version": 1, "kind": kind, "period": period, "method": cfg.method.name,
-                "run": run.root, "data": os.path.abspath(data_root),
-                "prompt": {"template": cfg.data.template, "separator": cfg.data.separator,
-                           "max_history": cfg.data.max_history, "objective": cfg.data.objective},
-                "beams": cfg.eval.beams, "metrics": metrics, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         with open(os.path.join(tmp, EXPORT_INFO), "w") as f:
             json.dump(info, f, indent=1)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info

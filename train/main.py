@@ -25,6 +25,8 @@ import shutil
 import sys
 import warnings
 
+from data_tools.dataset import DISK_FULL, WriteError
+
 log = logging.getLogger("train.main")  # "__main__" when run as a script: outside the configured loggers
 
 
@@ -152,10 +154,25 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return train_period(cfg, ds_template, manifest, run, period, args.eval_only, args.restart_period)
+    try:
+        return train_period(cfg, ds_template, manifest, run, period, args.eval_only, args.restart_period)
+    except WriteError as e:  # the tokenizer, a checkpoint, an export: named where it failed
+        return _write_failed(str(e))
+    except OSError as e:  # any other file of the run folder
+        if e.errno not in DISK_FULL:
+            raise
+        return _write_failed(f"cannot write the run folder ({run.root}): {e.strerror}")
+
+
+def _write_failed(message: str) -> int:
+    """One line instead of a traceback. What was half-written is never trusted by a rerun
+    (temporary names, checkpoints without COMPLETE.json), which goes on once there is room."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool = False, restart: bool = False) -> int:
+    from data_tools.dataset import atomic_write_json
     from train.checkpoint import Checkpointer
     from train.config import accumulation_steps, period_epochs
     from train.data import WindowData
@@ -229,8 +246,8 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
     logger = MetricsLogger(run.root, strategy.is_rank0,
                            purge_step=None if eval_only else step_offset + checkpointer.latest_step() + 1)
     if strategy.is_rank0 and not eval_only:
-        with open(os.path.join(run.period_dir(period), "config.json"), "w") as f:
-            json.dump({"config": cfg.to_dict(), "ds_config": ds_config, "world_size": strategy.world_size}, f, indent=1)
+        atomic_write_json(os.path.join(run.period_dir(period), "config.json"),
+                          {"config": cfg.to_dict(), "ds_config": ds_config, "world_size": strategy.world_size})
         logger.text("config", {"period": period, "config": cfg.to_dict(), "ds_config": ds_config}, step_offset)
         log.info(f"period {period}: {'full training' if full else f'LoRA r={cfg.lora.r}'} of {source}, "
                  f"{trainable:,} trainable parameters, {data.train_plan.samples:,} "
@@ -287,8 +304,7 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
                    "nonfinite_skipped": progress.nonfinite_skipped, "best_epoch": progress.best_epoch,
                    "epochs_trained": progress.epoch, "stopped_early": progress.stopped_early,
                    "val_losses": progress.val_losses, "world_size": strategy.world_size}
-        with open(os.path.join(run.period_dir(period), "train_summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        atomic_write_json(os.path.join(run.period_dir(period), "train_summary.json"), summary)
         state = run.state()
         run.save_state(done=sorted(set(state["done"]) | {period}), phase="done",
                        global_step=step_offset + engine.global_steps)

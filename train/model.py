@@ -16,13 +16,13 @@ output rows of the item code tokens (peft's trainable tokens); everything else i
 from __future__ import annotations
 
 import os
-import shutil
 
 import peft
 import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
+from data_tools.dataset import written_aside
 from train.config import Config
 from train.run_folder import RunFolder
 from train.shapes import shape_config
@@ -43,10 +43,8 @@ def build_shape_backbone(cfg: Config, run: RunFolder, tokenizer, dtype: str, str
                               tokenizer.pad_token_id)
         torch.manual_seed(cfg.model.seed)
         model = LlamaForCausalLM(config).to(DTYPES[dtype])
-        tmp = run.base_dir + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        os.replace(tmp, run.base_dir)
+        with written_aside("cannot write the run's backbone", run.base_dir) as tmp:
+            model.save_pretrained(tmp)
     strategy.barrier()
 
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 from transformers import AutoTokenizer
 
-from data_tools.dataset import ITEMS
+from data_tools.dataset import ITEMS, written_aside
 from data_tools.index.codes import load_item_index
 from data_tools.index.prompt import DEFAULT_TEMPLATE, IGNORE, PromptTemplate
 from data_tools.index.tokenizer import ItemCodebook, add_code_tokens, train_sentencepiece_tokenizer
@@ -27,28 +26,33 @@ def _item_texts(data_root: str) -> list[str]:
 
 
 def prepare_tokenizer(cfg, run, data_root: str, index: dict, template: PromptTemplate, strategy):
+    """Rank 0 writes the run's tokenizer once (aside, then renamed into place: the folder exists
+    only whole); every rank then loads it."""
     if strategy.is_rank0 and not os.path.isfile(os.path.join(run.tokenizer_dir, "tokenizer_config.json")):
-        tmp = run.tokenizer_dir + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        if cfg.model.path:
-            tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token  # left padding is masked out anyway
-        else:
-            corpus = template.tokenizer_corpus(_item_texts(data_root))
-            if corpus:
-                tokenizer = train_sentencepiece_tokenizer(corpus, tmp, seed=cfg.model.seed)
-            else:
-                # A template without words (items alone): the special tokens and the byte fallback
-                # are all it needs, and every row of the vocabulary costs the output layer on every
-                # position of the sequence objective (a 1,000-piece vocabulary doubles a tiny model's step).
-                tokenizer = train_sentencepiece_tokenizer(["items"], tmp, vocab_size=300, seed=cfg.model.seed)
-        add_code_tokens(tokenizer, index["levels"], index["codes_per_level"])
-        tokenizer.save_pretrained(tmp)
-        os.makedirs(run.root, exist_ok=True)
-        os.replace(tmp, run.tokenizer_dir)
+        backbone = _backbone_tokenizer(cfg.model.path) if cfg.model.path else None
+        with written_aside("cannot write the run's tokenizer", run.tokenizer_dir) as tmp:
+            tokenizer = backbone if backbone is not None else _trained_tokenizer(cfg, data_root, template, tmp)
+            add_code_tokens(tokenizer, index["levels"], index["codes_per_level"])
+            tokenizer.save_pretrained(tmp)
     strategy.barrier()
     return AutoTokenizer.from_pretrained(run.tokenizer_dir)
+
+
+def _backbone_tokenizer(path: str):
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # left padding is masked out anyway
+    return tokenizer
+
+
+def _trained_tokenizer(cfg, data_root: str, template: PromptTemplate, out_dir: str):
+    corpus = template.tokenizer_corpus(_item_texts(data_root))
+    if corpus:
+        return train_sentencepiece_tokenizer(corpus, out_dir, seed=cfg.model.seed)
+    # A template without words (items alone): the special tokens and the byte fallback are all it
+    # needs, and every row of the vocabulary costs the output layer on every position of the
+    # sequence objective (a 1,000-piece vocabulary doubles a tiny model's step).
+    return train_sentencepiece_tokenizer(["items"], out_dir, vocab_size=300, seed=cfg.model.seed)
 
 
 class SampleEncoder:

@@ -23,7 +23,7 @@ import numpy as np
 import orjson
 
 from data_tools.accounting import InputError
-from data_tools.dataset import ITEM_INDEX, ITEMS, atomic_write_bytes
+from data_tools.dataset import ITEM_INDEX, ITEMS, atomic_write_bytes, writing
 from data_tools.index.codes import assign_unique, collision_groups, load_item_index, parse_tokens, write_item_index
 from data_tools.index.embed import Embedder
 from data_tools.index.rqvae import RQVAE, RQVAEConfig, fit_rqvae
@@ -190,9 +190,10 @@ def build_index(root: str, embedder: str = "minilm", levels: int = 4, codes: int
     collisions["before"] = {"items_sharing_a_code": sum(s["colliding_items"] for s in steps),
                             "codes_shared": sum(s["codes_contested"] for s in steps)}
     collisions["after"] = {"items_sharing_a_code": 0, "codes_shared": 0}
-    if method["quantizer"] is None:  # saved only now: a failed build leaves the old pair intact
-        method["quantizer"] = _save_quantizer(root, model)
-    doc = write_item_index(root, assigned, method, codes)
+    with writing("cannot write the item index", root):
+        if method["quantizer"] is None:  # saved only now: a failed build leaves the old pair intact
+            method["quantizer"] = _save_quantizer(root, model)
+        doc = write_item_index(root, assigned, method, codes)
     _say(log, f"coded {len(todo):,} new items ({len(assigned):,} in all; embedded with {embedder} in {embed_seconds:.1f} s): "
               f"{collisions['before']['items_sharing_a_code']:,} collided, {sum(s['reassigned'] for s in steps):,} moved to "
               f"a free last-level code, none share a code now; perplexity per level {doc['perplexity']} of {codes}; "
@@ -218,10 +219,11 @@ def import_index(root: str, path: str, collisions: str = "keep", codes: int = 25
             return load_item_index(root)
         raise InputError(f"{target} exists ({old.get('kind')}); --force replaces it (the codes change, "
                          "and models trained on the old ones no longer match)")
-    doc = write_item_index(root, codes_, method, codes_per_level=max(codes, 1 + max(max(c) for c in codes_.values())))
-    stale = os.path.join(root, QUANTIZER)
-    if os.path.exists(stale):  # the quantizer of a replaced built index codes nothing now
-        os.unlink(stale)
+    with writing("cannot write the item index", root):
+        doc = write_item_index(root, codes_, method, codes_per_level=max(codes, 1 + max(max(c) for c in codes_.values())))
+        stale = os.path.join(root, QUANTIZER)
+        if os.path.exists(stale):  # the quantizer of a replaced built index codes nothing now
+            os.unlink(stale)
     r = method["collisions"]
     extra = f" ({method['items_not_in_data']:,} more that the data lacks left out)" if method["items_not_in_data"] else ""
     _say(log, f"imported {r['items']:,} items from {path}{extra}: {r['items_sharing_a_code']:,} items share "

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.dist.conftest import QUICK, REPO, RESPONSE, env, kill_all_with, train, train_command
+from train.checkpoint import tag_step
 
 CONFIG = os.path.join(REPO, "configs", "tiny.yaml")
 
@@ -171,7 +172,7 @@ def _log_past_the_checkpoint(run: str) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     with open(os.path.join(run, "periods", "0", "ds_ckpt", "COMPLETE.json")) as f:
-        step = int(json.load(f)["tag"].removeprefix("step-"))
+        step = tag_step(json.load(f)["tag"])
     with SummaryWriter(os.path.join(run, "tb")) as writer:
         writer.add_scalar("train/loss", 99.0, step + 1)
 

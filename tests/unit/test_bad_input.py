@@ -4,6 +4,7 @@ error naming the file (and line); --strict turns skips into errors; the accounti
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -12,8 +13,11 @@ import sys
 
 import pytest
 
-from data_tools.accounting import InputError
+from data_tools.accounting import InputError, Ledger
+from data_tools.blocks import read_blocks
 from data_tools.convert import ConvertOptions, convert
+from data_tools.formats import MOVIELENS_INTER_HEADER
+from data_tools.textio import BOM, CHUNK, LineStream
 
 MS = 1_600_000_000_000  # a plausible Amazon 2023 timestamp, in milliseconds
 
@@ -28,8 +32,8 @@ def good_stream(users=12, per_user=12):
     return [review(f"u{u}", f"i{(u * 7 + k) % 40}", MS + (k * users + u) * 60_000) for k in range(per_user) for u in range(users)]
 
 
-def write_lines(path, lines, gz=False):
-    data = b"".join((x if isinstance(x, bytes) else json.dumps(x).encode()) + b"\n" for x in lines)
+def write_lines(path, lines, gz=False, bom=False):
+    data = (BOM if bom else b"") + b"".join((x if isinstance(x, bytes) else json.dumps(x).encode()) + b"\n" for x in lines)
     if gz:
         data = gzip.compress(data, mtime=0)
     with open(path, "wb") as f:
@@ -186,3 +190,64 @@ def test_filters_are_counted(tmp_path):
     dropped = m["accounting"]["reviews"]["dropped"]
     assert dropped["below_min_rating"] == 1 and dropped["rating_missing"] == 1
     assert m["counts"]["interactions"] == len(lines) - sum(dropped.values())
+
+
+def _in_format(fmt: str) -> tuple[list, list | None]:
+    """good_stream's reviews, and metadata for its items, in the layout of `fmt`."""
+    stream = good_stream()
+    items = sorted({r["parent_asin"] for r in stream})
+    if fmt == "amazon2023":
+        return stream, [{"parent_asin": i, "title": f"Album {i}"} for i in items]
+    older = [{"reviewerID": r["user_id"], "asin": r["parent_asin"], "unixReviewTime": r["timestamp"] // 1000,
+              "overall": 4.0} for r in stream]
+    if fmt == "amazon2018":
+        return older, [{"asin": i, "title": f"Album {i}"} for i in items]
+    if fmt == "amazon2014":
+        return older, [repr({"asin": i, "title": f"Album {i}"}).encode() for i in items]
+    rows = [(r["parent_asin"], r["user_id"], r["timestamp"] // 1000) for r in stream]
+    if fmt == "csv":
+        return [f"{i},{u},4.0,{ts}".encode() for i, u, ts in rows], None
+    return (["\t".join(MOVIELENS_INTER_HEADER).encode()] + [f"{u}\t{i}\t4.0\t{ts}".encode() for i, u, ts in rows],
+            [b"item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq"]
+            + [f"{i}\tAlbum {i}\t1999\tJazz".encode() for i in items])
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
+@pytest.mark.parametrize("fmt", ["amazon2023", "amazon2018", "amazon2014", "csv", "movielens"])
+def test_a_byte_order_mark_is_read_past_in_every_text_format(tmp_path, fmt, gz):
+    """Files from Windows tools start with a UTF-8 BOM: the first record is read like any other,
+    and no id carries the mark."""
+    reviews, meta = _in_format(fmt)
+
+    def converted(name: str, bom: bool) -> tuple[dict, bytes]:
+        folder = tmp_path / name
+        folder.mkdir()
+        src = write_lines(folder / "reviews", reviews, gz=gz, bom=bom)
+        meta_path = write_lines(folder / "meta", meta, gz=gz, bom=bom) if meta else None
+        m = convert(ConvertOptions(format=fmt, reviews=src, meta=meta_path, out=str(folder / "out"), progress=False,
+                                   log=io.StringIO()))
+        return m, (folder / "out" / "items.jsonl").read_bytes() + (folder / "out" / "users.jsonl").read_bytes()
+
+    with_bom, id_maps = converted("bom", bom=True)
+    assert all(a["dropped"] == {} and a["kept"] == a["read"] for a in with_bom["accounting"].values())
+    assert id_maps == converted("plain", bom=False)[1]
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
+def test_the_byte_order_mark_goes_however_the_chunks_fall(tmp_path, gz):
+    """A first line longer than a read chunk, and a file of one line without a newline; the
+    hash stays that of the file's own bytes."""
+    path = tmp_path / "lines"
+    for text in (b"x" * (CHUNK + 10) + b"\nsecond\n", b"only line, no newline"):
+        data = gzip.compress(BOM + text) if gz else BOM + text
+        path.write_bytes(data)
+        lines = LineStream(str(path), progress=False)
+        assert [line for _, line in lines] == text.rstrip(b"\n").split(b"\n")
+        assert lines.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_block_files_with_a_byte_order_mark(tmp_path):
+    block = {"u1": {"previous_block": [], "current_block": ["a", "b", "c"]}}
+    (tmp_path / "block_0.json").write_bytes(BOM + json.dumps(block).encode())
+    stream, _ = read_blocks(str(tmp_path), Ledger("blocks"), progress=False)
+    assert stream.user_ids == ["u1"] and stream.item_ids == ["a", "b", "c"]

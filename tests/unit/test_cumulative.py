@@ -84,7 +84,7 @@ def test_export_folds_the_frozen_sum_into_one_adapter_of_higher_rank(tmp_path):
     logits of the model that trained and was evaluated."""
     from peft import PeftModel
 
-    from train.export_recommender import folded_adapter
+    from train.export_recommender import folded_adapter, save_adapter
     from train.run_folder import RunFolder
 
     run = RunFolder(str(tmp_path / "run"))
@@ -97,7 +97,7 @@ def test_export_folds_the_frozen_sum_into_one_adapter_of_higher_rank(tmp_path):
         plain = live(input_ids=ids).logits
         attach_frozen_adapters(live, [run.adapter_dir(1)])
         evaluated = live(input_ids=ids).logits
-    folded_adapter(run, cfg, 2, str(tmp_path / "folded"))
+    save_adapter(*folded_adapter(run, cfg, 2), str(tmp_path / "folded"), {})
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(vocab_size=116, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2))
