@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 1
 # As root (CI), the SLURM tests install and stand up their cluster and must not be skipped.
 export PESO_REQUIRE_SLURM ?= $(if $(filter 0,$(shell id -u)),1,0)
 
-.PHONY: setup demo test
+.PHONY: setup demo test lint format
 
 setup: $(VENV)/.ready
 
@@ -25,5 +25,14 @@ $(VENV)/.ready: pyproject.toml
 demo: setup
 	$(PY) -m launcher demo
 
-test: setup
+test: setup lint
 	$(PY) -m pytest
+
+# Lint and format checks (ruff, settings in pyproject.toml); `make format` rewrites the files.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .

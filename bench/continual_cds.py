@@ -81,8 +81,15 @@ def prepare_data(a, work: str) -> str:
         return data
     if not os.path.isdir(a.blocks):
         raise SystemExit(f"no blocks folder at {a.blocks} (pass --blocks DIR, --movielens or --data DIR)")
-    convert(ConvertOptions(format="blocks", reviews=a.blocks, index=os.path.join(a.blocks, "semantic_ids.json"), out=data,
-                           progress=False))
+    convert(
+        ConvertOptions(
+            format="blocks",
+            reviews=a.blocks,
+            index=os.path.join(a.blocks, "semantic_ids.json"),
+            out=data,
+            progress=False,
+        )
+    )
     return data
 
 
@@ -103,6 +110,7 @@ def evaluate_on_every_user(a, data: str, period0: str, env: dict) -> dict:
 def loss_columns(periods: dict, last: int) -> tuple[list, float]:
     """A run's test loss on each window 1..last right after learning it, and its forgetting in
     loss: the loss on window j after the last period minus right after period j, over j < last."""
+
     def loss(after: int, window: int) -> float:
         return periods[after]["windows"][str(window)]["overall"]["test_loss"]
 
@@ -112,13 +120,22 @@ def loss_columns(periods: dict, last: int) -> tuple[list, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     source = ap.add_mutually_exclusive_group()
-    source.add_argument("--blocks", default=CDS, help="folder of block_<k>.json and semantic_ids.json (default: the CDs blocks)")
+    source.add_argument(
+        "--blocks", default=CDS, help="folder of block_<k>.json and semantic_ids.json (default: the CDs blocks)"
+    )
     source.add_argument("--movielens", action="store_true", help="MovieLens-100K from the recbole wheel instead")
     source.add_argument("--data", help="a dataset folder with an item index instead")
     ap.add_argument("--config", default=CONFIG, help="experiment YAML (default: configs/cds_study.yaml)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the main runs (model.seed, data.seed)")
-    ap.add_argument("--lams", type=float, nargs="*", default=[0.2, 200.0, 20000.0],
-                    help="more peso lambdas, first seed only (the config's lambda is the main runs')")
+    ap.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the main runs (model.seed, data.seed)"
+    )
+    ap.add_argument(
+        "--lams",
+        type=float,
+        nargs="*",
+        default=[0.2, 200.0, 20000.0],
+        help="more peso lambdas, first seed only (the config's lambda is the main runs')",
+    )
     ap.add_argument("--work", default="/tmp/peso-cds-study", help="runs and data (finished periods are kept)")
     ap.add_argument("--nproc", type=int, default=2, help="ranks of period 0")
     ap.add_argument("--parallel", type=int, default=2, help="single-rank runs side by side after period 0")
@@ -141,10 +158,18 @@ def main() -> None:
     jobs = {}  # run folder -> overrides
     for seed in a.seeds:
         for method in METHODS:
-            jobs[os.path.join(a.work, f"seed{seed}", method)] = [f"model.seed={seed}", f"data.seed={seed}", f"method.name={method}"]
+            jobs[os.path.join(a.work, f"seed{seed}", method)] = [
+                f"model.seed={seed}",
+                f"data.seed={seed}",
+                f"method.name={method}",
+            ]
     for lam in a.lams:
         jobs[os.path.join(a.work, f"seed{a.seeds[0]}", f"peso_lam{lam:g}")] = [
-            f"model.seed={a.seeds[0]}", f"data.seed={a.seeds[0]}", "method.name=peso", f"method.lam={lam}"]
+            f"model.seed={a.seeds[0]}",
+            f"data.seed={a.seeds[0]}",
+            "method.name=peso",
+            f"method.lam={lam}",
+        ]
     for run in jobs:
         start_from_period0(period0, run)
 
@@ -152,23 +177,36 @@ def main() -> None:
         run, overrides = job
         with open(run + ".log", "a") as log:
             run_local(a.config, data, run, DS, 1, [*a.overrides, *overrides], env=env, log=log)
-        print(f"{os.path.relpath(run, a.work)}: every period done ({(time.time() - t0) / 60:.0f} min; log {run}.log)", flush=True)
+        print(
+            f"{os.path.relpath(run, a.work)}: every period done ({(time.time() - t0) / 60:.0f} min; log {run}.log)",
+            flush=True,
+        )
 
     with ThreadPoolExecutor(a.parallel) as pool:
         list(pool.map(run_job, jobs.items()))
 
-    runs = {(seed, method): load_run(os.path.join(a.work, f"seed{seed}", method)) for seed in a.seeds for method in METHODS}
+    runs = {
+        (seed, method): load_run(os.path.join(a.work, f"seed{seed}", method)) for seed in a.seeds for method in METHODS
+    }
     lam_runs = {lam: load_run(os.path.join(a.work, f"seed{a.seeds[0]}", f"peso_lam{lam:g}")) for lam in a.lams}
     lam_runs[main_lam] = runs[(a.seeds[0], "peso")]
     lines, result = tables(runs, lam_runs, window0, a.seeds, last, cfg, data)
     minutes = (time.time() - t0) / 60
-    lines += ["", f"{time.strftime('%Y-%m-%d')}, {platform.machine()} with {os.cpu_count()} cores; this invocation took "
-              f"{minutes:.0f} min (finished periods are kept, so a rerun only redoes the tables)."]
+    lines += [
+        "",
+        f"{time.strftime('%Y-%m-%d')}, {platform.machine()} with {os.cpu_count()} cores; this invocation took "
+        f"{minutes:.0f} min (finished periods are kept, so a rerun only redoes the tables).",
+    ]
     with open(os.path.join(REPO, "bench", f"{a.name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(runs, a.seeds, last, os.path.join(REPO, "bench", f"{a.name}.png"))
-    result.update(minutes=round(minutes, 1), machine=f"{platform.machine()} {os.cpu_count()} cores", date=time.strftime("%Y-%m-%d"),
-                  data=data, config=os.path.relpath(a.config, REPO))
+    result.update(
+        minutes=round(minutes, 1),
+        machine=f"{platform.machine()} {os.cpu_count()} cores",
+        date=time.strftime("%Y-%m-%d"),
+        data=data,
+        config=os.path.relpath(a.config, REPO),
+    )
     print("\n".join(lines))
     print(json.dumps(result))
 
@@ -178,84 +216,148 @@ def tables(runs: dict, lam_runs: dict, w0: dict, seeds: list, last: int, cfg: di
     sums = {key: summarize(periods, "ndcg@10") for key, periods in runs.items()}
     shape = cfg["model"].get("shape") or cfg["model"].get("path")
     ratio = w0["overall"]["ndcg@10"] / max(w0["popularity"]["overall"]["ndcg@10"], 1e-12)
-    lines = [f"Data: {data}. Model: `{shape}` trained in full on window 0 (from random weights, until the validation loss "
-             f"stopped improving), then LoRA r={cfg['lora']['r']} over windows 1-{last}; objective "
-             f"`{cfg['data'].get('objective', 'response')}`; {len(seeds)} seeds ({', '.join(map(str, seeds))}) of the LoRA "
-             f"periods; mean ± sd over seeds. Test users per window: all, or a seeded sample of {cfg['eval'].get('max_users')}. "
-             "The reference: the 10 most frequent training targets of each window, on the same users.", "",
-             f"After period 0, on window 0's test users ({w0['users']} of {w0['users_in_window']}): NDCG@10 "
-             f"{w0['overall']['ndcg@10']:.4f} against {w0['popularity']['overall']['ndcg@10']:.4f} for the most popular items "
-             f"({ratio:.1f}x); Hit@10 {w0['overall']['hit@10']:.4f} against {w0['popularity']['overall']['hit@10']:.4f}.", "",
-             f"Average over windows 1-{last} (each period on its own test window):", "",
-             "| method | " + " | ".join(MAIN_METRICS) + " |", "| --- | " + " | ".join("---" for _ in MAIN_METRICS) + " |"]
-    result = {"bench": "continual_cds", "seeds": seeds, "data": data, "period0_window0": {
-        "ndcg@10": round(w0["overall"]["ndcg@10"], 5), "popularity_ndcg@10": round(w0["popularity"]["overall"]["ndcg@10"], 5),
-        "ratio": round(ratio, 2), "users": w0["users"]}, "methods": {}}
+    lines = [
+        f"Data: {data}. Model: `{shape}` trained in full on window 0 (from random weights, until the validation loss "
+        f"stopped improving), then LoRA r={cfg['lora']['r']} over windows 1-{last}; objective "
+        f"`{cfg['data'].get('objective', 'response')}`; {len(seeds)} seeds ({', '.join(map(str, seeds))}) of the LoRA "
+        f"periods; mean ± sd over seeds. Test users per window: all, or a seeded sample of {cfg['eval'].get('max_users')}. "
+        "The reference: the 10 most frequent training targets of each window, on the same users.",
+        "",
+        f"After period 0, on window 0's test users ({w0['users']} of {w0['users_in_window']}): NDCG@10 "
+        f"{w0['overall']['ndcg@10']:.4f} against {w0['popularity']['overall']['ndcg@10']:.4f} for the most popular items "
+        f"({ratio:.1f}x); Hit@10 {w0['overall']['hit@10']:.4f} against {w0['popularity']['overall']['hit@10']:.4f}.",
+        "",
+        f"Average over windows 1-{last} (each period on its own test window):",
+        "",
+        "| method | " + " | ".join(MAIN_METRICS) + " |",
+        "| --- | " + " | ".join("---" for _ in MAIN_METRICS) + " |",
+    ]
+    result = {
+        "bench": "continual_cds",
+        "seeds": seeds,
+        "data": data,
+        "period0_window0": {
+            "ndcg@10": round(w0["overall"]["ndcg@10"], 5),
+            "popularity_ndcg@10": round(w0["popularity"]["overall"]["ndcg@10"], 5),
+            "ratio": round(ratio, 2),
+            "users": w0["users"],
+        },
+        "methods": {},
+    }
     for method in METHODS:
         per_seed = [sums[(s, method)]["average_incremental"] for s in seeds]
         lines.append(f"| {method} | " + " | ".join(fmt([p[k] for p in per_seed]) for k in MAIN_METRICS) + " |")
         result["methods"][method] = {k: round(mean_sd([p[k] for p in per_seed])[0], 5) for k in MAIN_METRICS}
     pop = sums[(seeds[0], METHODS[0])]["popularity"]
-    lines.append("| most popular 10 of each window (reference) | " + " | ".join(f"{pop[k]:.4f}" for k in MAIN_METRICS) + " |")
+    lines.append(
+        "| most popular 10 of each window (reference) | " + " | ".join(f"{pop[k]:.4f}" for k in MAIN_METRICS) + " |"
+    )
     result["popularity"] = {k: round(pop[k], 5) for k in MAIN_METRICS}
 
     pop_groups = sums[(seeds[0], METHODS[0])]["popularity_groups"]
-    lines += ["", f"NDCG@10 by user group (windows 1-{last}; users per group and window in metrics.json):", "",
-              "| method | " + " | ".join(GROUPS) + " |", "| --- | " + " | ".join("---" for _ in GROUPS) + " |"]
+    lines += [
+        "",
+        f"NDCG@10 by user group (windows 1-{last}; users per group and window in metrics.json):",
+        "",
+        "| method | " + " | ".join(GROUPS) + " |",
+        "| --- | " + " | ".join("---" for _ in GROUPS) + " |",
+    ]
     for method in METHODS:
-        lines.append(f"| {method} | " + " | ".join(fmt([sums[(s, method)]["groups"][g]["ndcg@10"] for s in seeds]) for g in GROUPS) + " |")
+        lines.append(
+            f"| {method} | "
+            + " | ".join(fmt([sums[(s, method)]["groups"][g]["ndcg@10"] for s in seeds]) for g in GROUPS)
+            + " |"
+        )
         result["methods"][method]["groups_ndcg@10"] = {
-            g: round(mean_sd([sums[(s, method)]["groups"][g]["ndcg@10"] for s in seeds])[0], 5) for g in GROUPS}
-    lines.append("| most popular 10 (reference) | " + " | ".join(
-        "-" if pop_groups[g]["ndcg@10"] is None else f"{pop_groups[g]['ndcg@10']:.4f}" for g in GROUPS) + " |")
+            g: round(mean_sd([sums[(s, method)]["groups"][g]["ndcg@10"] for s in seeds])[0], 5) for g in GROUPS
+        }
+    lines.append(
+        "| most popular 10 (reference) | "
+        + " | ".join("-" if pop_groups[g]["ndcg@10"] is None else f"{pop_groups[g]['ndcg@10']:.4f}" for g in GROUPS)
+        + " |"
+    )
 
     periods = range(1, last + 1)
-    lines += ["", "NDCG@10 per window (each period on its own window), backward transfer and forgetting:", "",
-              "| method | " + " | ".join(f"window {t}" for t in periods) + " | BWT | forgetting |",
-              "| --- | " + " | ".join("---" for _ in range(last + 2)) + " |"]
+    lines += [
+        "",
+        "NDCG@10 per window (each period on its own window), backward transfer and forgetting:",
+        "",
+        "| method | " + " | ".join(f"window {t}" for t in periods) + " | BWT | forgetting |",
+        "| --- | " + " | ".join("---" for _ in range(last + 2)) + " |",
+    ]
     first = runs[(seeds[0], METHODS[0])]
     for method in METHODS:
         cells = [fmt([runs[(s, method)][t]["windows"][str(t)]["overall"]["ndcg@10"] for s in seeds]) for t in periods]
         cells += [fmt([sums[(s, method)]["bwt"] for s in seeds]), fmt([sums[(s, method)]["forgetting"] for s in seeds])]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
         result["methods"][method]["bwt_ndcg@10"] = round(mean_sd([sums[(s, method)]["bwt"] for s in seeds])[0], 5)
-        result["methods"][method]["forgetting_ndcg@10"] = round(mean_sd([sums[(s, method)]["forgetting"] for s in seeds])[0], 5)
-    lines.append("| most popular 10 (reference) | " + " | ".join(
-        f"{first[t]['windows'][str(t)]['popularity']['overall']['ndcg@10']:.4f}" for t in periods) + " | - | - |")
+        result["methods"][method]["forgetting_ndcg@10"] = round(
+            mean_sd([sums[(s, method)]["forgetting"] for s in seeds])[0], 5
+        )
+    lines.append(
+        "| most popular 10 (reference) | "
+        + " | ".join(f"{first[t]['windows'][str(t)]['popularity']['overall']['ndcg@10']:.4f}" for t in periods)
+        + " | - | - |"
+    )
 
     for method in METHODS:
-        lines += ["", f"{method}: R[i][j] = NDCG@10 after period i on window j's test users (mean over seeds)", "",
-                  "| after period | " + " | ".join(f"window {j}" for j in range(last + 1)) + " |",
-                  "| --- | " + " | ".join("---" for _ in range(last + 1)) + " |"]
+        lines += [
+            "",
+            f"{method}: R[i][j] = NDCG@10 after period i on window j's test users (mean over seeds)",
+            "",
+            "| after period | " + " | ".join(f"window {j}" for j in range(last + 1)) + " |",
+            "| --- | " + " | ".join("---" for _ in range(last + 1)) + " |",
+        ]
         for i in range(last + 1):
-            row = [statistics.mean(sums[(s, method)]["R"][i][j] for s in seeds) if j <= i else None for j in range(last + 1)]
+            row = [
+                statistics.mean(sums[(s, method)]["R"][i][j] for s in seeds) if j <= i else None
+                for j in range(last + 1)
+            ]
             lines.append(f"| {i} | " + " | ".join("-" if x is None else f"{x:.4f}" for x in row) + " |")
 
-    lines += ["", f"Test loss (teacher-forced cross-entropy of the target's tokens; lower is better), each period on its own "
-              f"window, and its forgetting: the loss on window j after period {last} minus right after period j, over j < {last}:", "",
-              "| method | " + " | ".join(f"window {t}" for t in periods) + " | mean | forgetting (loss) |",
-              "| --- | " + " | ".join("---" for _ in range(last + 2)) + " |"]
+    lines += [
+        "",
+        f"Test loss (teacher-forced cross-entropy of the target's tokens; lower is better), each period on its own "
+        f"window, and its forgetting: the loss on window j after period {last} minus right after period j, over j < {last}:",
+        "",
+        "| method | " + " | ".join(f"window {t}" for t in periods) + " | mean | forgetting (loss) |",
+        "| --- | " + " | ".join("---" for _ in range(last + 2)) + " |",
+    ]
     for method in METHODS:
         per_seed = [loss_columns(runs[(s, method)], last) for s in seeds]
         own = [[own_s[t] for own_s, _ in per_seed] for t in range(last)]
         mean_own = [statistics.mean(own_s) for own_s, _ in per_seed]
-        lines.append(f"| {method} | " + " | ".join(fmt(x) for x in own) + f" | {fmt(mean_own)} | {fmt([f for _, f in per_seed])} |")
+        lines.append(
+            f"| {method} | "
+            + " | ".join(fmt(x) for x in own)
+            + f" | {fmt(mean_own)} | {fmt([f for _, f in per_seed])} |"
+        )
         result["methods"][method]["test_loss"] = round(mean_sd(mean_own)[0], 5)
         result["methods"][method]["forgetting_loss"] = round(mean_sd([f for _, f in per_seed])[0], 5)
 
-    lines += ["", f"The pull's strength (peso, seed {seeds[0]}; lambda 0 is single; reduce: {cfg['method'].get('reduce')}):", "",
-              "| lambda | ndcg@10 | hit@10 | dormant ndcg@10 | BWT (ndcg@10) | forgetting (ndcg@10) | test loss | forgetting (loss) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        f"The pull's strength (peso, seed {seeds[0]}; lambda 0 is single; reduce: {cfg['method'].get('reduce')}):",
+        "",
+        "| lambda | ndcg@10 | hit@10 | dormant ndcg@10 | BWT (ndcg@10) | forgetting (ndcg@10) | test loss | forgetting (loss) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     result["lams"] = {}
     for lam, periods_ in sorted({0.0: runs[(seeds[0], "single")], **lam_runs}.items()):
         s = summarize(periods_, "ndcg@10")
         own, forget = loss_columns(periods_, last)
         dormant = s["groups"]["dormant"]["ndcg@10"]
-        lines.append(f"| {lam:g} | {s['average_incremental']['ndcg@10']:.4f} | {s['average_incremental']['hit@10']:.4f} | "
-                     + ("-" if dormant is None else f"{dormant:.4f}")
-                     + f" | {s['bwt']:+.4f} | {s['forgetting']:.4f} | {statistics.mean(own):.4f} | {forget:+.4f} |")
-        result["lams"][f"{lam:g}"] = {"ndcg@10": round(s["average_incremental"]["ndcg@10"], 5), "bwt": round(s["bwt"], 5),
-                                      "test_loss": round(statistics.mean(own), 5), "forgetting_loss": round(forget, 5)}
+        lines.append(
+            f"| {lam:g} | {s['average_incremental']['ndcg@10']:.4f} | {s['average_incremental']['hit@10']:.4f} | "
+            + ("-" if dormant is None else f"{dormant:.4f}")
+            + f" | {s['bwt']:+.4f} | {s['forgetting']:.4f} | {statistics.mean(own):.4f} | {forget:+.4f} |"
+        )
+        result["lams"][f"{lam:g}"] = {
+            "ndcg@10": round(s["average_incremental"]["ndcg@10"], 5),
+            "bwt": round(s["bwt"], 5),
+            "test_loss": round(statistics.mean(own), 5),
+            "forgetting_loss": round(forget, 5),
+        }
     return lines, result
 
 
@@ -276,21 +378,29 @@ def plot(runs: dict, seeds: list, last: int, path: str) -> None:
     def window1(method):
         return [[runs[(s, method)][t]["windows"]["1"]["overall"]["ndcg@10"] for s in seeds] for t in periods]
 
-    panels = [("NDCG@10, own window", lambda m: own(m, "ndcg@10")),
-              ("test loss, own window", lambda m: own(m, "test_loss")),
-              ("NDCG@10 on window 1 (forgetting)", window1)]
+    panels = [
+        ("NDCG@10, own window", lambda m: own(m, "ndcg@10")),
+        ("test loss, own window", lambda m: own(m, "test_loss")),
+        ("NDCG@10 on window 1 (forgetting)", window1),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4))
     for ax, (title, values) in zip(axes, panels):
         for method in METHODS:
             stats = [mean_sd(v) for v in values(method)]
-            ax.errorbar(periods, [m for m, _ in stats], yerr=[sd for _, sd in stats], marker="o", capsize=3, label=method)
+            ax.errorbar(
+                periods, [m for m, _ in stats], yerr=[sd for _, sd in stats], marker="o", capsize=3, label=method
+            )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("period")
         ax.set_xticks(periods)
         ax.grid(alpha=0.3)
     first = runs[(seeds[0], METHODS[0])]
-    axes[0].plot(periods, [first[t]["windows"][str(t)]["popularity"]["overall"]["ndcg@10"] for t in periods], "k--",
-                 label="most popular 10")
+    axes[0].plot(
+        periods,
+        [first[t]["windows"][str(t)]["popularity"]["overall"]["ndcg@10"] for t in periods],
+        "k--",
+        label="most popular 10",
+    )
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -33,17 +33,28 @@ CDS = os.path.join(os.path.dirname(REPO), "shared", "data", "amazon-cds-blocks")
 VARIANTS = {  # a shape of train/shapes.py, its embeddings tied or not, the optimizer, the objective
     "tiny (sequence)": dict(shape="tiny", lr=3e-3),
     "tiny, tied embeddings (sequence)": dict(shape="tiny", tied=True, lr=3e-3),
-    "tiny, weight decay 0.1, attention dropout 0.1 (sequence)": dict(shape="tiny", lr=3e-3, weight_decay=0.1, dropout=0.1),
+    "tiny, weight decay 0.1, attention dropout 0.1 (sequence)": dict(
+        shape="tiny", lr=3e-3, weight_decay=0.1, dropout=0.1
+    ),
     "tiny (response: one sample per target)": dict(shape="tiny", lr=3e-3, objective="response"),
     "mini, lr 1e-3, weight decay 0.1 (sequence)": dict(shape="mini", lr=1e-3, weight_decay=0.1),
     "mini, lr 2e-3, weight decay 0.1 (sequence)": dict(shape="mini", lr=2e-3, weight_decay=0.1),
-    "tiny, dropout 0.2 on embeddings, attention and MLP outputs (sequence)": dict(shape="tiny", lr=3e-3, residual_dropout=0.2),
+    "tiny, dropout 0.2 on embeddings, attention and MLP outputs (sequence)": dict(
+        shape="tiny", lr=3e-3, residual_dropout=0.2
+    ),
     "tiny, cosine to zero over the budget (sequence)": dict(shape="tiny", lr=3e-3, cosine=True),
-    "mini, lr 1e-3, weight decay 0.1, cosine to zero over the budget (sequence)": dict(shape="mini", lr=1e-3, weight_decay=0.1, cosine=True),
-    "mini, lr 2e-3, weight decay 0.1, cosine to zero over the budget (sequence)": dict(shape="mini", lr=2e-3, weight_decay=0.1, cosine=True),
-    "mini, lr 2e-3, weight decay 0.1 but not on embeddings and norms (as the framework), cosine (sequence)":
-        dict(shape="mini", lr=2e-3, weight_decay=0.1, cosine=True, framework_groups=True),
-    "mini, lr 3e-3, weight decay 0.1, cosine to zero over the budget (sequence)": dict(shape="mini", lr=3e-3, weight_decay=0.1, cosine=True),
+    "mini, lr 1e-3, weight decay 0.1, cosine to zero over the budget (sequence)": dict(
+        shape="mini", lr=1e-3, weight_decay=0.1, cosine=True
+    ),
+    "mini, lr 2e-3, weight decay 0.1, cosine to zero over the budget (sequence)": dict(
+        shape="mini", lr=2e-3, weight_decay=0.1, cosine=True
+    ),
+    "mini, lr 2e-3, weight decay 0.1 but not on embeddings and norms (as the framework), cosine (sequence)": dict(
+        shape="mini", lr=2e-3, weight_decay=0.1, cosine=True, framework_groups=True
+    ),
+    "mini, lr 3e-3, weight decay 0.1, cosine to zero over the budget (sequence)": dict(
+        shape="mini", lr=3e-3, weight_decay=0.1, cosine=True
+    ),
 }
 PAD, BOS, EOS, FIRST_CODE = 0, 1, 2, 3
 
@@ -62,8 +73,16 @@ def add_residual_dropout(model, p: float) -> None:
         layer.mlp.register_forward_hook(drop)
 
 
-def run_variant(name: str, spec: dict, data: str, window: int, minutes: float, users: int | None = None, beams: int = 10,
-                epochs: int | None = None) -> dict:
+def run_variant(
+    name: str,
+    spec: dict,
+    data: str,
+    window: int,
+    minutes: float,
+    users: int | None = None,
+    beams: int = 10,
+    epochs: int | None = None,
+) -> dict:
     import torch
     import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -80,8 +99,10 @@ def run_variant(name: str, spec: dict, data: str, window: int, minutes: float, u
     torch.manual_seed(0)
     index = load_item_index(data)
     levels, per_level = index["levels"], index["codes_per_level"]
-    codes = {int(k): [FIRST_CODE + lv * per_level + int(t.split("_")[1].rstrip(">")) for lv, t in enumerate(v)]
-             for k, v in index["items"].items()}
+    codes = {
+        int(k): [FIRST_CODE + lv * per_level + int(t.split("_")[1].rstrip(">")) for lv, t in enumerate(v)]
+        for k, v in index["items"].items()
+    }
     objective = spec.get("objective", "sequence")
 
     def prompt(history):
@@ -105,29 +126,50 @@ def run_variant(name: str, spec: dict, data: str, window: int, minutes: float, u
         labels = torch.full((len(examples), width), -100)
         mask = torch.zeros((len(examples), width), dtype=torch.long)
         for i, (x, y) in enumerate(examples):
-            ids[i, width - len(x):], labels[i, width - len(y):], mask[i, width - len(x):] = torch.tensor(x), torch.tensor(y), 1
+            ids[i, width - len(x) :], labels[i, width - len(y) :], mask[i, width - len(x) :] = (
+                torch.tensor(x),
+                torch.tensor(y),
+                1,
+            )
         return ids, labels, mask, (mask.cumsum(1) - 1).clamp(min=0)
 
     train = list(window_split(data, window, "train"))
-    examples = [chunk(c) for c in window_chunks(train, 20)] if objective == "sequence" else \
-        [one_target(s["history"], s["target"]) for s in train]
+    examples = (
+        [chunk(c) for c in window_chunks(train, 20)]
+        if objective == "sequence"
+        else [one_target(s["history"], s["target"]) for s in train]
+    )
     valid = [one_target(s["history"], s["target"]) for s in window_split(data, window, "valid")][:2000]
     tests = list(window_split(data, window, "test"))
     users = random.Random(0).sample(tests, users) if users and users < len(tests) else tests
     shape = {k: v for k, v in SHAPES[spec["shape"]].items() if k != "min_vocab"}
     shape["tie_word_embeddings"] = spec.get("tied", shape["tie_word_embeddings"])
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=FIRST_CODE + levels * per_level, attention_dropout=spec.get("dropout", 0.0),
-                                         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, **shape))
-    if spec.get("residual_dropout"):  # SASRec-style dropout, which Llama lacks: on the embeddings and each block's outputs
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=FIRST_CODE + levels * per_level,
+            attention_dropout=spec.get("dropout", 0.0),
+            bos_token_id=BOS,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+            **shape,
+        )
+    )
+    if spec.get(
+        "residual_dropout"
+    ):  # SASRec-style dropout, which Llama lacks: on the embeddings and each block's outputs
         add_residual_dropout(model, spec["residual_dropout"])
     params = sum(p.numel() for p in model.parameters())
     decay = spec.get("weight_decay", 0.01)
     # The framework (train/model.py) exempts embeddings and norms from weight decay; this loop
     # decays everything unless the variant asks for the framework's groups.
-    opt = torch.optim.AdamW(param_groups(model, decay) if spec.get("framework_groups") else model.parameters(),
-                            lr=spec["lr"], weight_decay=decay)
+    opt = torch.optim.AdamW(
+        param_groups(model, decay) if spec.get("framework_groups") else model.parameters(),
+        lr=spec["lr"],
+        weight_decay=decay,
+    )
     t0 = time.time()
     steps_per_epoch = math.ceil(len(examples) / 32)
+    opt_steps = [0]  # optimizer steps so far (the scheduler reads it from its first call)
 
     def done_share() -> float:  # of the budget: the minutes, or --epochs
         if epochs:
@@ -142,17 +184,17 @@ def run_variant(name: str, spec: dict, data: str, window: int, minutes: float, u
 
     def loss_of(ids, labels, mask, pos):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100,
-                               reduction="sum"), (labels[:, 1:] != -100).sum()
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+        ), (labels[:, 1:] != -100).sum()
 
     epoch, best, best_state, targets = 0, math.inf, None, 0
-    opt_steps = [0]
     while (epoch < epochs) if epochs else (time.time() - t0 < minutes * 60):
         model.train()
         order = list(range(len(examples)))
         random.Random(epoch).shuffle(order)
         for k in range(0, len(order), 32):
-            total, count = loss_of(*batch([examples[j] for j in order[k:k + 32]]))
+            total, count = loss_of(*batch([examples[j] for j in order[k : k + 32]]))
             opt.zero_grad()
             (total / count).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -164,9 +206,14 @@ def run_variant(name: str, spec: dict, data: str, window: int, minutes: float, u
                 break
         model.eval()
         with torch.no_grad():
-            sums = [loss_of(*batch(valid[k:k + 256])) for k in range(0, len(valid), 256)]
+            sums = [loss_of(*batch(valid[k : k + 256])) for k in range(0, len(valid), 256)]
         # per code token (EOS excluded), so both objectives compare
-        val = sum(float(s) for s, _ in sums) / sum(int(n) for _, n in sums) * (levels + (objective == "response")) / levels
+        val = (
+            sum(float(s) for s, _ in sums)
+            / sum(int(n) for _, n in sums)
+            * (levels + (objective == "response"))
+            / levels
+        )
         if val < best:
             best, best_state = val, {k: v.clone() for k, v in model.state_dict().items()}
         epoch += 1
@@ -175,14 +222,15 @@ def run_variant(name: str, spec: dict, data: str, window: int, minutes: float, u
     model.eval()
 
     def forward(ids, mask, position, cache):
-        return model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True,
-                     logits_to_keep=1).logits[:, -1]
+        return model(
+            input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True, logits_to_keep=1
+        ).logits[:, -1]
 
     trie = CodeTrie(codes.values())
     ranks = []
     with torch.no_grad():
         for k in range(0, len(users), 64):
-            part = users[k:k + 64]
+            part = users[k : k + 64]
             prompts = [prompt(s["history"]) + ([] if objective == "sequence" else [EOS]) for s in part]
             seqs, _ = constrained_beam_search(forward, prompts, trie, levels, beams, PAD, "cpu")
             for i, s in enumerate(part):
@@ -194,9 +242,19 @@ def run_variant(name: str, spec: dict, data: str, window: int, minutes: float, u
     top = [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:10]]
     popular = [top.index(tuple(codes[s["target"]])) if tuple(codes[s["target"]]) in top else None for s in users]
     m, p = rank_metrics(ranks, [10]), rank_metrics(popular, [10])
-    return {"variant": name, "parameters": params, "epochs": epoch, "train_minutes": round(train_minutes, 1), "targets_trained": targets, "users": len(users),
-            "best_val_loss_per_code_token": round(best, 4), "ndcg@10": round(m["ndcg@10"], 4), "hit@10": round(m["hit@10"], 4),
-            "popularity_ndcg@10": round(p["ndcg@10"], 4), "popularity_hit@10": round(p["hit@10"], 4)}
+    return {
+        "variant": name,
+        "parameters": params,
+        "epochs": epoch,
+        "train_minutes": round(train_minutes, 1),
+        "targets_trained": targets,
+        "users": len(users),
+        "best_val_loss_per_code_token": round(best, 4),
+        "ndcg@10": round(m["ndcg@10"], 4),
+        "hit@10": round(m["hit@10"], 4),
+        "popularity_ndcg@10": round(p["ndcg@10"], 4),
+        "popularity_hit@10": round(p["hit@10"], 4),
+    }
 
 
 def main() -> None:
@@ -204,14 +262,24 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--minutes", type=float, default=12.0, help="training time per variant (one core)")
-    ap.add_argument("--epochs", type=int, help="train this many epochs instead of --minutes (figures that other "
-                                               "load on the cores cannot bias; cosine variants decay over them)")
+    ap.add_argument(
+        "--epochs",
+        type=int,
+        help="train this many epochs instead of --minutes (figures that other "
+        "load on the cores cannot bias; cosine variants decay over them)",
+    )
     ap.add_argument("--data", help="a dataset folder with an item index (default: the CDs blocks, converted here)")
     ap.add_argument("--window", type=int, default=0, help="the window trained on and evaluated")
     ap.add_argument("--users", type=int, default=None, help="a seeded sample of the test users (default: all)")
     ap.add_argument("--beams", type=int, default=10, help="beams of the evaluation's beam search")
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT",
-                    help="variants to train, by their names in VARIANTS above (default: all)")
+    ap.add_argument(
+        "--variants",
+        nargs="*",
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
+        metavar="VARIANT",
+        help="variants to train, by their names in VARIANTS above (default: all)",
+    )
     ap.add_argument("--work", default="/tmp/peso-cpu-models", help="where the data and the results go")
     a = ap.parse_args()
     data = a.data
@@ -219,13 +287,40 @@ def main() -> None:
         from data_tools.convert import ConvertOptions, convert
 
         data = os.path.join(a.work, "cds")
-        convert(ConvertOptions(format="blocks", reviews=CDS, index=os.path.join(CDS, "semantic_ids.json"), out=data, progress=False))
+        convert(
+            ConvertOptions(
+                format="blocks", reviews=CDS, index=os.path.join(CDS, "semantic_ids.json"), out=data, progress=False
+            )
+        )
     with ProcessPoolExecutor(2) as pool:
         n = len(a.variants)
-        results = list(pool.map(run_variant, a.variants, [VARIANTS[v] for v in a.variants], [data] * n, [a.window] * n,
-                                [a.minutes] * n, [a.users] * n, [a.beams] * n, [a.epochs] * n))
-    print(json.dumps({"bench": "cpu_models", "minutes_per_variant": None if a.epochs else a.minutes, "epochs": a.epochs, "window": a.window, "beams": a.beams, "results": results,
-                      "machine": f"{platform.machine()} {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}))
+        results = list(
+            pool.map(
+                run_variant,
+                a.variants,
+                [VARIANTS[v] for v in a.variants],
+                [data] * n,
+                [a.window] * n,
+                [a.minutes] * n,
+                [a.users] * n,
+                [a.beams] * n,
+                [a.epochs] * n,
+            )
+        )
+    print(
+        json.dumps(
+            {
+                "bench": "cpu_models",
+                "minutes_per_variant": None if a.epochs else a.minutes,
+                "epochs": a.epochs,
+                "window": a.window,
+                "beams": a.beams,
+                "results": results,
+                "machine": f"{platform.machine()} {os.cpu_count()} cores",
+                "date": time.strftime("%Y-%m-%d"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -25,9 +25,42 @@ import time
 import numpy as np
 import orjson
 
-WORDS = ("the a this album sound great love music track vinyl record band song guitar voice best "
-         "classic listen again quality pressing heard songs favorite recommend beautiful live "
-         "production mix old new first five stars".split())
+WORDS = [
+    "the",
+    "a",
+    "this",
+    "album",
+    "sound",
+    "great",
+    "love",
+    "music",
+    "track",
+    "vinyl",
+    "record",
+    "band",
+    "song",
+    "guitar",
+    "voice",
+    "best",
+    "classic",
+    "listen",
+    "again",
+    "quality",
+    "pressing",
+    "heard",
+    "songs",
+    "favorite",
+    "recommend",
+    "beautiful",
+    "live",
+    "production",
+    "mix",
+    "old",
+    "new",
+    "first",
+    "five",
+    "stars",
+]
 
 
 def generate(path: str, n: int, seed: int = 0) -> None:
@@ -49,12 +82,24 @@ def generate(path: str, n: int, seed: int = 0) -> None:
         off = 0
         buf = []
         for k in range(n):
-            text = " ".join(WORDS[j] for j in word_idx[off:off + lengths[k]])
+            text = " ".join(WORDS[j] for j in word_idx[off : off + lengths[k]])
             off += lengths[k]
-            buf.append(orjson.dumps({
-                "rating": float(ratings[k]), "title": text[:30], "text": text, "images": [],
-                "asin": f"B{items[k]:09d}", "parent_asin": f"B{items[k]:09d}", "user_id": f"AG{users[k]:026d}",
-                "timestamp": int(ts[k]), "helpful_vote": int(k % 7), "verified_purchase": bool(k % 3)}))
+            buf.append(
+                orjson.dumps(
+                    {
+                        "rating": float(ratings[k]),
+                        "title": text[:30],
+                        "text": text,
+                        "images": [],
+                        "asin": f"B{items[k]:09d}",
+                        "parent_asin": f"B{items[k]:09d}",
+                        "user_id": f"AG{users[k]:026d}",
+                        "timestamp": int(ts[k]),
+                        "helpful_vote": int(k % 7),
+                        "verified_purchase": bool(k % 3),
+                    }
+                )
+            )
             if len(buf) == 10000:
                 f.write(b"\n".join(buf) + b"\n")
                 buf = []
@@ -90,8 +135,11 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--reviews", type=int, default=2_000_000, help="reviews in the generated input file")
-    ap.add_argument("--cache", default=os.environ.get("PESO_BENCH_CACHE", "/tmp/peso-bench"),
-                    help="where the input and outputs are kept between runs ($PESO_BENCH_CACHE)")
+    ap.add_argument(
+        "--cache",
+        default=os.environ.get("PESO_BENCH_CACHE", "/tmp/peso-bench"),
+        help="where the input and outputs are kept between runs ($PESO_BENCH_CACHE)",
+    )
     a = ap.parse_args()
     os.makedirs(a.cache, exist_ok=True)
     src = os.path.join(a.cache, f"amazon2023-{a.reviews}.jsonl.gz")
@@ -99,20 +147,43 @@ def main() -> None:
         t = time.perf_counter()
         generate(src, a.reviews)
         print(f"generated {src} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-    out = subprocess.run([sys.executable, "-c", CHILD_PARSE, src], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD_PARSE, src], capture_output=True, text=True, check=True
+    ).stdout.split()
     parse_n, parse_s = int(out[0]), float(out[1])
-    out = subprocess.run([sys.executable, "-c", CHILD_CONVERT, src, os.path.join(a.cache, "converted")],
-                         capture_output=True, text=True, check=True).stdout.split()
-    conv_n, conv_s, base_kb, peak_kb, interactions, samples = int(out[0]), float(out[1]), int(out[2]), int(out[3]), int(out[4]), int(out[5])
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD_CONVERT, src, os.path.join(a.cache, "converted")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    conv_n, conv_s, base_kb, peak_kb, interactions, samples = (
+        int(out[0]),
+        float(out[1]),
+        int(out[2]),
+        int(out[3]),
+        int(out[4]),
+        int(out[5]),
+    )
     assert conv_n == parse_n
-    print(json.dumps({
-        "bench": "data_convert", "reviews": parse_n, "file_mb": round(os.path.getsize(src) / 2**20, 1),
-        "interactions": interactions, "samples": samples,
-        "parse_only_per_s": round(parse_n / parse_s), "convert_per_s": round(conv_n / conv_s),
-        "ratio_convert_to_parse": round(parse_s / conv_s, 3),
-        "peak_bytes_per_interaction": round((peak_kb - base_kb) * 1024 / interactions, 1),
-        "peak_rss_mb": round(peak_kb / 1024), "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "date": time.strftime("%Y-%m-%d")}))
+    print(
+        json.dumps(
+            {
+                "bench": "data_convert",
+                "reviews": parse_n,
+                "file_mb": round(os.path.getsize(src) / 2**20, 1),
+                "interactions": interactions,
+                "samples": samples,
+                "parse_only_per_s": round(parse_n / parse_s),
+                "convert_per_s": round(conv_n / conv_s),
+                "ratio_convert_to_parse": round(parse_s / conv_s, 3),
+                "peak_bytes_per_interaction": round((peak_kb - base_kb) * 1024 / interactions, 1),
+                "peak_rss_mb": round(peak_kb / 1024),
+                "machine": f"{platform.machine()} {os.cpu_count()} cores",
+                "date": time.strftime("%Y-%m-%d"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

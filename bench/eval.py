@@ -33,10 +33,10 @@ from transformers import LlamaForCausalLM
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from data_tools.help_format import HelpFormatter  # noqa: E402
 from data_tools.index.prompt import PromptTemplate  # noqa: E402
 from data_tools.index.tokenizer import ItemCodebook, add_code_tokens, train_sentencepiece_tokenizer  # noqa: E402
 from train.evaluate import constrained_beam_search  # noqa: E402
-from data_tools.help_format import HelpFormatter  # noqa: E402
 from train.shapes import SHAPES, shape_config  # noqa: E402
 
 CDS = os.path.join(os.path.dirname(REPO), "shared", "data", "amazon-cds-blocks", "semantic_ids.json")
@@ -48,8 +48,11 @@ def catalog() -> dict:
             table = json.load(f)
         return {"levels": 4, "codes_per_level": 256, "items": {str(i): toks for i, toks in enumerate(table.values())}}
     rng = random.Random(0)
-    return {"levels": 4, "codes_per_level": 256,
-            "items": {str(i): [f"<{'abcd'[k]}_{rng.randrange(256)}>" for k in range(4)] for i in range(40000)}}
+    return {
+        "levels": 4,
+        "codes_per_level": 256,
+        "items": {str(i): [f"<{'abcd'[k]}_{rng.randrange(256)}>" for k in range(4)] for i in range(40000)},
+    }
 
 
 def main() -> None:
@@ -67,20 +70,25 @@ def main() -> None:
     add_code_tokens(tok, 4, 256)
     book = ItemCodebook(index, tok)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(shape_config(a.shape, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)).eval()
+    model = LlamaForCausalLM(
+        shape_config(a.shape, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    ).eval()
     rng = random.Random(1)
     n_items = len(index["items"])
     prompts = [template.encode_prompt(tok, book, [rng.randrange(n_items) for _ in range(20)]) for _ in range(a.users)]
 
     def forward(ids, mask, position, cache):
-        return model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True,
-                     logits_to_keep=1).logits[:, -1]
+        return model(
+            input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True, logits_to_keep=1
+        ).logits[:, -1]
 
     def decode(batch: int) -> tuple[float, list]:
         t0 = time.perf_counter()
         tops = []
         for k in range(0, len(prompts), batch):
-            seqs, _ = constrained_beam_search(forward, prompts[k:k + batch], book.trie, 4, a.beams, tok.pad_token_id, "cpu")
+            seqs, _ = constrained_beam_search(
+                forward, prompts[k : k + batch], book.trie, 4, a.beams, tok.pad_token_id, "cpu"
+            )
             tops += [tuple(s[0].tolist()) for s in seqs]
         return time.perf_counter() - t0, tops
 
@@ -88,31 +96,54 @@ def main() -> None:
         t0 = time.perf_counter()
         tops = []
         for p in prompts:
-            ids = torch.tensor([p])
-            allowed = lambda batch_id, sent, n=len(p): book.trie.allowed(sent[n:].tolist()) or [tok.eos_token_id]  # noqa: E731
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=a.beams, num_return_sequences=a.beams,
-                                 max_new_tokens=4, min_new_tokens=4, do_sample=False, early_stopping=True,
-                                 prefix_allowed_tokens_fn=allowed, pad_token_id=tok.pad_token_id, length_penalty=0.0)
-            tops.append(tuple(out[0, len(p):].tolist()))
+            ids, n = torch.tensor([p]), len(p)
+            allowed = lambda batch_id, sent, n=n: book.trie.allowed(sent[n:].tolist()) or [tok.eos_token_id]
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                num_beams=a.beams,
+                num_return_sequences=a.beams,
+                max_new_tokens=4,
+                min_new_tokens=4,
+                do_sample=False,
+                early_stopping=True,
+                prefix_allowed_tokens_fn=allowed,
+                pad_token_id=tok.pad_token_id,
+                length_penalty=0.0,
+            )
+            tops.append(tuple(out[0, len(p) :].tolist()))
         return time.perf_counter() - t0, tops
 
     decode(a.batch)  # warm-up
     # Interleaved repeats, medians: this VM's speed drifts by 20-30% from one minute to the next.
     runs = [(decode(a.batch), decode(1), reference()) for _ in range(a.repeats)]
     (batched_s, batched_top), (single_s, single_top), (reference_s, reference_top) = (
-        (statistics.median(r[k][0] for r in runs), runs[0][k][1]) for k in range(3))
+        (statistics.median(r[k][0] for r in runs), runs[0][k][1]) for k in range(3)
+    )
     agree = sum(x == y for x, y in zip(batched_top, single_top)) / len(prompts)
     agree_ref = sum(x == y for x, y in zip(batched_top, reference_top)) / len(prompts)
-    print(json.dumps({
-        "bench": "eval", "shape": a.shape, "users": a.users, "beams": a.beams, "batch": a.batch, "catalog_items": n_items,
-        "batched_users_per_s": round(a.users / batched_s, 2),
-        "reference_hf_generate_users_per_s": round(a.users / reference_s, 2),
-        "ours_one_at_a_time_users_per_s": round(a.users / single_s, 2),
-        "ratio_batched_to_reference": round(reference_s / batched_s, 2),
-        "ratio_batched_to_ours_one_at_a_time": round(single_s / batched_s, 2),
-        "same_top1_share_vs_reference": round(agree_ref, 4), "same_top1_share_vs_ours_one_at_a_time": round(agree, 4),
-        "threads": torch.get_num_threads(), "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "date": time.strftime("%Y-%m-%d")}))
+    print(
+        json.dumps(
+            {
+                "bench": "eval",
+                "shape": a.shape,
+                "users": a.users,
+                "beams": a.beams,
+                "batch": a.batch,
+                "catalog_items": n_items,
+                "batched_users_per_s": round(a.users / batched_s, 2),
+                "reference_hf_generate_users_per_s": round(a.users / reference_s, 2),
+                "ours_one_at_a_time_users_per_s": round(a.users / single_s, 2),
+                "ratio_batched_to_reference": round(reference_s / batched_s, 2),
+                "ratio_batched_to_ours_one_at_a_time": round(single_s / batched_s, 2),
+                "same_top1_share_vs_reference": round(agree_ref, 4),
+                "same_top1_share_vs_ours_one_at_a_time": round(agree, 4),
+                "threads": torch.get_num_threads(),
+                "machine": f"{platform.machine()} {os.cpu_count()} cores",
+                "date": time.strftime("%Y-%m-%d"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -33,34 +33,200 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 CATEGORIES = {
-    "Musical Instruments": ["guitar strings", "drum sticks", "guitar pedal", "microphone", "keyboard stand", "capo",
-                            "ukulele", "tuner", "amplifier", "audio interface", "violin bow", "harmonica"],
-    "CDs & Vinyl": ["vinyl record", "live album", "box set", "greatest hits", "soundtrack", "remastered CD",
-                    "jazz collection", "EP", "double LP", "concert recording"],
-    "Kitchen": ["chef knife", "frying pan", "coffee grinder", "cutting board", "mixing bowls", "tea kettle",
-                "spice rack", "blender", "dutch oven", "measuring cups"],
-    "Books": ["paperback novel", "cookbook", "travel guide", "biography", "graphic novel", "poetry collection",
-              "history book", "workbook", "field guide", "short stories"],
-    "Sports & Outdoors": ["yoga mat", "camping tent", "water bottle", "hiking backpack", "resistance bands",
-                          "fishing reel", "bike light", "sleeping bag", "tennis racket", "climbing rope"],
-    "Toys & Games": ["puzzle", "board game", "building blocks", "plush toy", "card game", "model kit",
-                     "remote control car", "doll house", "science kit", "marble run"],
-    "Electronics": ["bluetooth speaker", "usb cable", "phone case", "wireless earbuds", "power bank",
-                    "hdmi adapter", "webcam", "smart plug", "memory card", "desk lamp"],
-    "Beauty": ["face serum", "shampoo", "lip balm", "hair dryer", "nail polish", "sunscreen", "body lotion",
-               "makeup brush set", "perfume", "beard oil"],
+    "Musical Instruments": [
+        "guitar strings",
+        "drum sticks",
+        "guitar pedal",
+        "microphone",
+        "keyboard stand",
+        "capo",
+        "ukulele",
+        "tuner",
+        "amplifier",
+        "audio interface",
+        "violin bow",
+        "harmonica",
+    ],
+    "CDs & Vinyl": [
+        "vinyl record",
+        "live album",
+        "box set",
+        "greatest hits",
+        "soundtrack",
+        "remastered CD",
+        "jazz collection",
+        "EP",
+        "double LP",
+        "concert recording",
+    ],
+    "Kitchen": [
+        "chef knife",
+        "frying pan",
+        "coffee grinder",
+        "cutting board",
+        "mixing bowls",
+        "tea kettle",
+        "spice rack",
+        "blender",
+        "dutch oven",
+        "measuring cups",
+    ],
+    "Books": [
+        "paperback novel",
+        "cookbook",
+        "travel guide",
+        "biography",
+        "graphic novel",
+        "poetry collection",
+        "history book",
+        "workbook",
+        "field guide",
+        "short stories",
+    ],
+    "Sports & Outdoors": [
+        "yoga mat",
+        "camping tent",
+        "water bottle",
+        "hiking backpack",
+        "resistance bands",
+        "fishing reel",
+        "bike light",
+        "sleeping bag",
+        "tennis racket",
+        "climbing rope",
+    ],
+    "Toys & Games": [
+        "puzzle",
+        "board game",
+        "building blocks",
+        "plush toy",
+        "card game",
+        "model kit",
+        "remote control car",
+        "doll house",
+        "science kit",
+        "marble run",
+    ],
+    "Electronics": [
+        "bluetooth speaker",
+        "usb cable",
+        "phone case",
+        "wireless earbuds",
+        "power bank",
+        "hdmi adapter",
+        "webcam",
+        "smart plug",
+        "memory card",
+        "desk lamp",
+    ],
+    "Beauty": [
+        "face serum",
+        "shampoo",
+        "lip balm",
+        "hair dryer",
+        "nail polish",
+        "sunscreen",
+        "body lotion",
+        "makeup brush set",
+        "perfume",
+        "beard oil",
+    ],
 }
-SUBCATEGORIES = ["Accessories", "Essentials", "Classics", "Professional", "Beginner", "Premium", "Travel",
-                 "Kids", "Home", "Gifts", "Outdoor", "Studio"]
-ADJECTIVES = ("classic compact deluxe durable ergonomic lightweight portable premium professional rugged "
-              "slim vintage waterproof wireless handmade organic stainless acoustic electric heavy-duty "
-              "adjustable foldable rechargeable natural modern retro large small black blue red green "
-              "wooden bamboo ceramic leather cotton silicone steel").split()
-FEATURES = ("easy to clean", "gift ready", "for beginners and pros", "long lasting", "made in USA",
-            "limited edition", "eco friendly packaging", "two year warranty", "fits most models",
-            "includes carrying case", "dishwasher safe", "BPA free", "hand tuned", "studio quality sound",
-            "perfect for travel", "non-slip grip", "batteries included", "signed by the artist")
-SYLLABLES = "ka lo mi ra ze tu no vi sa pe dor lin mar ton bel fin gro hal".split()
+SUBCATEGORIES = [
+    "Accessories",
+    "Essentials",
+    "Classics",
+    "Professional",
+    "Beginner",
+    "Premium",
+    "Travel",
+    "Kids",
+    "Home",
+    "Gifts",
+    "Outdoor",
+    "Studio",
+]
+ADJECTIVES = [
+    "classic",
+    "compact",
+    "deluxe",
+    "durable",
+    "ergonomic",
+    "lightweight",
+    "portable",
+    "premium",
+    "professional",
+    "rugged",
+    "slim",
+    "vintage",
+    "waterproof",
+    "wireless",
+    "handmade",
+    "organic",
+    "stainless",
+    "acoustic",
+    "electric",
+    "heavy-duty",
+    "adjustable",
+    "foldable",
+    "rechargeable",
+    "natural",
+    "modern",
+    "retro",
+    "large",
+    "small",
+    "black",
+    "blue",
+    "red",
+    "green",
+    "wooden",
+    "bamboo",
+    "ceramic",
+    "leather",
+    "cotton",
+    "silicone",
+    "steel",
+]
+FEATURES = (
+    "easy to clean",
+    "gift ready",
+    "for beginners and pros",
+    "long lasting",
+    "made in USA",
+    "limited edition",
+    "eco friendly packaging",
+    "two year warranty",
+    "fits most models",
+    "includes carrying case",
+    "dishwasher safe",
+    "BPA free",
+    "hand tuned",
+    "studio quality sound",
+    "perfect for travel",
+    "non-slip grip",
+    "batteries included",
+    "signed by the artist",
+)
+SYLLABLES = [
+    "ka",
+    "lo",
+    "mi",
+    "ra",
+    "ze",
+    "tu",
+    "no",
+    "vi",
+    "sa",
+    "pe",
+    "dor",
+    "lin",
+    "mar",
+    "ton",
+    "bel",
+    "fin",
+    "gro",
+    "hal",
+]
 
 
 def generate_items(n: int, seed: int = 0) -> list[dict]:
@@ -78,8 +244,11 @@ def generate_items(n: int, seed: int = 0) -> list[dict]:
         noun = CATEGORIES[cat][rng.integers(len(CATEGORIES[cat]))]
         brand = brands[rng.choice(len(brands), p=brand_p)]
         adjs = " ".join(rng.choice(ADJECTIVES, rng.integers(1, 4), replace=False))
-        model = (f"{rng.choice(['X', 'Pro', 'S', 'Max', 'Mini', 'Series'])}-{rng.integers(10, 999)}" if rng.random() < 0.6
-                 else f"Pack of {rng.integers(2, 13)}")
+        model = (
+            f"{rng.choice(['X', 'Pro', 'S', 'Max', 'Mini', 'Series'])}-{rng.integers(10, 999)}"
+            if rng.random() < 0.6
+            else f"Pack of {rng.integers(2, 13)}"
+        )
         title = f"{brand} {adjs} {noun} {model}".replace("  ", " ")
         feats = ", ".join(rng.choice(FEATURES, rng.integers(1, 4), replace=False))
         text = f"{title}; category: {cat} > {SUBCATEGORIES[rng.integers(len(SUBCATEGORIES))]}; {feats}"
@@ -122,25 +291,29 @@ def main() -> None:
 
     m = doc["method"]
     c = m["collisions"]
-    print(json.dumps({
-        "bench": "item_index",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": a.machine,
-        "platform": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
-        "items": len(items),
-        "distinct_texts": len(set(texts)),
-        "fit_items": m["fit"]["items"],
-        "embed_s": round(embed_s, 1),
-        "embed_items_per_s": round(len(items) / embed_s, 1),
-        "rqvae_index_s": round(index_s, 1),
-        "rqvae_epochs": m["training"]["epochs"],
-        "rqvae_steps": m["training"]["steps"],
-        "reconstruction": [m["training"]["start"]["reconstruction"], m["training"]["end"]["reconstruction"]],
-        "collision_rate_before": round(c["before"]["items_sharing_a_code"] / len(items), 5),
-        "collision_rate_after": round(c["after"]["items_sharing_a_code"] / len(items), 5),
-        "reassigned": sum(s["reassigned"] for s in c["steps"]),
-        "perplexity": doc["perplexity"],
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "item_index",
+                "date": time.strftime("%Y-%m-%d"),
+                "machine": a.machine,
+                "platform": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+                "items": len(items),
+                "distinct_texts": len(set(texts)),
+                "fit_items": m["fit"]["items"],
+                "embed_s": round(embed_s, 1),
+                "embed_items_per_s": round(len(items) / embed_s, 1),
+                "rqvae_index_s": round(index_s, 1),
+                "rqvae_epochs": m["training"]["epochs"],
+                "rqvae_steps": m["training"]["steps"],
+                "reconstruction": [m["training"]["start"]["reconstruction"], m["training"]["end"]["reconstruction"]],
+                "collision_rate_before": round(c["before"]["items_sharing_a_code"] / len(items), 5),
+                "collision_rate_after": round(c["after"]["items_sharing_a_code"] / len(items), 5),
+                "reassigned": sum(s["reassigned"] for s in c["steps"]),
+                "perplexity": doc["perplexity"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

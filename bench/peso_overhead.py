@@ -28,11 +28,11 @@ from transformers import LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from train.config import load_config  # noqa: E402
-from train.model import adapter_state_keys, apply_lora  # noqa: E402
-from train.regularizers import ProximalTerm, attach_frozen_adapters, lora_factors  # noqa: E402
-from data_tools.help_format import HelpFormatter  # noqa: E402
-from train.shapes import SHAPES, shape_config  # noqa: E402
+from data_tools.help_format import HelpFormatter
+from train.config import load_config
+from train.model import adapter_state_keys, apply_lora
+from train.regularizers import ProximalTerm, attach_frozen_adapters, lora_factors
+from train.shapes import SHAPES, shape_config
 
 VOCAB, CODES = 1000, 4 * 256
 
@@ -111,18 +111,31 @@ def main() -> None:
         save_file(anchor, os.path.join(tmp, "anchor.safetensors"))
         anchor_bytes = os.path.getsize(os.path.join(tmp, "anchor.safetensors"))
     s, p = statistics.median(single_t), statistics.median(peso_t)
-    print(json.dumps({
-        "bench": "peso_overhead", "shape": a.shape, "batch": a.batch, "tokens_per_sample": a.length,
-        "single_step_s": round(s, 4), "peso_step_s": round(p, 4), "ratio_peso_to_single": round(p / s, 4),
-        "cumulative_step_s_by_frozen_adapters": {k: round(v, 4) for k, v in cumulative.items()},
-        "ratio_cumulative4_to_single": round(cumulative[4] / s, 4),
-        # What a method needs to go on after 4 periods: single the last adapter; peso also its
-        # anchor (LoRA factors only); cumulative every adapter.
-        "needed_mb_after_4_periods": {"single": round(adapter_bytes / 2**20, 3),
-                                      "peso": round((adapter_bytes + anchor_bytes) / 2**20, 3),
-                                      "cumulative": round(4 * adapter_bytes / 2**20, 3)},
-        "threads": torch.get_num_threads(), "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "date": time.strftime("%Y-%m-%d")}))
+    print(
+        json.dumps(
+            {
+                "bench": "peso_overhead",
+                "shape": a.shape,
+                "batch": a.batch,
+                "tokens_per_sample": a.length,
+                "single_step_s": round(s, 4),
+                "peso_step_s": round(p, 4),
+                "ratio_peso_to_single": round(p / s, 4),
+                "cumulative_step_s_by_frozen_adapters": {k: round(v, 4) for k, v in cumulative.items()},
+                "ratio_cumulative4_to_single": round(cumulative[4] / s, 4),
+                # What a method needs to go on after 4 periods: single the last adapter; peso also its
+                # anchor (LoRA factors only); cumulative every adapter.
+                "needed_mb_after_4_periods": {
+                    "single": round(adapter_bytes / 2**20, 3),
+                    "peso": round((adapter_bytes + anchor_bytes) / 2**20, 3),
+                    "cumulative": round(4 * adapter_bytes / 2**20, 3),
+                },
+                "threads": torch.get_num_threads(),
+                "machine": f"{platform.machine()} {os.cpu_count()} cores",
+                "date": time.strftime("%Y-%m-%d"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,11 @@ def dataset(cache: str) -> str:
 
     out = os.path.join(cache, "cds" if os.path.isdir(CDS) else "ml")
     if os.path.isdir(CDS):
-        convert(ConvertOptions(format="blocks", reviews=CDS, index=os.path.join(CDS, "semantic_ids.json"), out=out, progress=False))
+        convert(
+            ConvertOptions(
+                format="blocks", reviews=CDS, index=os.path.join(CDS, "semantic_ids.json"), out=out, progress=False
+            )
+        )
         return out
     import random
 
@@ -53,7 +57,13 @@ def dataset(cache: str) -> str:
         rng = random.Random(0)
         codes = os.path.join(cache, "codes.json")
         with open(os.path.join(out, "items.jsonl")) as f, open(codes, "w") as g:
-            json.dump({json.loads(line)["source_id"]: [f"<{'abcd'[k]}_{rng.randrange(256)}>" for k in range(4)] for line in f}, g)
+            json.dump(
+                {
+                    json.loads(line)["source_id"]: [f"<{'abcd'[k]}_{rng.randrange(256)}>" for k in range(4)]
+                    for line in f
+                },
+                g,
+            )
         import_index(out, codes, collisions="extend")
     return out
 
@@ -71,11 +81,27 @@ def scalars(run: str) -> dict:
 
 
 def train(data: str, ds: str, run: str, nproc: int, overrides: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.join(REPO, "train", "main.py"), "--ds_config", ds, "--config", os.path.join(REPO, "configs", "tiny.yaml"),
-           "--data", data, "--run_dir", run, "eval.every_period=false", "logging.progress=false", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        os.path.join(REPO, "train", "main.py"),
+        "--ds_config",
+        ds,
+        "--config",
+        os.path.join(REPO, "configs", "tiny.yaml"),
+        "--data",
+        data,
+        "--run_dir",
+        run,
+        "eval.every_period=false",
+        "logging.progress=false",
+        *overrides,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode:
         raise SystemExit(proc.stderr[-4000:])
     return scalars(run)
@@ -87,19 +113,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--steps", type=int, default=60, help="training steps per variant")
     ap.add_argument("--nproc", type=int, default=2, help="CPU ranks")
-    ap.add_argument("--cache", default=os.environ.get("PESO_BENCH_CACHE", "/tmp/peso-bench"),
-                    help="where the dataset is kept between runs ($PESO_BENCH_CACHE)")
+    ap.add_argument(
+        "--cache",
+        default=os.environ.get("PESO_BENCH_CACHE", "/tmp/peso-bench"),
+        help="where the dataset is kept between runs ($PESO_BENCH_CACHE)",
+    )
     a = ap.parse_args()
     os.makedirs(a.cache, exist_ok=True)
     data = dataset(a.cache)
     result = {"bench": "train_step", "dataset": os.path.basename(data), "steps": a.steps, "ranks": a.nproc}
     with tempfile.TemporaryDirectory() as tmp:
         cpu = {}
-        variants = {2: ("zero2", []), 3: ("zero3", []),
-                    "response": ("zero2", ["data.objective=response"])}
+        variants = {2: ("zero2", []), 3: ("zero3", []), "response": ("zero2", ["data.objective=response"])}
         for key, (stage, extra) in variants.items():
-            s = train(data, os.path.join(REPO, "ds_configs", f"{stage}.json"), os.path.join(tmp, f"run-{key}"), a.nproc,
-                      [f"schedule.max_steps={a.steps}", "logging.every_steps=10", "checkpoint.every_steps=100000", *extra])
+            s = train(
+                data,
+                os.path.join(REPO, "ds_configs", f"{stage}.json"),
+                os.path.join(tmp, f"run-{key}"),
+                a.nproc,
+                [f"schedule.max_steps={a.steps}", "logging.every_steps=10", "checkpoint.every_steps=100000", *extra],
+            )
             cpu[key] = s
             result[f"cpu_{stage}" if key != "response" else "cpu_zero2_response"] = {
                 "input_tokens_per_s_per_rank": round(s["perf/input_tokens_per_s_per_rank"], 1),
@@ -108,21 +141,37 @@ def main() -> None:
                 "tflops_per_rank": round(s["perf/tflops_per_rank"], 4),
                 "mfu_cpu_nominal": round(s["perf/mfu_cpu_nominal"], 4),
                 "data_wait_share": round(s["perf/data_wait_share"], 4),
-                "max_rss_gib": round(s["memory/cpu_max_rss_gib"], 2)}
+                "max_rss_gib": round(s["memory/cpu_max_rss_gib"], 2),
+            }
         result["ratio_zero3_to_zero2_tokens_per_s"] = round(
-            cpu[3]["perf/input_tokens_per_s_per_rank"] / cpu[2]["perf/input_tokens_per_s_per_rank"], 3)
+            cpu[3]["perf/input_tokens_per_s_per_rank"] / cpu[2]["perf/input_tokens_per_s_per_rank"], 3
+        )
         result["ratio_sequence_to_response_target_tokens_per_s"] = round(
-            cpu[2]["perf/target_tokens_per_s_per_rank"] / cpu["response"]["perf/target_tokens_per_s_per_rank"], 3)
+            cpu[2]["perf/target_tokens_per_s_per_rank"] / cpu["response"]["perf/target_tokens_per_s_per_rank"], 3
+        )
         if torch.cuda.is_available():
             for shape in ("1b", "8b"):
-                s = train(data, os.path.join(REPO, "ds_configs", "zero3.json"), os.path.join(tmp, shape), torch.cuda.device_count(),
-                          [f"model.shape={shape}", "model.period0=lora", "model.gradient_checkpointing=true",
-                           "schedule.max_steps=30", "logging.every_steps=5", "checkpoint.every_steps=100000",
-                           "data.micro_batch_size=8", f"schedule.global_batch_size={8 * torch.cuda.device_count()}"])
+                s = train(
+                    data,
+                    os.path.join(REPO, "ds_configs", "zero3.json"),
+                    os.path.join(tmp, shape),
+                    torch.cuda.device_count(),
+                    [
+                        f"model.shape={shape}",
+                        "model.period0=lora",
+                        "model.gradient_checkpointing=true",
+                        "schedule.max_steps=30",
+                        "logging.every_steps=5",
+                        "checkpoint.every_steps=100000",
+                        "data.micro_batch_size=8",
+                        f"schedule.global_batch_size={8 * torch.cuda.device_count()}",
+                    ],
+                )
                 result[f"gpu_{shape}_zero3_lora"] = {
                     "input_tokens_per_s_per_gpu": round(s["perf/input_tokens_per_s_per_rank"], 1),
                     "mfu": round(s.get("perf/mfu", 0.0), 4),
-                    "max_allocated_gib": round(s["memory/gpu_max_allocated_gib"], 2)}
+                    "max_allocated_gib": round(s["memory/gpu_max_allocated_gib"], 2),
+                }
         else:
             result["gpu"] = "no GPU here: the 1B/8B figures need a GPU machine"
     result.update(machine=f"{platform.machine()} {os.cpu_count()} cores", date=time.strftime("%Y-%m-%d"))

@@ -61,7 +61,9 @@ class Ledger:
     def check(self) -> None:
         total = self.kept + sum(self.dropped.values())
         if total != self.read:
-            raise AssertionError(f"accounting broken for {self.name}: read {self.read} != kept {self.kept} + dropped {total - self.kept}")
+            raise AssertionError(
+                f"accounting broken for {self.name}: read {self.read} != kept {self.kept} + dropped {total - self.kept}"
+            )
 
     def to_json(self) -> dict:
         self.check()

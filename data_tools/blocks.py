@@ -17,9 +17,9 @@ import os
 import re
 
 import numpy as np
-from data_tools.progress import progress_bar
 
 from data_tools.accounting import InputError, Ledger
+from data_tools.progress import progress_bar
 from data_tools.stream import Stream
 from data_tools.textio import open_input
 
@@ -32,7 +32,10 @@ def block_files(folder: str) -> list[str]:
     if not numbered:
         raise InputError("no block_<k>.json files", folder)
     if [k for k, _ in numbered] != list(range(len(numbered))):
-        raise InputError(f"block files must be numbered 0..{len(numbered) - 1} without gaps, found {[k for k, _ in numbered]}", folder)
+        raise InputError(
+            f"block files must be numbered 0..{len(numbered) - 1} without gaps, found {[k for k, _ in numbered]}",
+            folder,
+        )
     return [f for _, f in numbered]
 
 
@@ -54,8 +57,15 @@ def read_blocks(folder: str, ledger: Ledger, progress: bool = True) -> tuple[Str
     for b, path in enumerate(progress_bar(files, desc="blocks", enabled=progress)):
         with open_input(path) as f:
             raw = f.read()
-        sources.append({"role": "block", "path": os.path.abspath(path), "sha256": hashlib.sha256(raw).hexdigest(),
-                        "bytes": len(raw), "format": "blocks"})
+        sources.append(
+            {
+                "role": "block",
+                "path": os.path.abspath(path),
+                "sha256": hashlib.sha256(raw).hexdigest(),
+                "bytes": len(raw),
+                "format": "blocks",
+            }
+        )
         try:
             table = json.loads(raw)
         except ValueError as e:
@@ -70,9 +80,9 @@ def read_blocks(folder: str, ledger: Ledger, progress: bool = True) -> tuple[Str
             cur = _items(entry.get("current_block"), path, user, "current_block")
             u = users.setdefault(user, len(users))
             seen = known.get(u, [])
-            if prev[:len(seen)] != seen:
+            if prev[: len(seen)] != seen:
                 raise InputError(f"user {user!r}: previous_block does not extend the history earlier blocks gave", path)
-            extra = prev[len(seen):]
+            extra = prev[len(seen) :]
             for src, w in [(x, -1) for x in extra] + [(x, b) for x in cur]:
                 i = items.setdefault(src, len(items))
                 item_first.setdefault(i, max(b - 1, 0) if w < 0 else b)

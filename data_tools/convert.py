@@ -27,14 +27,24 @@ import orjson
 from data_tools import __version__
 from data_tools.accounting import InputError, Ledger, Skip
 from data_tools.blocks import read_blocks
-from data_tools.dataset import (ITEMS, MANIFEST, USERS, SCHEMA_VERSION, atomic_write_json, current_umask, fsync_tree,
-                                load_manifest, window_dir, writing)
+from data_tools.dataset import (
+    ITEMS,
+    MANIFEST,
+    SCHEMA_VERSION,
+    USERS,
+    atomic_write_json,
+    current_umask,
+    fsync_tree,
+    load_manifest,
+    window_dir,
+    writing,
+)
 from data_tools.formats import FORMATS, METAS, REVIEWS, default_max_seconds
+from data_tools.progress import progress_bar
 from data_tools.shards import write_tar
 from data_tools.stream import IdCollector, Stream, first_windows, normalize
 from data_tools.textio import LineStream, sha256_file
 from data_tools.windows import GROUPS, SPLITS, SplitRule, UserMajor, label_windows, plan_windows
-from data_tools.progress import progress_bar
 
 
 @dataclass
@@ -60,7 +70,18 @@ class ConvertOptions:
 
     def parameters(self) -> dict:
         """What determines the output bytes (with the input hashes); a rerun compares these."""
-        keep = ("format", "split", "min_interactions", "max_history", "min_rating", "kcore", "shard_size", "seed", "collisions", "strict")
+        keep = (
+            "format",
+            "split",
+            "min_interactions",
+            "max_history",
+            "min_rating",
+            "kcore",
+            "shard_size",
+            "seed",
+            "collisions",
+            "strict",
+        )
         return {k: getattr(self, k) for k in keep}
 
 
@@ -79,7 +100,11 @@ def _validate(opts: ConvertOptions) -> SplitRule:
             raise InputError("--index is only for --format blocks; build an index with `python -m data_tools index`")
         if opts.meta and opts.format not in METAS:
             raise InputError(f"--format {opts.format} has no metadata format")
-    for name, v, lo in (("min_interactions", opts.min_interactions, 3), ("max_history", opts.max_history, 1), ("shard_size", opts.shard_size, 1)):
+    for name, v, lo in (
+        ("min_interactions", opts.min_interactions, 3),
+        ("max_history", opts.max_history, 1),
+        ("shard_size", opts.shard_size, 1),
+    ):
         if v < lo:
             raise InputError(f"--{name.replace('_', '-')} must be at least {lo}, got {v}")
     return SplitRule("blocks") if opts.format == "blocks" else SplitRule.parse(opts.split)
@@ -126,8 +151,13 @@ def _read_stream(opts: ConvertOptions, reviews: Ledger, max_seconds: float) -> t
         raise InputError("the reviews file holds no records", opts.reviews)
     if reviews.kept == 0:
         raise InputError(f"no usable records: {reviews.summary()}", opts.reviews)
-    source = {"role": "reviews", "path": os.path.abspath(opts.reviews), "sha256": lines.sha256,
-              "bytes": lines.size, "format": opts.format}
+    source = {
+        "role": "reviews",
+        "path": os.path.abspath(opts.reviews),
+        "sha256": lines.sha256,
+        "bytes": lines.size,
+        "format": opts.format,
+    }
     stream = normalize(collector, reviews, opts.min_rating, opts.kcore)
     if len(stream) == 0:
         raise InputError(f"no interactions left after filtering: {reviews.summary()}", opts.reviews)
@@ -156,8 +186,13 @@ def _read_meta(opts: ConvertOptions, stream: Stream, meta: Ledger) -> tuple[dict
             continue
         found[i] = (title, text)
         meta.kept += 1
-    return found, {"role": "meta", "path": os.path.abspath(opts.meta), "sha256": lines.sha256,
-                   "bytes": lines.size, "format": opts.format}
+    return found, {
+        "role": "meta",
+        "path": os.path.abspath(opts.meta),
+        "sha256": lines.sha256,
+        "bytes": lines.size,
+        "format": opts.format,
+    }
 
 
 def _write_id_maps(folder: str, stream: Stream, texts: dict) -> None:
@@ -168,8 +203,18 @@ def _write_id_maps(folder: str, stream: Stream, texts: dict) -> None:
     with open(os.path.join(folder, ITEMS), "wb") as f:
         for i, src in enumerate(stream.item_ids):
             title, text = texts.get(i, ("", ""))
-            f.write(orjson.dumps({"item_id": i, "source_id": src, "title": title, "text": text,
-                                  "first_window": int(stream.item_first_window[i])}) + b"\n")
+            f.write(
+                orjson.dumps(
+                    {
+                        "item_id": i,
+                        "source_id": src,
+                        "title": title,
+                        "text": text,
+                        "first_window": int(stream.item_first_window[i]),
+                    }
+                )
+                + b"\n"
+            )
 
 
 SAMPLE = b'{"user":%d,"history":%b,"target":%d,"ts":%d,"group":"%b"}'
@@ -197,7 +242,7 @@ def _write_shard(job: _Shard) -> dict:
     sample stays near a microsecond."""
     um, order, folder, H = _WRITING["um"], _WRITING["order"], _WRITING["folder"], _WRITING["max_history"]
     pos, grp = order[(job.t, job.split)]
-    p, g = pos[job.lo:job.hi], grp[job.lo:job.hi]
+    p, g = pos[job.lo : job.hi], grp[job.lo : job.hi]
     u = um.user[p]
     s = um.start[u]
     lo = np.maximum(s, p - H)
@@ -207,9 +252,19 @@ def _write_shard(job: _Shard) -> dict:
     ends = np.cumsum(lengths)
     flat = um.item[np.repeat(lo - (ends - lengths), lengths) + np.arange(ends[-1])].tolist()
     dumps, t = orjson.dumps, job.t
-    members = ((b"%d_%d_%d" % (uu, t, pp - ss), SAMPLE % (uu, dumps(flat[e - n:e]), it, tt, GROUP_BYTES[gg]))
-               for pp, uu, ss, n, e, tt, it, gg in zip(p.tolist(), u.tolist(), s.tolist(), lengths.tolist(), ends.tolist(),
-                                                       um.ts[p].tolist(), um.item[p].tolist(), g.tolist()))
+    members = (
+        (b"%d_%d_%d" % (uu, t, pp - ss), SAMPLE % (uu, dumps(flat[e - n : e]), it, tt, GROUP_BYTES[gg]))
+        for pp, uu, ss, n, e, tt, it, gg in zip(
+            p.tolist(),
+            u.tolist(),
+            s.tolist(),
+            lengths.tolist(),
+            ends.tolist(),
+            um.ts[p].tolist(),
+            um.item[p].tolist(),
+            g.tolist(),
+        )
+    )
     return write_tar(os.path.join(window_dir(folder, t), f"{job.split}-{job.index:06d}.tar"), members)
 
 
@@ -236,15 +291,19 @@ def _write_samples(folder: str, um: UserMajor, plans: list, opts: ConvertOptions
                 perm = np.random.default_rng([opts.seed, t]).permutation(len(pos))
                 pos, grp = pos[perm], grp[perm]
             order[(t, split)] = (pos, grp)
-            jobs += [_Shard(t, split, k, lo, min(lo + opts.shard_size, len(pos)))
-                     for k, lo in enumerate(range(0, len(pos), opts.shard_size))]
+            jobs += [
+                _Shard(t, split, k, lo, min(lo + opts.shard_size, len(pos)))
+                for k, lo in enumerate(range(0, len(pos), opts.shard_size))
+            ]
     _WRITING.update(um=um, order=order, folder=folder, max_history=opts.max_history)
     shards = [{split: [] for split in SPLITS} for _ in plans]
     total = sum(j.hi - j.lo for j in jobs)
     workers = max(1, min(opts.workers or os.cpu_count() or 1, len(jobs)))
     try:
-        with progress_bar(total=total, desc="samples", unit="sample", enabled=opts.progress) as bar, \
-                _shard_writers(workers) as imap:
+        with (
+            progress_bar(total=total, desc="samples", unit="sample", enabled=opts.progress) as bar,
+            _shard_writers(workers) as imap,
+        ):
             for job, info in zip(jobs, imap(_write_shard, jobs)):
                 shards[job.t][job.split].append(info)
                 bar.update(info["samples"])
@@ -306,7 +365,10 @@ def _build(opts: ConvertOptions, rule: SplitRule, folder: str, t0: float) -> dic
         stream, sources = _read_stream(opts, reviews, max_seconds)
         stream.window, spans = label_windows(stream.ts, rule)
         stream.item_first_window = first_windows(stream)
-    _say(opts, f"{len(stream):,} interactions, {len(stream.user_ids):,} users, {len(stream.item_ids):,} items, {len(spans)} windows")
+    _say(
+        opts,
+        f"{len(stream):,} interactions, {len(stream.user_ids):,} users, {len(stream.item_ids):,} items, {len(spans)} windows",
+    )
 
     texts: dict = {}
     if opts.meta:
@@ -321,9 +383,16 @@ def _build(opts: ConvertOptions, rule: SplitRule, folder: str, t0: float) -> dic
         from data_tools.index.codes import import_codes, write_item_index
 
         codes, method = import_codes(opts.index, {s: i for i, s in enumerate(stream.item_ids)}, opts.collisions)
-        sources.append({"role": "index", "path": method["path"], "sha256": method["sha256"],
-                        "bytes": os.path.getsize(opts.index), "format": "semantic_ids",
-                        "items_not_in_data": method["items_not_in_data"]})
+        sources.append(
+            {
+                "role": "index",
+                "path": method["path"],
+                "sha256": method["sha256"],
+                "bytes": os.path.getsize(opts.index),
+                "format": "semantic_ids",
+                "items_not_in_data": method["items_not_in_data"],
+            }
+        )
         if method["items_not_in_data"]:
             _say(opts, f"{opts.index} codes {method['items_not_in_data']:,} items that the data lacks; left out")
         write_item_index(folder, codes, method, codes_per_level=max(256, 1 + max(max(c) for c in codes.values())))

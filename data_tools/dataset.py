@@ -110,11 +110,15 @@ def atomic_write_json(path: str, obj) -> None:
 def load_manifest(root: str) -> dict:
     path = os.path.join(root, MANIFEST)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{root} is not a dataset folder (no {MANIFEST}); create one with `python -m data_tools convert`")
+        raise FileNotFoundError(
+            f"{root} is not a dataset folder (no {MANIFEST}); create one with `python -m data_tools convert`"
+        )
     with open(path) as f:
         m = json.load(f)
     if m.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version {m.get('schema_version')} is not {SCHEMA_VERSION}; reconvert with this version")
+        raise ValueError(
+            f"{path}: schema_version {m.get('schema_version')} is not {SCHEMA_VERSION}; reconvert with this version"
+        )
     return m
 
 

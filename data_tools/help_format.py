@@ -18,4 +18,3 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         if "default" in help_text or action.nargs == 0 or action.default in (None, argparse.SUPPRESS):
             return help_text
         return super()._get_help_string(action)
-

@@ -38,9 +38,18 @@ def accounting_lines(manifest: dict) -> list[str]:
 def inspect(root: str, as_json: bool = False) -> str:
     m = load_manifest(root)
     if as_json:
-        return json.dumps({"counts": m["counts"], "accounting": m["accounting"], "split": m["split"],
-                           "windows": [{"index": w["index"], **w["stats"]} for w in m["windows"]]}, indent=1)
+        return json.dumps(
+            {
+                "counts": m["counts"],
+                "accounting": m["accounting"],
+                "split": m["split"],
+                "windows": [{"index": w["index"], **w["stats"]} for w in m["windows"]],
+            },
+            indent=1,
+        )
     c = m["counts"]
-    head = (f"{root}: {c['interactions']:,} interactions, {c['users']:,} users, {c['items']:,} items; "
-            f"split {m['split']['rule']}")
+    head = (
+        f"{root}: {c['interactions']:,} interactions, {c['users']:,} users, {c['items']:,} items; "
+        f"split {m['split']['rule']}"
+    )
     return "\n".join([head, window_table(m), *accounting_lines(m), *("warning: " + w for w in m.get("warnings", []))])

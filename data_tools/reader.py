@@ -73,9 +73,19 @@ def _decode(sample: dict) -> dict:
     return out
 
 
-def window_split(root: str, window: int, split: str, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, epoch: int = 0, shuffle_buffer: int = 0, manifest: dict | None = None,
-                 split_by_worker: bool = True) -> wds.DataPipeline:
+def window_split(
+    root: str,
+    window: int,
+    split: str,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle_buffer: int = 0,
+    manifest: dict | None = None,
+    split_by_worker: bool = True,
+) -> wds.DataPipeline:
     """Samples (`user`, `history`, `target`, `ts`, `group`, `key`) of one window's split for this
     rank; iterate it directly or wrap it in a torch DataLoader (workers split it further, unless
     `split_by_worker` is off: then every worker sees the rank's whole slice, in the same order)."""

@@ -16,6 +16,7 @@ trained once per epoch, from the same kind of history, in one causal pass per ch
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
 
@@ -32,10 +33,12 @@ def user_sequences(samples: Iterable[dict]) -> list[dict]:
     out = []
     for user in sorted(by_user):
         ordered = sorted(by_user[user], key=_position)
-        for prev, cur in zip(ordered, ordered[1:]):
+        for prev, cur in itertools.pairwise(ordered):
             if _position(cur) != _position(prev) + 1 or not cur["history"] or cur["history"][-1] != prev["target"]:
-                raise ValueError(f"user {user}'s training targets are not consecutive items of their stream "
-                                 f"(samples {prev['key']} and {cur['key']}); was the dataset made by data_tools convert?")
+                raise ValueError(
+                    f"user {user}'s training targets are not consecutive items of their stream "
+                    f"(samples {prev['key']} and {cur['key']}); was the dataset made by data_tools convert?"
+                )
         out.append({"user": user, "context": list(ordered[0]["history"]), "targets": [s["target"] for s in ordered]})
     return out
 

@@ -63,11 +63,13 @@ def read_tar(path: str):
         data = f.read()
     pos = 0
     while pos + BLOCK <= len(data) and data[pos]:
-        header = data[pos:pos + BLOCK]
+        header = data[pos : pos + BLOCK]
         name = header[:100].rstrip(b"\0")
         if header[257:263] != b"ustar\0" or header[156:157] not in (b"0", b"\0") or not name.endswith(b".json"):
-            raise ValueError(f"{path}: member at byte {pos} is not a sample of data_tools' shard writer ({name[:40]!r})")
+            raise ValueError(
+                f"{path}: member at byte {pos} is not a sample of data_tools' shard writer ({name[:40]!r})"
+            )
         size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
         pos += BLOCK
-        yield name[:-5], data[pos:pos + size]
+        yield name[:-5], data[pos : pos + size]
         pos += -(-size // BLOCK) * BLOCK

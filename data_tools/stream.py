@@ -12,7 +12,6 @@ from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
-
 import orjson
 
 from data_tools.accounting import Ledger, Skip
@@ -93,7 +92,15 @@ class IdCollector:
             try:
                 rec = loads(line)
                 u, i, t, r = rec[uk], rec[ik], rec[tk], rec[rk]
-                fast = type(u) is str and type(i) is str and u and i and type(t) is int and lo <= t < hi and type(r) is float
+                fast = (
+                    type(u) is str
+                    and type(i) is str
+                    and u
+                    and i
+                    and type(t) is int
+                    and lo <= t < hi
+                    and type(r) is float
+                )
             except Exception:
                 fast = False
             if fast:

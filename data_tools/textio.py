@@ -14,7 +14,7 @@ import gzip
 import hashlib
 import os
 import zlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from isal import igzip_threaded, isal_zlib
 
@@ -96,9 +96,13 @@ class LineStream:
                     try:
                         chunk = stream.read(CHUNK)
                     except (EOFError, gzip.BadGzipFile, zlib.error, isal_zlib.error) as e:
-                        raise InputError(f"corrupt or truncated gzip stream after line {lineno} ({e})", self.path, lineno + 1) from None
+                        raise InputError(
+                            f"corrupt or truncated gzip stream after line {lineno} ({e})", self.path, lineno + 1
+                        ) from None
                     except OSError as e:
-                        raise InputError(f"cannot read it after line {lineno} ({e.strerror or e})", self.path, lineno + 1) from None
+                        raise InputError(
+                            f"cannot read it after line {lineno} ({e.strerror or e})", self.path, lineno + 1
+                        ) from None
                     if not chunk:
                         break
                     lines = (rest + chunk).split(b"\n")

@@ -29,7 +29,7 @@ class SplitRule:
     days: int = 0  # span of a calendar window
 
     @classmethod
-    def parse(cls, text: str) -> "SplitRule":
+    def parse(cls, text: str) -> SplitRule:
         """`paper`, `paper:FIRST_FRACTION:WINDOWS` (e.g. paper:0.6:4) or `calendar:DAYS`."""
         kind, _, rest = text.partition(":")
         try:
@@ -48,7 +48,9 @@ class SplitRule:
                 return cls("calendar", days=days)
         except ValueError:
             pass
-        raise InputError(f"bad --split {text!r}: use paper, paper:FIRST_FRACTION:WINDOWS (e.g. paper:0.6:4) or calendar:DAYS")
+        raise InputError(
+            f"bad --split {text!r}: use paper, paper:FIRST_FRACTION:WINDOWS (e.g. paper:0.6:4) or calendar:DAYS"
+        )
 
     def to_json(self) -> dict:
         if self.kind == "paper":
@@ -81,9 +83,15 @@ def label_windows(ts: np.ndarray, rule: SplitRule) -> tuple[np.ndarray, list[dic
             raise InputError(f"calendar:{rule.days} makes {int(idx[-1]) + 1} windows; use longer windows")
         window = idx.astype(np.int16)
         cuts = np.searchsorted(window, np.arange(int(window[-1]) + 2))
-        spans = [{"start": int(cuts[k]), "end": int(cuts[k + 1]),
-                  "from_time": start + k * span, "to_time": start + (k + 1) * span}
-                 for k in range(int(window[-1]) + 1)]
+        spans = [
+            {
+                "start": int(cuts[k]),
+                "end": int(cuts[k + 1]),
+                "from_time": start + k * span,
+                "to_time": start + (k + 1) * span,
+            }
+            for k in range(int(window[-1]) + 1)
+        ]
     else:
         raise ValueError(rule.kind)
     for s in spans:
@@ -124,7 +132,9 @@ def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return np.repeat(lo - np.cumsum(n) + n, n) + np.arange(int(n.sum()), dtype=np.int64)
 
 
-def plan_windows(um: UserMajor, n_windows: int, item_first_window: np.ndarray, min_interactions: int) -> list[WindowPlan]:
+def plan_windows(
+    um: UserMajor, n_windows: int, item_first_window: np.ndarray, min_interactions: int
+) -> list[WindowPlan]:
     """Per window: eligible users, their targets split three ways, groups and statistics."""
     n = len(um.user)
     # Runs of equal (user, window) in user-major order.
@@ -175,15 +185,20 @@ def plan_windows(um: UserMajor, n_windows: int, item_first_window: np.ndarray, m
             "new_users": int((g == 0).sum()),
             "dormant_users": int((g == 1).sum()),
             "continuing_users": int((g == 2).sum()),
-            "items": int(len(items_t)),
+            "items": len(items_t),
             "new_items": int((item_first_window[items_t] == t).sum()),
             "interactions": interactions,
             "all_interactions": int(lengths[in_t].sum()),
             "ineligible_users": int((in_t & ~elig).sum()),
             "avg_seq_len": round(interactions / users, 4) if users else 0.0,
-            "samples": {"train": int(len(train)), "valid": int(len(valid)), "test": int(len(test))},
+            "samples": {"train": len(train), "valid": len(valid), "test": len(test)},
             "train_targets_without_history": int(no_history.sum()),
         }
-        plans.append(WindowPlan(targets={"train": train, "valid": valid, "test": test},
-                                groups={"train": train_group, "valid": g, "test": g}, stats=stats))
+        plans.append(
+            WindowPlan(
+                targets={"train": train, "valid": valid, "test": test},
+                groups={"train": train_group, "valid": g, "test": g},
+                stats=stats,
+            )
+        )
     return plans

@@ -42,30 +42,46 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
     r.add_argument("--data", required=True, help="dataset folder (python -m data_tools convert, then index)")
     r.add_argument("--run", required=True, help="run folder: periods, checkpoints, TensorBoard, state.json")
-    r.add_argument("--ds_config", default=DEFAULT_DS, help="DeepSpeed config (default: ds_configs/zero3.json of this repository)")
+    r.add_argument(
+        "--ds_config", default=DEFAULT_DS, help="DeepSpeed config (default: ds_configs/zero3.json of this repository)"
+    )
     r.add_argument("--nproc", type=int, default=1, help="ranks on this machine (GPUs, or CPU processes)")
-    r.add_argument("--restart-period", action="store_true",
-                   help="discard the checkpoints of the period that would resume and train it from its start "
-                        "(needed to resume with a changed config)")
+    r.add_argument(
+        "--restart-period",
+        action="store_true",
+        help="discard the checkpoints of the period that would resume and train it from its start "
+        "(needed to resume with a changed config)",
+    )
     r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.lam=2 (default: none)")
 
-    rep = sub.add_parser("report", help="results table (markdown) and a PNG plot of one or more runs",
-                         formatter_class=HelpFormatter)
+    rep = sub.add_parser(
+        "report", help="results table (markdown) and a PNG plot of one or more runs", formatter_class=HelpFormatter
+    )
     rep.add_argument("runs", nargs="+", help="run folders")
     rep.add_argument("--png", help="where to write the plot (default: <first run>/report.png)")
-    rep.add_argument("--metric", default="ndcg@10", type=metric_name, metavar="{hit@K,ndcg@K,test_loss}",
-                     help="the metric of the table and the plot")
+    rep.add_argument(
+        "--metric",
+        default="ndcg@10",
+        type=metric_name,
+        metavar="{hit@K,ndcg@K,test_loss}",
+        help="the metric of the table and the plot",
+    )
 
-    d = sub.add_parser("demo", help="MovieLens-100K end to end on this machine (CPU, two ranks)", formatter_class=HelpFormatter)
+    d = sub.add_parser(
+        "demo", help="MovieLens-100K end to end on this machine (CPU, two ranks)", formatter_class=HelpFormatter
+    )
     d.add_argument("--workdir", default="demo", help="where data and runs go (default: ./demo)")
     d.add_argument("--nproc", type=int, default=2, help="ranks of period 0")
 
     from launcher.recommend import add_parsers
 
     add_parsers(sub)
-    sub.add_parser("slurm-step", help="inside slurm/continual.sh: train the next period, then chain",
-                   description=f"Settings from the environment: {', '.join(SLURM_REQUIRED)} (required), "
-                               "PESO_DS_CONFIG, PESO_OVERRIDES (see slurm/continual.sh).")
+    sub.add_parser(
+        "slurm-step",
+        help="inside slurm/continual.sh: train the next period, then chain",
+        description=f"Settings from the environment: {', '.join(SLURM_REQUIRED)} (required), "
+        "PESO_DS_CONFIG, PESO_OVERRIDES (see slurm/continual.sh).",
+    )
     return p
 
 
@@ -140,11 +156,19 @@ def slurm_step_command() -> int:
     env = os.environ
     missing = [k for k in SLURM_REQUIRED if not env.get(k)]
     if missing:
-        print(f"error: set {', '.join(missing)} (see the header of slurm/continual.sh), e.g. "
-              "PESO_CONFIG=configs/paper.yaml PESO_DATA=data/cds PESO_RUN=runs/cds sbatch slurm/continual.sh", file=sys.stderr)
+        print(
+            f"error: set {', '.join(missing)} (see the header of slurm/continual.sh), e.g. "
+            "PESO_CONFIG=configs/paper.yaml PESO_DATA=data/cds PESO_RUN=runs/cds sbatch slurm/continual.sh",
+            file=sys.stderr,
+        )
         return 2
-    return slurm_step(env["PESO_CONFIG"], env["PESO_DATA"], env["PESO_RUN"], env.get("PESO_DS_CONFIG", DEFAULT_DS),
-                      env.get("PESO_OVERRIDES", "").split())
+    return slurm_step(
+        env["PESO_CONFIG"],
+        env["PESO_DATA"],
+        env["PESO_RUN"],
+        env.get("PESO_DS_CONFIG", DEFAULT_DS),
+        env.get("PESO_OVERRIDES", "").split(),
+    )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ METHODS = ("peso", "single", "cumulative")
 def run_demo(workdir: str, nproc: int = 2) -> None:
     t0 = time.time()
     workdir = os.path.abspath(workdir)  # the runs' saved configs name the dataset wherever they are read from
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(
+        os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"
+    )
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     data = os.path.join(workdir, "data", "ml-100k")
     inter, item = movielens_100k()
@@ -69,18 +71,20 @@ def run_demo(workdir: str, nproc: int = 2) -> None:
         f.write(text + "\n")
     print("\n" + text)
     print("\n" + example_recommendations(runs["peso"], data))
-    print(f"\nplot: {png}\nTensorBoard: tensorboard --logdir {os.path.join(workdir, 'runs')}\n"
-          f"demo finished in {(time.time() - t0) / 60:.1f} min")
+    print(
+        f"\nplot: {png}\nTensorBoard: tensorboard --logdir {os.path.join(workdir, 'runs')}\n"
+        f"demo finished in {(time.time() - t0) / 60:.1f} min"
+    )
 
 
 def example_recommendations(run: str, data: str, k: int = 5) -> str:
     """What the trained recommender says for one user of the last window, beside what they did
     next: the same as `python -m launcher recommend RUN --history ...` (README, section 7)."""
+    from transformers.utils import logging as hf_logging
+
     from data_tools.dataset import load_manifest
     from train.evaluate import test_users
     from train.recommender import Recommender
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     rec = Recommender.from_run(run, device="cpu")

@@ -18,9 +18,9 @@ import threading
 import time
 
 from data_tools.dataset import load_manifest
+from train.exit_codes import EXIT_REQUEUE
 from train.logs import stamped
 from train.run_folder import RunFolder
-from train.exit_codes import EXIT_REQUEUE
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,10 @@ MAIN = os.path.join(REPO, "train", "main.py")
 
 class PeriodFailed(RuntimeError):
     def __init__(self, period: int, code: int):
-        super().__init__(f"period {period} failed (exit code {code}); fix the cause and rerun: finished periods are kept "
-                         "and this one resumes from its last checkpoint")
+        super().__init__(
+            f"period {period} failed (exit code {code}); fix the cause and rerun: finished periods are kept "
+            "and this one resumes from its last checkpoint"
+        )
         self.period, self.code = period, code
 
 
@@ -49,8 +51,15 @@ def remaining_periods(data: str, run: str) -> list[int]:
     return [t for t in range(len(manifest["windows"])) if t not in done]
 
 
-def train_args(config: str, data: str, run: str, ds_config: str, overrides: list[str], period: int | None = None,
-               restart: bool = False) -> list[str]:
+def train_args(
+    config: str,
+    data: str,
+    run: str,
+    ds_config: str,
+    overrides: list[str],
+    period: int | None = None,
+    restart: bool = False,
+) -> list[str]:
     args = ["--ds_config", ds_config, "--config", config, "--data", data, "--run_dir", run]
     if period is not None:
         args += ["--period", str(period)]
@@ -66,8 +75,18 @@ def local_command(nproc: int, args: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", MAIN, *args]
 
 
-def run_local(config: str, data: str, run: str, ds_config: str, nproc: int, overrides: list[str] = (),
-              env: dict | None = None, upto: int | None = None, log=None, restart: bool = False) -> list[int]:
+def run_local(
+    config: str,
+    data: str,
+    run: str,
+    ds_config: str,
+    nproc: int,
+    overrides: list[str] = (),
+    env: dict | None = None,
+    upto: int | None = None,
+    log=None,
+    restart: bool = False,
+) -> list[int]:
     """Train every remaining period (up to period `upto`) on this machine; returns those trained.
     `log`: a file that takes the periods' output (default: this process's stdout and stderr).
     `restart`: the first period discards its checkpoints instead of resuming (--restart-period).
@@ -141,8 +160,12 @@ def start_from_period0(src: str, dst: str) -> None:
     for name in ("tokenizer", "base", "tb"):
         if os.path.exists(os.path.join(src, name)):
             shutil.copytree(os.path.join(src, name), os.path.join(dst, name), dirs_exist_ok=True)
-    shutil.copytree(os.path.join(src, "periods", "0"), os.path.join(dst, "periods", "0"), dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("ds_ckpt"))
+    shutil.copytree(
+        os.path.join(src, "periods", "0"),
+        os.path.join(dst, "periods", "0"),
+        dirs_exist_ok=True,
+        ignore=shutil.ignore_patterns("ds_ckpt"),
+    )
     state = RunFolder(src).state()
     if 0 not in state["done"]:
         raise ValueError(f"{src} has not finished period 0")

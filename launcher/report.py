@@ -47,8 +47,10 @@ def summarize(periods: dict, metric: str = "ndcg@10") -> dict:
         own = [part(periods[t]["windows"][str(t)]) for t in incremental]
         own = [w for w in own if w is not None]
         overall = {k: mean([w["overall"].get(k) for w in own]) for k in MAIN_METRICS}
-        by_group = {g: {k: mean([w["groups"][g].get(k) for w in own if w["groups"][g]["users"]]) for k in MAIN_METRICS}
-                    for g in GROUPS}
+        by_group = {
+            g: {k: mean([w["groups"][g].get(k) for w in own if w["groups"][g]["users"]]) for k in MAIN_METRICS}
+            for g in GROUPS
+        }
         return overall, by_group
 
     avg, groups = averages(lambda w: w)
@@ -56,9 +58,18 @@ def summarize(periods: dict, metric: str = "ndcg@10") -> dict:
     earlier = [j for j in range(last) if j in R.get(j, {}) and j in R[last]]
     bwt = mean([R[last][j] - R[j][j] for j in earlier])
     forgetting = mean([max(R[i][j] for i in range(j, last) if j in R.get(i, {})) - R[last][j] for j in earlier])
-    return {"method": periods[last].get("method"), "periods": sorted(periods), "R": R, "metric": metric,
-            "average_incremental": avg, "groups": groups, "bwt": bwt, "forgetting": forgetting,
-            "popularity": popularity, "popularity_groups": popularity_groups}
+    return {
+        "method": periods[last].get("method"),
+        "periods": sorted(periods),
+        "R": R,
+        "metric": metric,
+        "average_incremental": avg,
+        "groups": groups,
+        "bwt": bwt,
+        "forgetting": forgetting,
+        "popularity": popularity,
+        "popularity_groups": popularity_groups,
+    }
 
 
 def _fmt(x) -> str:
@@ -67,29 +78,48 @@ def _fmt(x) -> str:
 
 def markdown(runs: dict[str, dict], metric: str = "ndcg@10") -> str:
     """`runs`: name -> load_run(...)."""
-    lines = ["Average over the incremental windows (periods >= 1), each period on its own test window:", "",
-             "| run | method | " + " | ".join(MAIN_METRICS) + " | " + " | ".join(f"{g} {metric}" for g in GROUPS) + f" | BWT ({metric}) | forgetting |",
-             "| --- | --- | " + " | ".join("---" for _ in MAIN_METRICS + list(GROUPS)) + " | --- | --- |"]
+    lines = [
+        "Average over the incremental windows (periods >= 1), each period on its own test window:",
+        "",
+        "| run | method | "
+        + " | ".join(MAIN_METRICS)
+        + " | "
+        + " | ".join(f"{g} {metric}" for g in GROUPS)
+        + f" | BWT ({metric}) | forgetting |",
+        "| --- | --- | " + " | ".join("---" for _ in MAIN_METRICS + list(GROUPS)) + " | --- | --- |",
+    ]
     sums = {name: summarize(p, metric) for name, p in runs.items()}
     for name, s in sums.items():
         if not s:
             lines.append(f"| {name} | (no evaluated period) |")
             continue
-        lines.append(f"| {name} | {s['method']} | " + " | ".join(_fmt(s["average_incremental"][k]) for k in MAIN_METRICS)
-                     + " | " + " | ".join(_fmt(s["groups"][g].get(metric)) for g in GROUPS)
-                     + f" | {_fmt(s['bwt'])} | {_fmt(s['forgetting'])} |")
+        lines.append(
+            f"| {name} | {s['method']} | "
+            + " | ".join(_fmt(s["average_incremental"][k]) for k in MAIN_METRICS)
+            + " | "
+            + " | ".join(_fmt(s["groups"][g].get(metric)) for g in GROUPS)
+            + f" | {_fmt(s['bwt'])} | {_fmt(s['forgetting'])} |"
+        )
     reference = next((s for s in sums.values() if s and any(v is not None for v in s["popularity"].values())), None)
     if reference is not None:
-        lines.append("| most popular items of each window | reference | "
-                     + " | ".join(_fmt(reference["popularity"][k]) for k in MAIN_METRICS)
-                     + " | " + " | ".join(_fmt(reference["popularity_groups"][g].get(metric)) for g in GROUPS) + " | - | - |")
+        lines.append(
+            "| most popular items of each window | reference | "
+            + " | ".join(_fmt(reference["popularity"][k]) for k in MAIN_METRICS)
+            + " | "
+            + " | ".join(_fmt(reference["popularity_groups"][g].get(metric)) for g in GROUPS)
+            + " | - | - |"
+        )
     for name, s in sums.items():
         if not s:
             continue
         windows = sorted({j for row in s["R"].values() for j in row})
-        lines += ["", f"{name}: R[i][j] = {metric} of the model after period i on window j's test users", "",
-                  "| after period | " + " | ".join(f"window {j}" for j in windows) + " |",
-                  "| --- | " + " | ".join("---" for _ in windows) + " |"]
+        lines += [
+            "",
+            f"{name}: R[i][j] = {metric} of the model after period i on window j's test users",
+            "",
+            "| after period | " + " | ".join(f"window {j}" for j in windows) + " |",
+            "| --- | " + " | ".join("---" for _ in windows) + " |",
+        ]
         for i, row in sorted(s["R"].items()):
             lines.append(f"| {i} | " + " | ".join(_fmt(row.get(j)) for j in windows) + " |")
     return "\n".join(lines)

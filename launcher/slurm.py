@@ -77,8 +77,15 @@ def srun_command(args: list[str]) -> list[str]:
 
 def next_job_command(fields: dict, script: str) -> list[str]:
     """Resubmit `script` for the next period with this job's resources."""
-    cmd = ["sbatch", "--parsable", f"--dependency=afterok:{fields['JobId']}", f"--job-name={fields['JobName']}",
-           f"--nodes={fields['NumNodes'].split('-')[0]}", f"--time={fields['TimeLimit']}", "--export=ALL"]
+    cmd = [
+        "sbatch",
+        "--parsable",
+        f"--dependency=afterok:{fields['JobId']}",
+        f"--job-name={fields['JobName']}",
+        f"--nodes={fields['NumNodes'].split('-')[0]}",
+        f"--time={fields['TimeLimit']}",
+        "--export=ALL",
+    ]
     if fields.get("Partition"):
         cmd.append(f"--partition={fields['Partition']}")
     m = re.match(r"(\d+)", fields.get("NtasksPerN:B:S:C", ""))
@@ -99,8 +106,9 @@ def next_job_command(fields: dict, script: str) -> list[str]:
 def _clean_env() -> dict:
     """This job's environment without its SLURM_* identity, which a nested sbatch would inherit
     (SLURM_CONF, which names the cluster, stays)."""
-    return {k: v for k, v in os.environ.items()
-            if k == "SLURM_CONF" or not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    return {
+        k: v for k, v in os.environ.items() if k == "SLURM_CONF" or not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))
+    }
 
 
 def slurm_step(config: str, data: str, run: str, ds_config: str, overrides: list[str]) -> int:
@@ -116,8 +124,10 @@ def slurm_step(config: str, data: str, run: str, ds_config: str, overrides: list
     write_hostfile(run, hosts, tasks_per_node())
     env = dict(os.environ, MASTER_ADDR=node_address(hosts[0]), MASTER_PORT=str(free_port()))
     restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
-    log.info(f"== job {job} (restart {restarts}): period {period} on {len(hosts)} node(s) {','.join(hosts)}, "
-             f"{os.environ.get('SLURM_NTASKS', '?')} ranks")
+    log.info(
+        f"== job {job} (restart {restarts}): period {period} on {len(hosts)} node(s) {','.join(hosts)}, "
+        f"{os.environ.get('SLURM_NTASKS', '?')} ranks"
+    )
     proc = subprocess.Popen(srun_command(train_args(config, data, run, ds_config, overrides, period)), env=env)
 
     def forward(signum, frame):  # SIGUSR1 before the time limit, SIGTERM on preemption
@@ -132,13 +142,16 @@ def slurm_step(config: str, data: str, run: str, ds_config: str, overrides: list
         scontrol("requeue", job)
         return 0
     if code != 0:
-        log.error(f"== job {job}: period {period} FAILED (exit code {code}). The chain stops here; fix the cause and "
-                  f"resubmit the same sbatch command: finished periods are kept and period {period} resumes.")
+        log.error(
+            f"== job {job}: period {period} FAILED (exit code {code}). The chain stops here; fix the cause and "
+            f"resubmit the same sbatch command: finished periods are kept and period {period} resumes."
+        )
         return code
     if len(left) > 1:
         fields = job_fields(job)
-        nxt = subprocess.run(next_job_command(fields, fields["Command"]), env=_clean_env(), check=True,
-                             capture_output=True, text=True).stdout.strip()
+        nxt = subprocess.run(
+            next_job_command(fields, fields["Command"]), env=_clean_env(), check=True, capture_output=True, text=True
+        ).stdout.strip()
         log.info(f"== job {job}: period {period} done; submitted job {nxt} for period {left[1]}")
     else:
         _final_report(run)

@@ -48,8 +48,11 @@ def ml_dataset(tmp_path_factory, movielens_files):
 
     out = str(tmp_path_factory.mktemp("ml") / "ds")
     inter, item = movielens_files
-    convert(ConvertOptions(format="movielens", reviews=inter, meta=item, out=out, shard_size=3000, progress=False,
-                           log=sys.stdout))
+    convert(
+        ConvertOptions(
+            format="movielens", reviews=inter, meta=item, out=out, shard_size=3000, progress=False, log=sys.stdout
+        )
+    )
     return out
 
 
@@ -64,9 +67,11 @@ def import_random_codes(root: str, seed: int = 0) -> None:
     with open(os.path.join(root, "items.jsonl")) as f:
         sources = [json.loads(line)["source_id"] for line in f]
     rng = random.Random(seed)
-    prefixes = rng.sample(range(256 ** 2), len(sources))  # unique 2-level prefixes, then 2 more levels
-    table = {s: [f"<a_{c // 256}>", f"<b_{c % 256}>", f"<c_{rng.randrange(256)}>", f"<d_{rng.randrange(256)}>"]
-             for s, c in zip(sources, prefixes)}
+    prefixes = rng.sample(range(256**2), len(sources))  # unique 2-level prefixes, then 2 more levels
+    table = {
+        s: [f"<a_{c // 256}>", f"<b_{c % 256}>", f"<c_{rng.randrange(256)}>", f"<d_{rng.randrange(256)}>"]
+        for s, c in zip(sources, prefixes)
+    }
     path = os.path.join(os.path.dirname(root), "random_codes.json")
     with open(path, "w") as f:
         json.dump(table, f)
@@ -94,7 +99,11 @@ def small_dataset(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("small")
     rng = random.Random(3)
-    rows = [(f"i{rng.randrange(60)}", f"u{u}", 5, 1_500_000_000 + rng.randrange(3 * 10**7)) for u in range(30) for _ in range(40)]
+    rows = [
+        (f"i{rng.randrange(60)}", f"u{u}", 5, 1_500_000_000 + rng.randrange(3 * 10**7))
+        for u in range(30)
+        for _ in range(40)
+    ]
     path = folder / "ratings.csv"
     path.write_text("".join(f"{i},{u},{r},{t}\n" for i, u, r, t in rows))
     out = str(folder / "ds")

@@ -54,8 +54,9 @@ class Checkpointer:
     def save(self, engine, step: int, client_state: dict) -> None:
         tag = self._new_tag(step)
         with writing(f"cannot save the checkpoint {tag}", self.folder):
-            engine.save_checkpoint(self.folder, tag=tag, client_state=client_state, save_latest=False,
-                                   exclude_frozen_parameters=True)
+            engine.save_checkpoint(
+                self.folder, tag=tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
+            )
             rng = {"cpu": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state()
@@ -64,8 +65,10 @@ class Checkpointer:
         self.strategy.barrier()
         if self.strategy.is_rank0:
             with writing(f"cannot save the checkpoint {tag}", self.folder):
-                atomic_write_json(os.path.join(self.folder, COMPLETE),
-                                  {"tag": tag, "world_size": self.strategy.world_size, "client_state": client_state})
+                atomic_write_json(
+                    os.path.join(self.folder, COMPLETE),
+                    {"tag": tag, "world_size": self.strategy.world_size, "client_state": client_state},
+                )
             tags = sorted(d for d in os.listdir(self.folder) if d.startswith("step-") and d != tag)
             for old in tags[: max(0, len(tags) - (self.keep - 1))]:
                 shutil.rmtree(os.path.join(self.folder, old), ignore_errors=True)
@@ -80,9 +83,15 @@ class Checkpointer:
             raise RuntimeError(
                 f"{self.folder} was written by {info['world_size']} ranks and this run has {self.strategy.world_size}: "
                 "a ZeRO checkpoint resumes only on the same number of ranks. Rerun with that many, or delete "
-                "ds_ckpt/ to restart the period (periods hand over through adapters, on any number of ranks).")
-        path, _ = engine.load_checkpoint(self.folder, tag=info["tag"], load_module_strict=False,
-                                         load_optimizer_states=True, load_lr_scheduler_states=True)
+                "ds_ckpt/ to restart the period (periods hand over through adapters, on any number of ranks)."
+            )
+        path, _ = engine.load_checkpoint(
+            self.folder,
+            tag=info["tag"],
+            load_module_strict=False,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {info['tag']} from {self.folder}")
         rng = torch.load(os.path.join(self.folder, info["tag"], f"rng-{self.strategy.rank}.pt"), weights_only=True)

@@ -40,8 +40,9 @@ class ModelConfig:
     shape: str | None = setting(None, "a named shape with random weights: tiny, small, 1b, 8b (train/shapes.py)")
     dtype: str = setting("auto", "auto (bf16 on a GPU that has it, fp32 on the CPU), fp32, bf16 or fp16")
     attn_implementation: str = setting("sdpa", "sdpa, eager or flash_attention_2", resume_may_change=True)
-    gradient_checkpointing: bool = setting(False, "recompute activations in the backward (always non-reentrant, "
-                                                  "docs/zero3.md)", resume_may_change=True)
+    gradient_checkpointing: bool = setting(
+        False, "recompute activations in the backward (always non-reentrant, docs/zero3.md)", resume_may_change=True
+    )
     period0: str = setting("lora", "lora or full: a random-weight backbone must first learn the task in full")
     seed: int = setting(0, "initial weights of a shape, LoRA init")
 
@@ -51,33 +52,41 @@ class LoraConfig:
     r: int = setting(8, "rank of the adapters")
     alpha: int = setting(16, "LoRA scale numerator: the update is scaled by alpha / r")
     dropout: float = setting(0.05, "dropout on the adapters' input")
-    targets: list[str] = setting(help="projections that get an adapter",
-                                 factory=lambda: list(LORA_TARGETS))
+    targets: list[str] = setting(help="projections that get an adapter", factory=lambda: list(LORA_TARGETS))
 
 
 @dataclass
 class MethodConfig:
     name: str = setting("single", "single, peso, l2, cumulative or cumulative_all (train/regularizers.py)")
     lam: float = setting(0.0, "weight of the proximal term (peso, l2)")
-    reduce: str = setting("sum", "the proximal term over layers: sum (the paper's equation) or mean (the authors' code)")
+    reduce: str = setting(
+        "sum", "the proximal term over layers: sum (the paper's equation) or mean (the authors' code)"
+    )
     temperature: float = setting(1.0, "cross-entropy on logits / temperature (the authors use 0.8)")
 
 
 @dataclass
 class DataConfig:
-    path: str | None = setting(None, "the dataset folder (python -m data_tools convert); --data overrides",
-                               resume_may_change=True)
-    objective: str = setting("response", "response: one sample per target (the paper's); sequence: every "
-                                         "target of a user's chunk in one pass")
+    path: str | None = setting(
+        None, "the dataset folder (python -m data_tools convert); --data overrides", resume_may_change=True
+    )
+    objective: str = setting(
+        "response",
+        "response: one sample per target (the paper's); sequence: every target of a user's chunk in one pass",
+    )
     micro_batch_size: int = setting(8, "samples (or chunks) per rank and forward")
-    num_workers: int = setting(0, "DataLoader workers per rank (0: in the training process); the batches "
-                                  "do not depend on it", resume_may_change=True)
+    num_workers: int = setting(
+        0,
+        "DataLoader workers per rank (0: in the training process); the batches do not depend on it",
+        resume_may_change=True,
+    )
     shuffle_buffer: int = setting(1000, "samples in each rank's seeded shuffle buffer")
     seed: int = setting(0, "seed of the training order")
     max_history: int = setting(20, "items of history in a prompt (<= what the shards hold)")
     eval_batch_size: int = setting(32, "samples per forward in validation and evaluation", resume_may_change=True)
-    template: str | None = setting(None, "the prompt, with one {history}; null: the paper's instruction; "
-                                         "\"{history}\": the items only")
+    template: str | None = setting(
+        None, 'the prompt, with one {history}; null: the paper\'s instruction; "{history}": the items only'
+    )
     separator: str = setting(", ", "between history items in the prompt")
 
 
@@ -89,17 +98,20 @@ class OptimConfig:
     betas: list[float] = setting(help="AdamW betas", factory=lambda: [0.9, 0.999])
     eps: float = setting(1e-8, "AdamW epsilon")
     grad_clip: float = setting(1.0, "clip the gradient norm to this")
-    max_nonfinite_in_a_row: int = setting(5, "skipped micro-batches in a row before the run stops",
-                                          resume_may_change=True)
+    max_nonfinite_in_a_row: int = setting(
+        5, "skipped micro-batches in a row before the run stops", resume_may_change=True
+    )
 
 
 @dataclass
 class ScheduleConfig:
     epochs: int = setting(4, "epochs per period (the cap, with patience)")
-    period0_epochs: int | None = setting(None, "period 0's epoch cap instead (a model learning from scratch "
-                                               "needs more); null: epochs")
-    patience: int | None = setting(None, "stop a period after this many epochs without a better validation "
-                                         "loss; null: never")
+    period0_epochs: int | None = setting(
+        None, "period 0's epoch cap instead (a model learning from scratch needs more); null: epochs"
+    )
+    patience: int | None = setting(
+        None, "stop a period after this many epochs without a better validation loss; null: never"
+    )
     global_batch_size: int = setting(32, "samples per optimizer step = micro_batch_size x ranks x accumulation")
     warmup_ratio: float = setting(0.01, "share of a period's steps with a linear warmup (then cosine decay)")
     max_steps: int | None = setting(None, "cap on a period's steps (smoke tests, benchmarks); null: none")
@@ -115,18 +127,19 @@ class CheckpointConfig:
 class LoggingConfig:
     every_steps: int = setting(10, "steps between TensorBoard scalars", resume_may_change=True)
     progress: bool = setting(True, "a progress bar on rank 0", resume_may_change=True)
-    peak_tflops: float | None = setting(None, "device peak used for MFU; null: the known peak of the device",
-                                        resume_may_change=True)
+    peak_tflops: float | None = setting(
+        None, "device peak used for MFU; null: the known peak of the device", resume_may_change=True
+    )
 
 
 @dataclass
 class EvalConfig:
     beams: int = setting(20, "beams of the trie-constrained beam search (>= the largest K)", resume_may_change=True)
-    ks: list[int] = setting(help="the K of Hit@K and NDCG@K", factory=lambda: [5, 10, 20],
-                            resume_may_change=True)
+    ks: list[int] = setting(help="the K of Hit@K and NDCG@K", factory=lambda: [5, 10, 20], resume_may_change=True)
     every_period: bool = setting(True, "evaluate at the end of each period", resume_may_change=True)
-    max_users: int | None = setting(None, "per window, a seeded random sample of the test users (quick runs); "
-                                          "null: all", resume_may_change=True)
+    max_users: int | None = setting(
+        None, "per window, a seeded random sample of the test users (quick runs); null: all", resume_may_change=True
+    )
     seed: int = setting(0, "seed of that sample, the same for every period and method", resume_may_change=True)
 
 
@@ -251,7 +264,9 @@ def validate(cfg: Config) -> None:
     """Checks that need no other process; batch arithmetic needs the world size (check_batch)."""
     m = cfg.model
     if (m.path is None) == (m.shape is None):
-        raise ConfigError("set exactly one of model.path (a local Hugging Face folder) and model.shape (tiny, small, 1b, 8b)")
+        raise ConfigError(
+            "set exactly one of model.path (a local Hugging Face folder) and model.shape (tiny, small, 1b, 8b)"
+        )
     if m.period0 not in ("lora", "full"):
         raise ConfigError(f"model.period0 must be lora or full, not {m.period0!r}")
     if m.dtype not in ("auto", "fp32", "bf16", "fp16"):
@@ -267,12 +282,19 @@ def validate(cfg: Config) -> None:
     unknown = set(cfg.lora.targets) - set(LORA_TARGETS)
     if unknown:
         raise ConfigError(f"lora.targets: unknown projections {sorted(unknown)} (choose from {LORA_TARGETS})")
-    for key, value in (("lora.r", cfg.lora.r), ("data.micro_batch_size", cfg.data.micro_batch_size),
-                       ("schedule.epochs", cfg.schedule.epochs), ("schedule.global_batch_size", cfg.schedule.global_batch_size),
-                       ("checkpoint.every_steps", cfg.checkpoint.every_steps), ("checkpoint.keep", cfg.checkpoint.keep),
-                       ("data.max_history", cfg.data.max_history), ("eval.beams", cfg.eval.beams),
-                       ("schedule.period0_epochs", cfg.schedule.period0_epochs), ("schedule.patience", cfg.schedule.patience),
-                       ("eval.max_users", cfg.eval.max_users)):
+    for key, value in (
+        ("lora.r", cfg.lora.r),
+        ("data.micro_batch_size", cfg.data.micro_batch_size),
+        ("schedule.epochs", cfg.schedule.epochs),
+        ("schedule.global_batch_size", cfg.schedule.global_batch_size),
+        ("checkpoint.every_steps", cfg.checkpoint.every_steps),
+        ("checkpoint.keep", cfg.checkpoint.keep),
+        ("data.max_history", cfg.data.max_history),
+        ("eval.beams", cfg.eval.beams),
+        ("schedule.period0_epochs", cfg.schedule.period0_epochs),
+        ("schedule.patience", cfg.schedule.patience),
+        ("eval.max_users", cfg.eval.max_users),
+    ):
         if value is not None and value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
     if not 0 <= cfg.lora.dropout < 1:
@@ -310,8 +332,10 @@ def describe(cfg: Config) -> str:
     """Every key of `cfg`: type, value, default and help, one per line (`train/main.py --print-config`);
     values and defaults as YAML/JSON would write them (null, true, "text"), so they can be pasted back."""
     rows = [("key", "type", "value", "default", "help")]
-    rows += [(key, _type_name(hint), json.dumps(value), json.dumps(_default(f)), f.metadata["help"])
-             for key, f, hint, value in _settings(cfg)]
+    rows += [
+        (key, _type_name(hint), json.dumps(value), json.dumps(_default(f)), f.metadata["help"])
+        for key, f, hint, value in _settings(cfg)
+    ]
     widths = [min(max(len(row[i]) for row in rows), 30) for i in range(4)]  # a longer list overflows its row only
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4] for row in rows)
 
@@ -342,5 +366,6 @@ def accumulation_steps(cfg: Config, world_size: int) -> int:
     if cfg.schedule.global_batch_size % per_step:
         raise ConfigError(
             f"schedule.global_batch_size ({cfg.schedule.global_batch_size}) must be a multiple of "
-            f"data.micro_batch_size ({cfg.data.micro_batch_size}) x ranks ({world_size}) = {per_step}")
+            f"data.micro_batch_size ({cfg.data.micro_batch_size}) x ranks ({world_size}) = {per_step}"
+        )
     return cfg.schedule.global_batch_size // per_step

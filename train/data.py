@@ -63,13 +63,17 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         k = len(e["input_ids"])
         if len(e["labels"]) != k:
             raise ValueError("input_ids and labels differ in length")
-        ids[i, width - k:] = torch.tensor(e["input_ids"])
-        mask[i, width - k:] = 1
-        labels[i, width - k:] = torch.tensor(e["labels"])
+        ids[i, width - k :] = torch.tensor(e["input_ids"])
+        mask[i, width - k :] = 1
+        labels[i, width - k :] = torch.tensor(e["labels"])
     labelled = (labels != IGNORE).any(0).nonzero()
     first = int(labelled[0]) if len(labelled) else width - 1
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
-            "targets": labels[:, max(first, 1):]}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
+        "targets": labels[:, max(first, 1) :],
+    }
 
 
 class ResponseSamples:
@@ -83,9 +87,18 @@ class ResponseSamples:
         return split_size(self.root, self.window, self.split, self.manifest)
 
     def one_pass(self, rank: int, world_size: int, seed: int, epoch: int):
-        return window_split(self.root, self.window, self.split, rank=rank, world_size=world_size, seed=seed,
-                            epoch=epoch, shuffle_buffer=self.shuffle_buffer, manifest=self.manifest,
-                            split_by_worker=False)
+        return window_split(
+            self.root,
+            self.window,
+            self.split,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            epoch=epoch,
+            shuffle_buffer=self.shuffle_buffer,
+            manifest=self.manifest,
+            split_by_worker=False,
+        )
 
 
 class SequenceChunks:
@@ -133,8 +146,10 @@ class RankEpoch(torch.utils.data.IterableDataset):
                 n += 1
                 yield item, first
             if n == 0:
-                raise ValueError(f"rank {self.rank} has no {self.split} samples in window {self.window} "
-                                 f"(the split has fewer samples than ranks)")
+                raise ValueError(
+                    f"rank {self.rank} has no {self.split} samples in window {self.window} "
+                    f"(the split has fewer samples than ranks)"
+                )
             first = False
 
     def __iter__(self):
@@ -157,8 +172,18 @@ class RankEpoch(torch.utils.data.IterableDataset):
 class WindowData:
     """Loaders over one window's splits for one rank."""
 
-    def __init__(self, root: str, manifest: dict, window: int, cfg, rank: int, world_size: int,
-                 accumulation: int, encode, pad_id: int):
+    def __init__(
+        self,
+        root: str,
+        manifest: dict,
+        window: int,
+        cfg,
+        rank: int,
+        world_size: int,
+        accumulation: int,
+        encode,
+        pad_id: int,
+    ):
         self.window, self.cfg = window, cfg
         self.rank, self.world_size, self.accumulation = rank, world_size, accumulation
         self.encode, self.pad_id = encode, pad_id
@@ -174,18 +199,49 @@ class WindowData:
         workers = self.cfg.data.num_workers
         # A generator of its own: a DataLoader draws its workers' seed from the global RNG when
         # iterated, which would shift LoRA dropout's random stream in a resumed run.
-        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, generator=torch.Generator(),
-                                           persistent_workers=False, prefetch_factor=4 if workers else None)
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            generator=torch.Generator(),
+            persistent_workers=False,
+            prefetch_factor=4 if workers else None,
+        )
 
     def train(self, epoch: int, start: int = 0):
-        return self._loader(RankEpoch(
-            source=self.train_source, window=self.window, split="train", rank=self.rank, world_size=self.world_size,
-            seed=self.cfg.data.seed, epoch=epoch, micro_batch_size=self.cfg.data.micro_batch_size,
-            micro_batches=self.train_plan.micro_batches, start=start, encode=self.encode, pad_id=self.pad_id,
-            pad_with="wrap"))
+        return self._loader(
+            RankEpoch(
+                source=self.train_source,
+                window=self.window,
+                split="train",
+                rank=self.rank,
+                world_size=self.world_size,
+                seed=self.cfg.data.seed,
+                epoch=epoch,
+                micro_batch_size=self.cfg.data.micro_batch_size,
+                micro_batches=self.train_plan.micro_batches,
+                start=start,
+                encode=self.encode,
+                pad_id=self.pad_id,
+                pad_with="wrap",
+            )
+        )
 
     def valid(self):
-        return self._loader(RankEpoch(
-            source=self.valid_source, window=self.window, split="valid", rank=self.rank, world_size=self.world_size,
-            seed=0, epoch=0, micro_batch_size=self.cfg.data.eval_batch_size, micro_batches=self.valid_batches,
-            start=0, encode=self.encode, pad_id=self.pad_id, pad_with="mask"))
+        return self._loader(
+            RankEpoch(
+                source=self.valid_source,
+                window=self.window,
+                split="valid",
+                rank=self.rank,
+                world_size=self.world_size,
+                seed=0,
+                epoch=0,
+                micro_batch_size=self.cfg.data.eval_batch_size,
+                micro_batches=self.valid_batches,
+                start=0,
+                encode=self.encode,
+                pad_id=self.pad_id,
+                pad_with="mask",
+            )
+        )

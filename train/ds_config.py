@@ -45,8 +45,10 @@ def fill_ds_config(ds: dict, cfg: Config, world_size: int, hidden_size: int, dty
         if ds.get(key, "auto") == "auto":
             ds[key] = value
         elif ds[key] != value:
-            raise ConfigError(f"the DeepSpeed config sets {key}={ds[key]}, the experiment needs {value}; "
-                              "leave it \"auto\" in the ds_config")
+            raise ConfigError(
+                f"the DeepSpeed config sets {key}={ds[key]}, the experiment needs {value}; "
+                'leave it "auto" in the ds_config'
+            )
     for name in ("bf16", "fp16"):
         if name in ds and ds[name].get("enabled") == "auto":
             ds[name]["enabled"] = dtype == name
@@ -72,7 +74,7 @@ def fill_ds_config(ds: dict, cfg: Config, world_size: int, hidden_size: int, dty
                 params[key] = value
     left = _autos(ds)
     if left:
-        raise ConfigError(f"the DeepSpeed config has \"auto\" values this project cannot fill: {', '.join(left)}")
+        raise ConfigError(f'the DeepSpeed config has "auto" values this project cannot fill: {", ".join(left)}')
     return ds
 
 

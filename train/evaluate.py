@@ -57,8 +57,9 @@ def _log_probs(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def constrained_beam_search(forward, prompts: list[list[int]], trie, levels: int, beams: int, pad_id: int,
-                            device) -> tuple[torch.Tensor, torch.Tensor]:
+def constrained_beam_search(
+    forward, prompts: list[list[int]], trie, levels: int, beams: int, pad_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top `beams` code sequences per prompt: (tokens [B, beams, levels], log-prob scores [B, beams]).
 
     `forward(input_ids, attention_mask, position_ids, cache)` returns last-position logits [N, V]."""
@@ -67,8 +68,8 @@ def constrained_beam_search(forward, prompts: list[list[int]], trie, levels: int
     ids = torch.full((b, width), pad_id, dtype=torch.long)
     mask = torch.zeros((b, width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     position = (mask.cumsum(1) - 1).clamp(min=0)
     cache = DynamicCache()
@@ -142,7 +143,7 @@ def evaluate_window(cfg, strategy, engine, encoder, manifest, window: int) -> di
     """One window's test users (all, or the seeded sample of eval.max_users), shared round-robin
     by the ranks, combined across ranks; with the popularity reference on the same users."""
     users = test_users(cfg.data.path, manifest, window, cfg.eval.max_users, cfg.eval.seed)
-    samples = users[strategy.rank::strategy.world_size]
+    samples = users[strategy.rank :: strategy.world_size]
     per_rank = math.ceil(len(users) / strategy.world_size)
     batch = cfg.data.eval_batch_size
     batches = math.ceil(per_rank / batch)
@@ -152,8 +153,9 @@ def evaluate_window(cfg, strategy, engine, encoder, manifest, window: int) -> di
     pad_id = encoder.tokenizer.pad_token_id
 
     def forward(ids, mask, position, cache):
-        out = engine(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache,
-                     use_cache=True, logits_to_keep=1)
+        out = engine(
+            input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True, logits_to_keep=1
+        )
         return out.logits[:, -1]
 
     ranks, popularity_ranks, groups, invalid, lists = [], [], [], 0, []
@@ -164,7 +166,7 @@ def evaluate_window(cfg, strategy, engine, encoder, manifest, window: int) -> di
     masked = {"input_ids": masked["input_ids"], "labels": [IGNORE] * len(masked["labels"])}
     progress = EvalProgress(window, len(users), batches, strategy.is_rank0 and cfg.logging.progress)
     for k in range(batches):
-        chunk = samples[k * batch:(k + 1) * batch]
+        chunk = samples[k * batch : (k + 1) * batch]
         prompts = [encoder.prompt(s["history"]) for s in chunk]
         prompts += [dummy] * (batch - len(prompts))  # padding for the collective: results ignored
         seqs, scores = constrained_beam_search(forward, prompts, trie, levels, beams, pad_id, strategy.device)
@@ -194,8 +196,16 @@ def evaluate_window(cfg, strategy, engine, encoder, manifest, window: int) -> di
                 items.append(item)
                 item_scores.append(round(float(scores[i, j]), 6))
             ranks.append(rank)
-            lists.append({"user": s["user"], "group": s["group"], "target": s["target"], "rank": rank,
-                          "items": items, "scores": item_scores})
+            lists.append(
+                {
+                    "user": s["user"],
+                    "group": s["group"],
+                    "target": s["target"],
+                    "rank": rank,
+                    "items": items,
+                    "scores": item_scores,
+                }
+            )
             popularity_ranks.append(popular.index(target) if target in popular else None)
             groups.append(s["group"])
         progress.batch_done(k)
@@ -247,10 +257,18 @@ def evaluate_period(cfg, strategy, engine, encoder, manifest, period: int, run, 
         if j == period:
             recommendations = strategy.gather_to_rank0(lists)
         if windows[str(j)]["invalid_outputs"]:
-            raise RuntimeError(f"constrained decoding produced {windows[str(j)]['invalid_outputs']} invalid items in window {j}")
+            raise RuntimeError(
+                f"constrained decoding produced {windows[str(j)]['invalid_outputs']} invalid items in window {j}"
+            )
     current = windows.get(str(period))
-    result = {"period": period, "method": cfg.method.name, "ks": cfg.eval.ks, "windows": windows,
-              "overall": current["overall"] if current else {}, "groups": current["groups"] if current else {}}
+    result = {
+        "period": period,
+        "method": cfg.method.name,
+        "ks": cfg.eval.ks,
+        "windows": windows,
+        "overall": current["overall"] if current else {},
+        "groups": current["groups"] if current else {},
+    }
     if strategy.is_rank0:
         atomic_write_json(run.metrics_path(period), result)
         if recommendations is not None:
@@ -262,9 +280,13 @@ def evaluate_period(cfg, strategy, engine, encoder, manifest, period: int, run, 
             logger.scalars({f"eval/current/{k}": v for k, v in current["overall"].items()}, step)
             for g, vals in current["groups"].items():
                 logger.scalars({f"eval/current_{g}/{k}": v for k, v in vals.items() if k != "users"}, step)
-        log.info(f"period {period} test (window {period}, {current['users'] if current else 0} users): " +
-                 ", ".join(f"{k} {v:.4f}" for k, v in result["overall"].items()))
+        log.info(
+            f"period {period} test (window {period}, {current['users'] if current else 0} users): "
+            + ", ".join(f"{k} {v:.4f}" for k, v in result["overall"].items())
+        )
         if current:
-            log.info("   most popular items of the window (reference): " +
-                     ", ".join(f"{k} {v:.4f}" for k, v in current["popularity"]["overall"].items()))
+            log.info(
+                "   most popular items of the window (reference): "
+                + ", ".join(f"{k} {v:.4f}" for k, v in current["popularity"]["overall"].items())
+            )
     return result

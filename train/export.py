@@ -15,15 +15,16 @@ import torch
 from safetensors.torch import save_file
 
 from data_tools.dataset import written_aside
-
 from train.model import adapter_state_keys
 
 
 def _check_nonempty(state: dict[str, torch.Tensor], what: str) -> None:
     empty = [k for k, v in state.items() if v.numel() == 0]
     if empty:
-        raise RuntimeError(f"{what}: {len(empty)} tensors are empty after gathering (first: {empty[0]}); "
-                           "a ZeRO-3 partition was not gathered")
+        raise RuntimeError(
+            f"{what}: {len(empty)} tensors are empty after gathering (first: {empty[0]}); "
+            "a ZeRO-3 partition was not gathered"
+        )
 
 
 def gather_adapter_state(strategy, model) -> dict[str, torch.Tensor] | None:
@@ -43,8 +44,11 @@ def export_adapter(strategy, model, out_dir: str, metadata: dict | None = None) 
         with written_aside("cannot export the period's adapter", out_dir) as tmp:
             os.makedirs(tmp)
             model.peft_config["default"].save_pretrained(tmp)
-            save_file(state, os.path.join(tmp, "adapter_model.safetensors"),
-                      metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}})
+            save_file(
+                state,
+                os.path.join(tmp, "adapter_model.safetensors"),
+                metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}},
+            )
     strategy.barrier()
 
 

@@ -52,7 +52,7 @@ def folded_adapter(run: RunFolder, cfg, period: int) -> tuple[dict, object]:
     if earlier:
         frozen = [load_file(os.path.join(run.adapter_dir(t), "adapter_model.safetensors")) for t in earlier]
         for key in [k for k in state if k.endswith(LORA_A)]:
-            b_key = key[:-len(LORA_A)] + LORA_B
+            b_key = key[: -len(LORA_A)] + LORA_B
             a, b = state[key], state[b_key]
             state[key] = torch.cat([a] + [normalized(f[key].float()).to(a.dtype) for f in frozen], 0)
             state[b_key] = torch.cat([b] + [normalized(f[b_key].float()).to(b.dtype) for f in frozen], 1)
@@ -66,12 +66,16 @@ def save_adapter(state: dict, config, out_dir: str, metadata: dict) -> None:
     """Write an adapter in PEFT format (adapter_config.json + adapter_model.safetensors)."""
     os.makedirs(out_dir, exist_ok=True)
     config.save_pretrained(out_dir)
-    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out_dir, "adapter_model.safetensors"),
-              metadata={"format": "pt", **metadata})
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        os.path.join(out_dir, "adapter_model.safetensors"),
+        metadata={"format": "pt", **metadata},
+    )
 
 
-def export_recommender(run_dir: str, out: str, period: int | None = None, merged: bool = False,
-                       data: str | None = None) -> dict:
+def export_recommender(
+    run_dir: str, out: str, period: int | None = None, merged: bool = False, data: str | None = None
+) -> dict:
     """Write the folder (see the module doc) and return its recommender.json. Everything is read
     from the run first, so an OSError while writing is the export's (a full disk), reported as a
     WriteError naming `out`."""
@@ -98,11 +102,23 @@ def export_recommender(run_dir: str, out: str, period: int | None = None, merged
     if os.path.isfile(run.metrics_path(period)):
         with open(run.metrics_path(period)) as f:
             metrics = json.load(f)["overall"]
-    info = {"format_version": 1, "kind": kind, "period": period, "method": cfg.method.name,
-            "run": run.root, "data": os.path.abspath(data_root),
-            "prompt": {"template": cfg.data.template, "separator": cfg.data.separator,
-                       "max_history": cfg.data.max_history, "objective": cfg.data.objective},
-            "beams": cfg.eval.beams, "metrics": metrics, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    info = {
+        "format_version": 1,
+        "kind": kind,
+        "period": period,
+        "method": cfg.method.name,
+        "run": run.root,
+        "data": os.path.abspath(data_root),
+        "prompt": {
+            "template": cfg.data.template,
+            "separator": cfg.data.separator,
+            "max_history": cfg.data.max_history,
+            "objective": cfg.data.objective,
+        },
+        "beams": cfg.eval.beams,
+        "metrics": metrics,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     with written_aside("cannot write the export", out) as tmp:
         os.makedirs(tmp)
         if full:

@@ -49,8 +49,15 @@ class FlopCounter:
         h = config.hidden_size
         hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
         hq, hkv, inter = config.num_attention_heads * hd, config.num_key_value_heads * hd, config.intermediate_size
-        shapes = {"q_proj": (h, hq), "k_proj": (h, hkv), "v_proj": (h, hkv), "o_proj": (hq, h),
-                  "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+        shapes = {
+            "q_proj": (h, hq),
+            "k_proj": (h, hkv),
+            "v_proj": (h, hkv),
+            "o_proj": (hq, h),
+            "gate_proj": (h, inter),
+            "up_proj": (h, inter),
+            "down_proj": (inter, h),
+        }
         self.layers = config.num_hidden_layers
         self.hq = hq
         self.base = sum(i * o for i, o in shapes.values())  # weights per layer

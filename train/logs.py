@@ -23,7 +23,10 @@ def chosen_level() -> tuple[int, str | None]:
     """The level PESO_LOG_LEVEL names (INFO when unset), and a complaint when it names none."""
     name = os.environ.get(LEVEL_VARIABLE, "INFO").strip().upper() or "INFO"
     if name not in LEVELS:
-        return logging.INFO, f"{LEVEL_VARIABLE}={os.environ[LEVEL_VARIABLE]!r} is not one of {', '.join(LEVELS)}; using INFO"
+        return (
+            logging.INFO,
+            f"{LEVEL_VARIABLE}={os.environ[LEVEL_VARIABLE]!r} is not one of {', '.join(LEVELS)}; using INFO",
+        )
     return logging.getLevelName(name), None
 
 

@@ -34,21 +34,36 @@ def build_parser() -> argparse.ArgumentParser:
     from data_tools.help_format import HelpFormatter
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--ds_config", help="DeepSpeed config (ds_configs/zero2.json, zero3.json, zero3_offload.json); "
-                                       "required to train (default: none)")
+    p.add_argument(
+        "--ds_config",
+        help="DeepSpeed config (ds_configs/zero2.json, zero3.json, zero3_offload.json); "
+        "required to train (default: none)",
+    )
     p.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
     p.add_argument("--data", help="dataset folder (python -m data_tools convert) (default: data.path in the config)")
     # torchrun reads "--run" as an abbreviation of its own --run-path: spell it --run_dir there.
-    p.add_argument("--run", "--run_dir", dest="run",
-                   help="run folder: periods, checkpoints, TensorBoard, state.json; required to train (default: none)")
+    p.add_argument(
+        "--run",
+        "--run_dir",
+        dest="run",
+        help="run folder: periods, checkpoints, TensorBoard, state.json; required to train (default: none)",
+    )
     p.add_argument("--period", type=int, help="period to train (default: the next one by the run's state.json)")
     p.add_argument("--eval_only", action="store_true", help="evaluate the period's exported model again; no training")
-    p.add_argument("--restart-period", action="store_true",
-                   help="discard the period's checkpoints and train it from its start (to resume with a changed config)")
-    p.add_argument("--print-config", action="store_true",
-                   help="print every key of the resolved config (type, value, default, help) and exit")
+    p.add_argument(
+        "--restart-period",
+        action="store_true",
+        help="discard the period's checkpoints and train it from its start (to resume with a changed config)",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print every key of the resolved config (type, value, default, help) and exit",
+    )
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 schedule.epochs=2 (default: none)")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 schedule.epochs=2 (default: none)"
+    )
     return p
 
 
@@ -91,11 +106,15 @@ def check_inputs(args):
     if not data_root:
         raise ConfigError("no dataset: pass --data DIR or set data.path")
     if not os.path.isdir(data_root):
-        raise ConfigError(f"the dataset folder {data_root} does not exist; create it with `python -m data_tools convert`")
+        raise ConfigError(
+            f"the dataset folder {data_root} does not exist; create it with `python -m data_tools convert`"
+        )
     manifest = load_manifest(data_root)
     if not os.path.isfile(os.path.join(data_root, ITEM_INDEX)):
-        raise ConfigError(f"{data_root} has no {ITEM_INDEX} (the items' codes); build it with "
-                          f"`python -m data_tools index {data_root}` (or --import an existing one)")
+        raise ConfigError(
+            f"{data_root} has no {ITEM_INDEX} (the items' codes); build it with "
+            f"`python -m data_tools index {data_root}` (or --import an existing one)"
+        )
     cfg.data.path = data_root
     windows = len(manifest["windows"])
     run = RunFolder(args.run)
@@ -130,10 +149,13 @@ def check_resume(run, period: int, cfg) -> None:
     with open(started) as f:
         conflicts = resume_conflicts(json.load(f)["config"], cfg)
     if conflicts:
-        raise ConfigError(f"period {period} would resume from its checkpoint in {run.ckpt_dir(period)}, but the "
-                          "config changed since the period started:\n  " + "\n  ".join(conflicts) +
-                          "\nrerun with the config it started with, or add --restart-period to discard its "
-                          "checkpoints and train it from its start")
+        raise ConfigError(
+            f"period {period} would resume from its checkpoint in {run.ckpt_dir(period)}, but the "
+            "config changed since the period started:\n  "
+            + "\n  ".join(conflicts)
+            + "\nrerun with the config it started with, or add --restart-period to discard its "
+            "checkpoints and train it from its start"
+        )
 
 
 def main(argv=None) -> int:
@@ -178,16 +200,24 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
     from train.data import WindowData
     from train.ds_config import fill_ds_config, resolve_dtype
     from train.evaluate import evaluate_period
+    from train.exit_codes import EXIT_REQUEUE
     from train.export import export_adapter, export_full_model
     from train.flops import FlopCounter, device_peak_flops
     from train.logs import configure_logging
     from train.metrics import MetricsLogger
-    from train.model import (apply_lora, backbone_dir, build_shape_backbone, hidden_size, load_adapter_weights,
-                             load_backbone, load_full_weights, param_groups)
+    from train.model import (
+        apply_lora,
+        backbone_dir,
+        build_shape_backbone,
+        hidden_size,
+        load_adapter_weights,
+        load_backbone,
+        load_full_weights,
+        param_groups,
+    )
     from train.regularizers import make_regularizer, previous_adapter
     from train.schedule import make_optimizer, make_scheduler
     from train.strategy import DeepSpeedStrategy
-    from train.exit_codes import EXIT_REQUEUE
     from train.trainer import StopRequested, Trainer
     from train.vocab import SampleEncoder, load_vocab
 
@@ -226,16 +256,29 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
 
     # ---- data and engine -----------------------------------------------------------------------
     encoder = SampleEncoder(tokenizer, codebook, template, cfg.data.max_history, cfg.data.objective)
-    data = WindowData(cfg.data.path, manifest, period, cfg, strategy.rank, strategy.world_size, accumulation,
-                      encoder, tokenizer.pad_token_id)
+    data = WindowData(
+        cfg.data.path,
+        manifest,
+        period,
+        cfg,
+        strategy.rank,
+        strategy.world_size,
+        accumulation,
+        encoder,
+        tokenizer.pad_token_id,
+    )
     epochs = period_epochs(cfg, period)
     total_steps = epochs * data.train_plan.steps
     if cfg.schedule.max_steps:
         total_steps = min(total_steps, cfg.schedule.max_steps)
     groups = param_groups(model, cfg.optim.weight_decay)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for g in groups for p in g["params"])  # ds_numel: partitioned
-    engine = strategy.initialize(model, groups, lambda g: make_optimizer(g, cfg, lr, strategy.cuda),
-                                 lambda opt: make_scheduler(opt, cfg, total_steps))
+    engine = strategy.initialize(
+        model,
+        groups,
+        lambda g: make_optimizer(g, cfg, lr, strategy.cuda),
+        lambda opt: make_scheduler(opt, cfg, total_steps),
+    )
 
     # ---- bookkeeping -----------------------------------------------------------------------------
     step_offset = run.state().get("global_step", 0)
@@ -243,19 +286,25 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
     # Training writes again from the step after the checkpoint it resumes from (or the period's
     # first step): whatever a killed run wrote from there on is hidden, not shown twice.
     # --eval_only writes only evaluation points, at a step that keeps its training points.
-    logger = MetricsLogger(run.root, strategy.is_rank0,
-                           purge_step=None if eval_only else step_offset + checkpointer.latest_step() + 1)
+    logger = MetricsLogger(
+        run.root, strategy.is_rank0, purge_step=None if eval_only else step_offset + checkpointer.latest_step() + 1
+    )
     if strategy.is_rank0 and not eval_only:
-        atomic_write_json(os.path.join(run.period_dir(period), "config.json"),
-                          {"config": cfg.to_dict(), "ds_config": ds_config, "world_size": strategy.world_size})
+        atomic_write_json(
+            os.path.join(run.period_dir(period), "config.json"),
+            {"config": cfg.to_dict(), "ds_config": ds_config, "world_size": strategy.world_size},
+        )
         logger.text("config", {"period": period, "config": cfg.to_dict(), "ds_config": ds_config}, step_offset)
-        log.info(f"period {period}: {'full training' if full else f'LoRA r={cfg.lora.r}'} of {source}, "
-                 f"{trainable:,} trainable parameters, {data.train_plan.samples:,} "
-                 f"{'chunks of user sequences' if cfg.data.objective == 'sequence' else 'samples'}, "
-                 f"{data.train_plan.steps} steps/epoch x {epochs} epochs "
-                 f"(capped at {total_steps}), ZeRO-{strategy.zero_stage}, {strategy.world_size} ranks, {dtype}")
-    flops = FlopCounter(engine.module.config, None if full else cfg.lora.r, cfg.lora.targets, full,
-                        cfg.model.gradient_checkpointing)
+        log.info(
+            f"period {period}: {'full training' if full else f'LoRA r={cfg.lora.r}'} of {source}, "
+            f"{trainable:,} trainable parameters, {data.train_plan.samples:,} "
+            f"{'chunks of user sequences' if cfg.data.objective == 'sequence' else 'samples'}, "
+            f"{data.train_plan.steps} steps/epoch x {epochs} epochs "
+            f"(capped at {total_steps}), ZeRO-{strategy.zero_stage}, {strategy.world_size} ranks, {dtype}"
+        )
+    flops = FlopCounter(
+        engine.module.config, None if full else cfg.lora.r, cfg.lora.targets, full, cfg.model.gradient_checkpointing
+    )
 
     def export():
         if full:
@@ -263,12 +312,22 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
         else:
             export_adapter(strategy, engine.module, run.adapter_dir(period), {"period": period})
 
-    trainer = Trainer(cfg=cfg, strategy=strategy, engine=engine, data=data,
-                      checkpointer=checkpointer,
-                      export=export, logger=logger, flops=flops,
-                      peak_flops=device_peak_flops(strategy.cuda, dtype, cfg.logging.peak_tflops),
-                      step_offset=step_offset, period=period, epochs=epochs,
-                      regularizer=regularizer, total_steps=total_steps)
+    trainer = Trainer(
+        cfg=cfg,
+        strategy=strategy,
+        engine=engine,
+        data=data,
+        checkpointer=checkpointer,
+        export=export,
+        logger=logger,
+        flops=flops,
+        peak_flops=device_peak_flops(strategy.cuda, dtype, cfg.logging.peak_tflops),
+        step_offset=step_offset,
+        period=period,
+        epochs=epochs,
+        regularizer=regularizer,
+        total_steps=total_steps,
+    )
     trainer.install_signal_handlers()
     if eval_only:
         if not full:
@@ -297,20 +356,33 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
         run.save_state(phase="evaluating")
     metrics = None
     if cfg.eval.every_period:
-        metrics = evaluate_period(cfg, strategy, engine, encoder, manifest, period, run, logger,
-                                  step_offset + engine.global_steps)
+        metrics = evaluate_period(
+            cfg, strategy, engine, encoder, manifest, period, run, logger, step_offset + engine.global_steps
+        )
     if strategy.is_rank0:
-        summary = {"period": period, "steps": engine.global_steps, "samples_seen": progress.samples_seen,
-                   "nonfinite_skipped": progress.nonfinite_skipped, "best_epoch": progress.best_epoch,
-                   "epochs_trained": progress.epoch, "stopped_early": progress.stopped_early,
-                   "val_losses": progress.val_losses, "world_size": strategy.world_size}
+        summary = {
+            "period": period,
+            "steps": engine.global_steps,
+            "samples_seen": progress.samples_seen,
+            "nonfinite_skipped": progress.nonfinite_skipped,
+            "best_epoch": progress.best_epoch,
+            "epochs_trained": progress.epoch,
+            "stopped_early": progress.stopped_early,
+            "val_losses": progress.val_losses,
+            "world_size": strategy.world_size,
+        }
         atomic_write_json(os.path.join(run.period_dir(period), "train_summary.json"), summary)
         state = run.state()
-        run.save_state(done=sorted(set(state["done"]) | {period}), phase="done",
-                       global_step=step_offset + engine.global_steps)
-        logger.hparams({f"{k}": v for k, v in _flat(cfg.to_dict()).items()},
-                       {"hparam/best_val_loss": progress.best_val or math.nan,
-                        **({f"hparam/{k}": v for k, v in metrics["overall"].items()} if metrics else {})})
+        run.save_state(
+            done=sorted(set(state["done"]) | {period}), phase="done", global_step=step_offset + engine.global_steps
+        )
+        logger.hparams(
+            {f"{k}": v for k, v in _flat(cfg.to_dict()).items()},
+            {
+                "hparam/best_val_loss": progress.best_val or math.nan,
+                **({f"hparam/{k}": v for k, v in metrics["overall"].items()} if metrics else {}),
+            },
+        )
     logger.close()
     strategy.close()
     return 0

@@ -21,8 +21,10 @@ import torch
 
 def memory_stats(cuda: bool) -> dict:
     if cuda:
-        return {"memory/gpu_max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
-                "memory/gpu_max_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+        return {
+            "memory/gpu_max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "memory/gpu_max_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        }
     return {"memory/cpu_max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 

@@ -39,8 +39,9 @@ def backbone_dir(cfg: Config, run: RunFolder, period: int) -> str:
 def build_shape_backbone(cfg: Config, run: RunFolder, tokenizer, dtype: str, strategy) -> None:
     """Rank 0 writes the random-weight backbone of `model.shape` once; the others wait."""
     if strategy.is_rank0 and not os.path.isfile(os.path.join(run.base_dir, "config.json")):
-        config = shape_config(cfg.model.shape, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
-                              tokenizer.pad_token_id)
+        config = shape_config(
+            cfg.model.shape, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+        )
         torch.manual_seed(cfg.model.seed)
         model = LlamaForCausalLM(config).to(DTYPES[dtype])
         with written_aside("cannot write the run's backbone", run.base_dir) as tmp:
@@ -73,7 +74,9 @@ def init_new_token_rows(strategy, model: torch.nn.Module, first_new: int, seed: 
 def load_backbone(strategy, source: str, cfg: Config, dtype: str, vocab_size: int) -> torch.nn.Module:
     if not os.path.isfile(os.path.join(source, "config.json")):
         raise FileNotFoundError(f"{source} is not a Hugging Face model folder (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], attn_implementation=cfg.model.attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=DTYPES[dtype], attn_implementation=cfg.model.attn_implementation
+    )
     rows = model.get_input_embeddings().num_embeddings
     if rows < vocab_size:
         # New rows for the item code tokens (they are trained every period).
@@ -122,8 +125,14 @@ def apply_lora(model: torch.nn.Module, cfg: Config, code_token_ids: list[int], s
     # Untied: both the embedding and the output layer need the rows (the list form would wrap
     # only the embedding, leaving the output rows untrained and unsaved). Tied: one shared delta.
     tokens = list(code_token_ids) if tied else {"embed_tokens": list(code_token_ids), "lm_head": list(code_token_ids)}
-    lora = peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                           target_modules=list(cfg.lora.targets), trainable_token_indices=tokens, task_type="CAUSAL_LM")
+    lora = peft.LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.targets),
+        trainable_token_indices=tokens,
+        task_type="CAUSAL_LM",
+    )
     torch.manual_seed(seed)
     return peft.get_peft_model(model, lora)
 
@@ -155,7 +164,9 @@ def load_adapter_weights(strategy, model: peft.PeftModel, adapter_dir: str) -> N
     live = adapter_state_keys(model)
     missing, unexpected = set(live) - set(state), set(state) - set(live)
     if missing or unexpected:
-        raise ValueError(f"{adapter_dir} does not fit this model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        raise ValueError(
+            f"{adapter_dir} does not fit this model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+        )
     params = list(live.values())
     partitioned = any(hasattr(p, "ds_id") for p in params)  # after deepspeed.initialize under ZeRO-3
     with strategy.gathered(params, modify=True):
@@ -187,4 +198,6 @@ def load_full_weights(strategy, model: torch.nn.Module, model_dir: str) -> None:
                             params[n].copy_(f.get_tensor(key).to(params[n].dtype))
             loaded.update(names.values())
     if loaded != keys:
-        raise ValueError(f"{path} does not fit this model: {len(keys - loaded)} tensors unused (first: {sorted(keys - loaded)[:2]})")
+        raise ValueError(
+            f"{path} does not fit this model: {len(keys - loaded)} tensors unused (first: {sorted(keys - loaded)[:2]})"
+        )

@@ -139,7 +139,7 @@ class TrieLogitsProcessor(LogitsProcessor):
         self.trie, self.prompt_width, self.eos_token_id = trie, prompt_width, eos_token_id
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        generated = input_ids[:, self.prompt_width:]
+        generated = input_ids[:, self.prompt_width :]
         if generated.shape[1] >= self.trie.depth:
             mask = torch.zeros_like(scores, dtype=torch.bool)
             if self.eos_token_id is not None:
@@ -152,8 +152,18 @@ class TrieLogitsProcessor(LogitsProcessor):
 class Recommender:
     """One period's model with its vocabulary, item catalog and decoding settings."""
 
-    def __init__(self, model, tokenizer, codebook: ItemCodebook, encoder: SampleEncoder, catalog: ItemCatalog,
-                 beams: int, device, data_root: str | None = None, period: int | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        codebook: ItemCodebook,
+        encoder: SampleEncoder,
+        catalog: ItemCatalog,
+        beams: int,
+        device,
+        data_root: str | None = None,
+        period: int | None = None,
+    ):
         self.model, self.tokenizer, self.codebook, self.encoder = model, tokenizer, codebook, encoder
         self.catalog, self.beams, self.device = catalog, beams, torch.device(device)
         self.data_root, self.period = data_root, period
@@ -171,21 +181,36 @@ class Recommender:
         cfg = saved_config(run, period)
         data_root = data or cfg.data.path
         if not os.path.isfile(os.path.join(data_root, ITEM_INDEX)):
-            raise FileNotFoundError(f"the run's dataset {data_root} has no {ITEM_INDEX}; pass the dataset folder (--data)")
+            raise FileNotFoundError(
+                f"the run's dataset {data_root} has no {ITEM_INDEX}; pass the dataset folder (--data)"
+            )
         tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_dir)
         codebook = ItemCodebook(load_item_index(data_root), tokenizer)
         model = load_period_model(run, cfg, period, len(tokenizer))
-        encoder = _encoder(tokenizer, codebook, cfg.data.template, cfg.data.separator, cfg.data.max_history, cfg.data.objective)
-        return cls(model, tokenizer, codebook, encoder, ItemCatalog(os.path.join(data_root, ITEMS)), cfg.eval.beams,
-                   device or _default_device(),                    data_root=data_root, period=period)
+        encoder = _encoder(
+            tokenizer, codebook, cfg.data.template, cfg.data.separator, cfg.data.max_history, cfg.data.objective
+        )
+        return cls(
+            model,
+            tokenizer,
+            codebook,
+            encoder,
+            ItemCatalog(os.path.join(data_root, ITEMS)),
+            cfg.eval.beams,
+            device or _default_device(),
+            data_root=data_root,
+            period=period,
+        )
 
     @classmethod
     def from_export(cls, folder: str, device=None) -> Recommender:
         """A folder written by `python -m launcher export` (merged model, or backbone + adapter)."""
         info_path = os.path.join(folder, EXPORT_INFO)
         if not os.path.isfile(info_path):
-            raise FileNotFoundError(f"{folder} is not a recommender export (no {EXPORT_INFO}); "
-                                    "make one with `python -m launcher export RUN --out DIR`")
+            raise FileNotFoundError(
+                f"{folder} is not a recommender export (no {EXPORT_INFO}); "
+                "make one with `python -m launcher export RUN --out DIR`"
+            )
         with open(info_path) as f:
             info = json.load(f)
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -201,14 +226,23 @@ class Recommender:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
         p = info["prompt"]
         encoder = _encoder(tokenizer, codebook, p["template"], p["separator"], p["max_history"], p["objective"])
-        return cls(model.eval(), tokenizer, codebook, encoder, ItemCatalog(os.path.join(folder, ITEMS)), info["beams"],
-                   device or _default_device(), period=info["period"])
+        return cls(
+            model.eval(),
+            tokenizer,
+            codebook,
+            encoder,
+            ItemCatalog(os.path.join(folder, ITEMS)),
+            info["beams"],
+            device or _default_device(),
+            period=info["period"],
+        )
 
     # ---- recommending -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def top_items(self, histories: list[list[int]], k: int = 10, batch_size: int = 64, progress=None,
-                  exclude_seen: bool = False) -> list[list[tuple[int, float]]]:
+    def top_items(
+        self, histories: list[list[int]], k: int = 10, batch_size: int = 64, progress=None, exclude_seen: bool = False
+    ) -> list[list[tuple[int, float]]]:
         """The top `k` (item id, log-probability) for each history of dataset item ids, best first.
         `exclude_seen` leaves out the items of the history (the evaluation keeps them: the paper's
         protocol); the beam is widened by the longest history so that k items remain.
@@ -219,16 +253,18 @@ class Recommender:
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
         def forward(ids, mask, position, cache):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True,
-                             logits_to_keep=1)
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True, logits_to_keep=1
+            )
             return out.logits[:, -1]
 
         out = []
         for start in range(0, len(histories), batch_size):
-            part = histories[start:start + batch_size]
+            part = histories[start : start + batch_size]
             prompts = [self.encoder.prompt(list(h)) for h in part]
-            seqs, scores = constrained_beam_search(forward, prompts, self.codebook.trie, self.codebook.levels, beams,
-                                                   pad_id, self.device)
+            seqs, scores = constrained_beam_search(
+                forward, prompts, self.codebook.trie, self.codebook.levels, beams, pad_id, self.device
+            )
             for i in range(len(part)):
                 seen = set(part[i]) if exclude_seen else set()
                 ranked = []
@@ -244,7 +280,9 @@ class Recommender:
         return out
 
     def named(self, ranked: list[tuple[int, float]]) -> list[Recommendation]:
-        return [Recommendation(self.catalog.source_of[i], self.catalog.title_of.get(i, ""), round(s, 6)) for i, s in ranked]
+        return [
+            Recommendation(self.catalog.source_of[i], self.catalog.title_of.get(i, ""), round(s, 6)) for i, s in ranked
+        ]
 
     def recommend(self, histories: list[list[str]], k: int = 10, **kw) -> list[list[Recommendation]]:
         """Top `k` items for each history of source item ids (oldest first); keywords as for
@@ -285,8 +323,15 @@ class Recommender:
         ranked = self.top_items([histories[u] for u in users], k, **kw)
         return {u: self.named(r) for u, r in zip(users, ranked)}
 
-    def evaluate_window(self, data_root: str, window: int, ks: list[int], max_users: int | None = None,
-                        seed: int = 0, batch_size: int = 64) -> tuple[dict, list[dict]]:
+    def evaluate_window(
+        self,
+        data_root: str,
+        window: int,
+        ks: list[int],
+        max_users: int | None = None,
+        seed: int = 0,
+        batch_size: int = 64,
+    ) -> tuple[dict, list[dict]]:
         """Hit@K and NDCG@K on a window's test users (all, or the evaluation's seeded sample of
         `max_users`), and each user's list, as train/evaluate.py computes them during training:
         the figures of a period's metrics.json, from this model alone."""
@@ -300,17 +345,23 @@ class Recommender:
             target = tuple(self.codebook.item_token_ids(u["target"]))
             rank = next((n for n, i in enumerate(items) if tuple(self.codebook.item_token_ids(i)) == target), None)
             ranks.append(rank)
-            lists.append({"user": u["user"], "target": u["target"], "rank": rank, "items": items, "scores": [s for _, s in r]})
+            lists.append(
+                {"user": u["user"], "target": u["target"], "rank": rank, "items": items, "scores": [s for _, s in r]}
+            )
         return rank_metrics(ranks, ks), sorted(lists, key=lambda x: x["user"])
 
     def logits_processor(self, prompt_width: int) -> TrieLogitsProcessor:
         return TrieLogitsProcessor(self.codebook.trie, prompt_width, self.tokenizer.eos_token_id)
 
 
-def _encoder(tokenizer, codebook, template: str | None, separator: str, max_history: int, objective: str) -> SampleEncoder:
+def _encoder(
+    tokenizer, codebook, template: str | None, separator: str, max_history: int, objective: str
+) -> SampleEncoder:
     from data_tools.index.prompt import DEFAULT_TEMPLATE
 
-    return SampleEncoder(tokenizer, codebook, PromptTemplate(template or DEFAULT_TEMPLATE, separator), max_history, objective)
+    return SampleEncoder(
+        tokenizer, codebook, PromptTemplate(template or DEFAULT_TEMPLATE, separator), max_history, objective
+    )
 
 
 def _default_device() -> str:

@@ -43,13 +43,18 @@ def previous_adapter(cfg, run, period: int) -> str | None:
         return path
     if cfg.model.period0 == "full" and period == 1:
         return None  # period 0 trained the whole model; the first adapter starts fresh
-    raise FileNotFoundError(f"period {period} starts from period {period - 1}'s adapter, and {path} has none; "
-                            f"train period {period - 1} first")
+    raise FileNotFoundError(
+        f"period {period} starts from period {period - 1}'s adapter, and {path} has none; "
+        f"train period {period - 1} first"
+    )
 
 
 def lora_layers(model: nn.Module) -> dict[str, peft.tuners.lora.LoraLayer]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)
-            and "default" in m.lora_A}
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer) and "default" in m.lora_A
+    }
 
 
 def lora_factors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -79,14 +84,18 @@ class ProximalTerm:
                 target = torch.log_softmax(ref.reshape(-1), 0) if kind == "kl" else ref
                 self.handles.append(layer.__getattr__(which)["default"].register_forward_hook(self._hook(target)))
         if missing:
-            raise ValueError(f"the anchor lacks {len(missing)} LoRA matrices (first: {missing[0]}); "
-                             "was the previous period trained with other lora.targets?")
+            raise ValueError(
+                f"the anchor lacks {len(missing)} LoRA matrices (first: {missing[0]}); "
+                "was the previous period trained with other lora.targets?"
+            )
 
     def _hook(self, target: torch.Tensor):
         def hook(module, inputs, output):
             w = module.weight
             if hasattr(w, "ds_numel") and w.numel() != w.ds_numel:
-                raise RuntimeError("a LoRA weight is partitioned inside its own forward; the proximal term would be wrong")
+                raise RuntimeError(
+                    "a LoRA weight is partitioned inside its own forward; the proximal term would be wrong"
+                )
             w32 = w.float().reshape(-1)
             t = target.to(w32.device)
             if self.kind == "kl":
@@ -96,6 +105,7 @@ class ProximalTerm:
                 d = (w32 - t.reshape(-1)).pow(2).sum()
             if self.collecting:
                 self.terms.append(d)
+
         return hook
 
     @contextlib.contextmanager

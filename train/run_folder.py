@@ -1,16 +1,16 @@
 """The run folder (docs/folders.md, "Run folder"): where each period's outputs live, and state.json.
 
-    <run>/state.json              {"done": [...], "global_step": ..., "period": t, "phase": ...}
-    <run>/tokenizer/              the run's tokenizer (with the item code tokens)
-    <run>/base/                   a random-weight backbone built from a named shape
-    <run>/periods/<t>/config.json the period's resolved configuration and ds_config
-    <run>/periods/<t>/ds_ckpt/    DeepSpeed checkpoints inside the period
-    <run>/periods/<t>/adapter/    the exported adapter (PEFT, safetensors)
-    <run>/periods/<t>/model/      the exported full model (period 0 with model.period0=full)
-    <run>/periods/<t>/anchor.safetensors   the previous period's LoRA factors (peso, l2)
-    <run>/periods/<t>/metrics.json evaluation of this period
-    <run>/periods/<t>/recommendations.jsonl   window t's test users: their top items (evaluation)
-    <run>/tb/                     TensorBoard
+<run>/state.json              {"done": [...], "global_step": ..., "period": t, "phase": ...}
+<run>/tokenizer/              the run's tokenizer (with the item code tokens)
+<run>/base/                   a random-weight backbone built from a named shape
+<run>/periods/<t>/config.json the period's resolved configuration and ds_config
+<run>/periods/<t>/ds_ckpt/    DeepSpeed checkpoints inside the period
+<run>/periods/<t>/adapter/    the exported adapter (PEFT, safetensors)
+<run>/periods/<t>/model/      the exported full model (period 0 with model.period0=full)
+<run>/periods/<t>/anchor.safetensors   the previous period's LoRA factors (peso, l2)
+<run>/periods/<t>/metrics.json evaluation of this period
+<run>/periods/<t>/recommendations.jsonl   window t's test users: their top items (evaluation)
+<run>/tb/                     TensorBoard
 """
 
 from __future__ import annotations

@@ -8,8 +8,7 @@ import torch
 
 
 def make_optimizer(param_groups: list[dict], cfg, lr: float, cuda: bool) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                             fused=cuda or None)
+    return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=cuda or None)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -35,8 +35,12 @@ def _env_from_slurm() -> None:
     if "RANK" in e or "SLURM_PROCID" not in e or "MASTER_ADDR" not in e:
         return
     tasks_here = e.get("SLURM_NTASKS_PER_NODE") or e.get("SLURM_TASKS_PER_NODE", "1").split("(")[0].split(",")[0]
-    e.update(RANK=e["SLURM_PROCID"], WORLD_SIZE=e["SLURM_NTASKS"], LOCAL_RANK=e.get("SLURM_LOCALID", "0"),
-             LOCAL_WORLD_SIZE=tasks_here)
+    e.update(
+        RANK=e["SLURM_PROCID"],
+        WORLD_SIZE=e["SLURM_NTASKS"],
+        LOCAL_RANK=e.get("SLURM_LOCALID", "0"),
+        LOCAL_WORLD_SIZE=tasks_here,
+    )
 
 
 def _single_process_env() -> None:
@@ -65,8 +69,11 @@ class DeepSpeedStrategy:
             if "OMP_NUM_THREADS" not in os.environ:
                 local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo", verbose=False,
-                                   timeout=datetime.timedelta(minutes=timeout_minutes))
+        deepspeed.init_distributed(
+            dist_backend="nccl" if self.cuda else "gloo",
+            verbose=False,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
         from deepspeed import comm
 
         self.comm = comm
@@ -106,8 +113,12 @@ class DeepSpeedStrategy:
 
         optimizer = None if "optimizer" in self.ds_config else make_optimizer(param_groups)
         engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, model_parameters=param_groups if optimizer is None else None,
-            lr_scheduler=make_scheduler, config=self.ds_config)
+            model=model,
+            optimizer=optimizer,
+            model_parameters=param_groups if optimizer is None else None,
+            lr_scheduler=make_scheduler,
+            config=self.ds_config,
+        )
         engine.checkpoint_engine = _safe_checkpoint_engine(engine.checkpoint_engine)
         self.engine = engine
         return engine

@@ -56,9 +56,24 @@ class Progress:
 
 
 class Trainer:
-    def __init__(self, *, cfg, strategy, engine, data, checkpointer: Checkpointer, export, logger, flops,
-                 peak_flops: tuple[float, str], step_offset: int, period: int, epochs: int,
-                 regularizer=None, total_steps: int):
+    def __init__(
+        self,
+        *,
+        cfg,
+        strategy,
+        engine,
+        data,
+        checkpointer: Checkpointer,
+        export,
+        logger,
+        flops,
+        peak_flops: tuple[float, str],
+        step_offset: int,
+        period: int,
+        epochs: int,
+        regularizer=None,
+        total_steps: int,
+    ):
         self.cfg, self.strategy, self.engine, self.data = cfg, strategy, engine, data
         self.checkpointer, self.export, self.logger, self.flops = checkpointer, export, logger, flops
         self.peak_flops, self.peak_label = peak_flops
@@ -66,7 +81,9 @@ class Trainer:
         self.regularizer = regularizer
         self.total_steps = total_steps
         self.stop_signal = False
-        self._nan_at = {int(x) for x in os.environ.get("PESO_FAULT_NAN_AT", "").split(",") if x}  # fault injection for tests
+        self._nan_at = {
+            int(x) for x in os.environ.get("PESO_FAULT_NAN_AT", "").split(",") if x
+        }  # fault injection for tests
 
     # ---- signals ----------------------------------------------------------------------------
 
@@ -122,12 +139,21 @@ class Trainer:
         saved = self.checkpointer.load(engine)
         p = Progress(**saved) if saved else Progress()
         if saved:
-            log.info(f"resumed period {self.period} at epoch {p.epoch}, micro-batch {p.micro}, step {engine.global_steps}")
+            log.info(
+                f"resumed period {self.period} at epoch {p.epoch}, micro-batch {p.micro}, step {engine.global_steps}"
+            )
         self.pace = Pace(engine.global_steps, self.total_steps)
         engine.train()  # from_pretrained returns eval mode and deepspeed.initialize keeps it
         plan = self.data.train_plan
-        bar = progress_bar(total=self.total_steps, initial=engine.global_steps, desc=f"period {self.period}", unit="step",
-                           enabled=strategy.is_rank0 and cfg.logging.progress, dynamic_ncols=True, leave=True)
+        bar = progress_bar(
+            total=self.total_steps,
+            initial=engine.global_steps,
+            desc=f"period {self.period}",
+            unit="step",
+            enabled=strategy.is_rank0 and cfg.logging.progress,
+            dynamic_ncols=True,
+            leave=True,
+        )
         self.bar_shown = not bar.disable
         try:
             while not p.finished:
@@ -158,15 +184,21 @@ class Trainer:
                 if bad_in_a_row > cfg.optim.max_nonfinite_in_a_row:
                     raise NonFiniteLossError(
                         f"{bad_in_a_row} micro-batches in a row had a non-finite loss (period {self.period}, "
-                        f"epoch {p.epoch}, step {engine.global_steps}); lower optim.lr or check the data")
+                        f"epoch {p.epoch}, step {engine.global_steps}); lower optim.lr or check the data"
+                    )
             else:
                 bad_in_a_row = 0
                 losses.append(ce)
                 if prox is not None:
                     proxes.append(prox)
             tokens = int(batch["attention_mask"].sum())
-            meter.add(tokens, int((batch["targets"] != IGNORE).sum()), batch["input_ids"].shape[0],
-                      self.flops.micro_batch(tokens, batch["input_ids"].shape[1], batch["targets"].numel()), waited)
+            meter.add(
+                tokens,
+                int((batch["targets"] != IGNORE).sum()),
+                batch["input_ids"].shape[0],
+                self.flops.micro_batch(tokens, batch["input_ids"].shape[1], batch["targets"].numel()),
+                waited,
+            )
             if engine.global_steps == steps_before:
                 continue  # inside an accumulation window
             bar.update(1)
@@ -192,9 +224,11 @@ class Trainer:
             self.export()
         patience = self.cfg.schedule.patience
         p.stopped_early = bool(patience) and p.epoch - p.best_epoch >= patience
-        log.info(f"period {self.period} epoch {p.epoch}: validation loss {val:.4f}"
-                 + (" (best so far, exported)" if improved else f" (best: epoch {p.best_epoch}, {p.best_val:.4f})")
-                 + (f"; no better epoch in {patience}, stopping" if p.stopped_early else ""))
+        log.info(
+            f"period {self.period} epoch {p.epoch}: validation loss {val:.4f}"
+            + (" (best so far, exported)" if improved else f" (best: epoch {p.best_epoch}, {p.best_val:.4f})")
+            + (f"; no better epoch in {patience}, stopping" if p.stopped_early else "")
+        )
         p.epoch += 1
         p.micro = 0
         p.finished = p.epoch >= self.epochs or step >= self.total_steps or p.stopped_early
@@ -224,7 +258,9 @@ class Trainer:
             values["train/grad_norm"] = float(grad_norm)
         self.logger.scalars(values, self.step_offset + step)
         if not self.bar_shown:  # no terminal (a SLURM log): one line per log step instead of a bar
-            log.info(f"period {self.period} step {step}/{self.total_steps}: loss {values['train/loss']:.4f}"
-                     + (f" (proximal {values['train/proximal']:.3g})" if n_prox else "")
-                     + f", lr {values['train/lr']:.3g}, {values['perf/input_tokens_per_s_per_rank']:.0f} tokens/s/rank, "
-                     + self.pace.summary(step))
+            log.info(
+                f"period {self.period} step {step}/{self.total_steps}: loss {values['train/loss']:.4f}"
+                + (f" (proximal {values['train/proximal']:.3g})" if n_prox else "")
+                + f", lr {values['train/lr']:.3g}, {values['perf/input_tokens_per_s_per_rank']:.0f} tokens/s/rank, "
+                + self.pace.summary(step)
+            )

@@ -65,15 +65,16 @@ class SampleEncoder:
 
     `prompt(history)` is what evaluation decodes from, the same for training and test."""
 
-    def __init__(self, tokenizer, codebook: ItemCodebook, template: PromptTemplate, max_history: int,
-                 objective: str = "response"):
+    def __init__(
+        self, tokenizer, codebook: ItemCodebook, template: PromptTemplate, max_history: int, objective: str = "response"
+    ):
         if objective not in ("response", "sequence"):
             raise ValueError(f"unknown objective {objective!r}")
         self.tokenizer, self.codebook, self.template = tokenizer, codebook, template
         self.max_history, self.objective = max_history, objective
 
     def prompt(self, history: list[int]) -> list[int]:
-        history = history[-self.max_history:]
+        history = history[-self.max_history :]
         if self.objective == "sequence":
             return self.template.encode_list_prompt(self.tokenizer, self.codebook, history)
         return self.template.encode_prompt(self.tokenizer, self.codebook, history)
@@ -84,7 +85,7 @@ class SampleEncoder:
             prompt = self.prompt(history)
             codes = self.codebook.item_token_ids(target)
             return {"input_ids": prompt + codes, "labels": [IGNORE] * len(prompt) + codes}
-        return self.template.encode(self.tokenizer, self.codebook, history[-self.max_history:], target)
+        return self.template.encode(self.tokenizer, self.codebook, history[-self.max_history :], target)
 
     def __call__(self, sample: dict) -> dict:
         if "items" in sample:  # a chunk of the sequence objective

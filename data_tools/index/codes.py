@@ -87,7 +87,9 @@ def import_codes(path: str, source_to_item: dict[str, int], collisions: str = "k
         if depth is None:
             depth = len(code)
         elif len(code) != depth:
-            raise InputError(f"item {src!r} has {len(code)} levels, the others {depth}: every code needs the same depth", path)
+            raise InputError(
+                f"item {src!r} has {len(code)} levels, the others {depth}: every code needs the same depth", path
+            )
         item = source_to_item.get(src)
         if item is None:
             not_in_data += 1
@@ -104,17 +106,25 @@ def import_codes(path: str, source_to_item: dict[str, int], collisions: str = "k
         "policy": collisions,
     }
     if groups and collisions == "error":
-        raise InputError(f"{report['items_sharing_a_code']} items share {len(groups)} codes; "
-                         "use --collisions keep or extend", path)
+        raise InputError(
+            f"{report['items_sharing_a_code']} items share {len(groups)} codes; use --collisions keep or extend", path
+        )
     if groups and collisions == "extend":
         codes = extend_collisions(codes)
         depth += 1
-    return codes, {"kind": "import", "path": os.path.abspath(path), "sha256": hashlib.sha256(raw).hexdigest(),
-                   "levels": depth, "items_not_in_data": not_in_data, "collisions": report}
+    return codes, {
+        "kind": "import",
+        "path": os.path.abspath(path),
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        "levels": depth,
+        "items_not_in_data": not_in_data,
+        "collisions": report,
+    }
 
 
-def assign_unique(codes: np.ndarray, residuals: np.ndarray, last_codebook: np.ndarray,
-                  taken: set[tuple]) -> tuple[np.ndarray, dict]:
+def assign_unique(
+    codes: np.ndarray, residuals: np.ndarray, last_codebook: np.ndarray, taken: set[tuple]
+) -> tuple[np.ndarray, dict]:
     """Make the codes of a batch of new items unique, among themselves and against the codes in
     `taken`, by changing only their last level, so every item keeps the quantizer's depth.
 
@@ -146,8 +156,10 @@ def assign_unique(codes: np.ndarray, residuals: np.ndarray, last_codebook: np.nd
             continue
         if len(rows) + len(held) > K:
             where = "".join(code_tokens(prefix)) or "the root"
-            raise InputError(f"{len(rows) + len(held)} items share the prefix {where} but the last level has only {K} codes; "
-                             "index with more --codes or --levels")
+            raise InputError(
+                f"{len(rows) + len(held)} items share the prefix {where} but the last level has only {K} codes; "
+                "index with more --codes or --levels"
+            )
         kept, losers = set(held), []
         for c, claimants in claims.items():
             if len(claimants) == 1 and c not in held:
@@ -176,7 +188,12 @@ def assign_unique(codes: np.ndarray, residuals: np.ndarray, last_codebook: np.nd
             if len(done) == len(losers):
                 break
         reassigned += len(losers)
-    return out, {"items": len(codes), "colliding_items": colliding, "codes_contested": contested, "reassigned": reassigned}
+    return out, {
+        "items": len(codes),
+        "colliding_items": colliding,
+        "codes_contested": contested,
+        "reassigned": reassigned,
+    }
 
 
 def per_level_perplexity(codes: dict[int, tuple]) -> list[float]:

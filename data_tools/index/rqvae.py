@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from torch import nn
+
 from data_tools.progress import progress_bar
 
 
@@ -58,7 +59,7 @@ class RQVAEConfig:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "RQVAEConfig":
+    def from_json(cls, d: dict) -> RQVAEConfig:
         return cls(**{**d, "hidden": tuple(d["hidden"])})
 
 
@@ -152,7 +153,11 @@ class RQVAE(nn.Module):
             e = book[codes[:, level]]
             # The codebook term moves codewords to their residuals; the commitment term (weight
             # beta) keeps the encoder's residuals near their codewords.
-            commit = commit + ((residual.detach() - e) ** 2).mean() + self.config.beta * ((residual - e.detach()) ** 2).mean()
+            commit = (
+                commit
+                + ((residual.detach() - e) ** 2).mean()
+                + self.config.beta * ((residual - e.detach()) ** 2).mean()
+            )
             zq = zq + e.detach()
             residual = residual - e.detach()
         # Straight-through: the decoder sees the quantized latent, the encoder gets its gradient.
@@ -189,7 +194,7 @@ class RQVAE(nn.Module):
         codes, residuals = [], []
         with one_thread():
             for lo in range(0, len(x), batch_size):
-                c, r = self.quantize(self.encoder(self.standardize(torch.from_numpy(x[lo:lo + batch_size]))))
+                c, r = self.quantize(self.encoder(self.standardize(torch.from_numpy(x[lo : lo + batch_size]))))
                 codes.append(c.numpy())
                 residuals.append(r[-1].numpy())
         return np.concatenate(codes), np.concatenate(residuals)
@@ -231,5 +236,10 @@ def fit_rqvae(embeddings: np.ndarray, config: RQVAEConfig, progress: bool = True
                 restarts += model.restart_dead_codes(usage, residuals, gen)
         model.eval()
         end = model.evaluate(xs)
-    return model, {"epochs": epochs, "steps": epochs * math.ceil(len(x) / config.batch_size),
-                   "codewords_restarted": restarts, "start": start, "end": end}
+    return model, {
+        "epochs": epochs,
+        "steps": epochs * math.ceil(len(x) / config.batch_size),
+        "codewords_restarted": restarts,
+        "start": start,
+        "end": end,
+    }

@@ -62,22 +62,46 @@ def train_sentencepiece_tokenizer(texts: Iterable[str], out_dir: str, vocab_size
     # BPE rather than unigram: on a corpus dominated by one repeated template, BPE merges the
     # template's words into whole tokens (47 tokens for the default template; unigram: ~100+).
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-        hard_vocab_limit=False, byte_fallback=True, character_coverage=1.0, split_digits=True,
+        sentence_iterator=iter(corpus),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        character_coverage=1.0,
+        split_digits=True,
         # Keep text as written (newlines, runs of spaces): the template's layout is part of the prompt.
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
-        max_sentence_length=1 << 16, num_threads=1, minloglevel=2)
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        unk_piece=UNK,
+        bos_piece=BOS,
+        eos_piece=EOS,
+        pad_piece=PAD,
+        max_sentence_length=1 << 16,
+        num_threads=1,
+        minloglevel=2,
+    )
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
     # "▁" marks word starts; the prefix space goes only before the start of the text, not after
     # each added (code) token, so the text between code tokens tokenizes the same anywhere.
     tok = Tokenizer(models.BPE(vocab, _bpe_merges(sp), unk_token=UNK, byte_fallback=True, fuse_unk=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    tok.decoder = decoders.Sequence([decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False),
-                                     decoders.ByteFallback(), decoders.Fuse()])
-    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
-                                                       special_tokens=[(BOS, vocab[BOS])])
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+        ]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
+    )
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=PAD)
     hf.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "sentencepiece.model"), "wb") as f:
@@ -96,8 +120,13 @@ def add_code_tokens(tokenizer, levels: int, codes_per_level: int) -> list[int]:
 
     tokens = [token(level, code) for level in range(levels) for code in range(codes_per_level)]
     present = tokenizer.get_added_vocab()
-    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False, lstrip=False, rstrip=False, single_word=False)
-                          for t in tokens if t not in present])
+    tokenizer.add_tokens(
+        [
+            AddedToken(t, normalized=False, special=False, lstrip=False, rstrip=False, single_word=False)
+            for t in tokens
+            if t not in present
+        ]
+    )
     ids = tokenizer.convert_tokens_to_ids(tokens)
     # One call checks all of them: the concatenated tokens must come back one id per token.
     if tokenizer("".join(tokens), add_special_tokens=False)["input_ids"] != ids:
@@ -121,8 +150,10 @@ class ItemCodebook:
         vocab = tokenizer.get_added_vocab()
         missing = [t for t in tokens if t not in vocab]
         if missing:
-            raise ValueError(f"the tokenizer lacks {len(missing)} code tokens (first: {missing[0]}); "
-                             f"call add_code_tokens(tokenizer, {self.levels}, {self.codes_per_level}) first")
+            raise ValueError(
+                f"the tokenizer lacks {len(missing)} code tokens (first: {missing[0]}); "
+                f"call add_code_tokens(tokenizer, {self.levels}, {self.codes_per_level}) first"
+            )
         id_of = dict(zip(tokens, token_ids))
         n = 1 + max(int(k) for k in index["items"])
         self._ids = np.full((n, self.levels), -1, dtype=np.int64)

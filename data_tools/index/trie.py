@@ -52,8 +52,12 @@ class CodeTrie:
             self._tensors[prefix] = t
         return t
 
-    def allowed_mask(self, prefixes: Sequence[Sequence[int]] | torch.Tensor, vocab_size: int,
-                     device: torch.device | str | None = None) -> torch.Tensor:
+    def allowed_mask(
+        self,
+        prefixes: Sequence[Sequence[int]] | torch.Tensor,
+        vocab_size: int,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
         """Bool [len(prefixes), vocab_size]: True where a token may follow that row's prefix.
 
         `prefixes` are the code tokens generated so far for each beam (all of one length), as

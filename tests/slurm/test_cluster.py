@@ -37,13 +37,15 @@ def wait_for_text(slurm: LocalSlurm, job: int, path: Path, text: str, timeout: f
 
 @pytest.mark.parametrize("per_node", [1, 2])
 def test_two_node_job_runs_tasks_on_both_nodes(slurm, tmp_path, per_node):
-    script = write_script(tmp_path / "job.sh", """
+    script = write_script(
+        tmp_path / "job.sh",
+        """
         scontrol show hostnames "$SLURM_JOB_NODELIST" > hosts.txt   # how a hostfile is made
         # Single quotes: SLURM_PROCID and SLURMD_NODENAME must expand inside each task (docs/slurm.md).
         srun bash -c 'echo "$SLURM_PROCID $SLURMD_NODENAME"' > tasks.txt
-    """)
-    job = slurm.sbatch(["--nodes=2", f"--ntasks-per-node={per_node}", "--output=job.out", str(script)],
-                       cwd=tmp_path)
+    """,
+    )
+    job = slurm.sbatch(["--nodes=2", f"--ntasks-per-node={per_node}", "--output=job.out", str(script)], cwd=tmp_path)
     info = slurm.wait_for(job, timeout=30)
 
     assert info["NodeList"] == "node[1-2]"
@@ -54,10 +56,14 @@ def test_two_node_job_runs_tasks_on_both_nodes(slurm, tmp_path, per_node):
 
 
 def test_afterok_starts_the_next_job_only_after_the_first_completes(slurm, tmp_path):
-    first = slurm.sbatch(["--output=first.out", "--wrap", "echo first starts >> order.log; sleep 2; "
-                                                          "echo first ends >> order.log"], cwd=tmp_path)
-    second = slurm.sbatch([f"--dependency=afterok:{first}", "--output=second.out",
-                           "--wrap", "echo second starts >> order.log"], cwd=tmp_path)
+    first = slurm.sbatch(
+        ["--output=first.out", "--wrap", "echo first starts >> order.log; sleep 2; echo first ends >> order.log"],
+        cwd=tmp_path,
+    )
+    second = slurm.sbatch(
+        [f"--dependency=afterok:{first}", "--output=second.out", "--wrap", "echo second starts >> order.log"],
+        cwd=tmp_path,
+    )
     slurm.wait_for(first, {"RUNNING"}, timeout=15)
     slurm.wait_for(second, {"PENDING"}, reason="Dependency", timeout=5)
 
@@ -69,8 +75,9 @@ def test_a_failed_job_never_starts_its_afterok_dependents(slurm, tmp_path):
     # Held until both dependents are queued, so the failure happens after their submission.
     first = slurm.sbatch(["--hold", "--output=first.out", "--wrap", "exit 3"], cwd=tmp_path)
     waits = slurm.sbatch([f"--dependency=afterok:{first}", "--wrap", "true"], cwd=tmp_path)
-    killed = slurm.sbatch([f"--dependency=afterok:{first}", "--kill-on-invalid-dep=yes", "--wrap", "true"],
-                          cwd=tmp_path)
+    killed = slurm.sbatch(
+        [f"--dependency=afterok:{first}", "--kill-on-invalid-dep=yes", "--wrap", "true"], cwd=tmp_path
+    )
     slurm.command(["scontrol", "release", str(first)])
 
     assert slurm.wait_for(first, {"FAILED"}, timeout=30)["ExitCode"] == "3:0"
@@ -81,7 +88,9 @@ def test_a_failed_job_never_starts_its_afterok_dependents(slurm, tmp_path):
 
 
 def test_a_job_submits_its_successor(slurm, tmp_path):
-    script = write_script(tmp_path / "chain.sh", """
+    script = write_script(
+        tmp_path / "chain.sh",
+        """
         # State travels explicitly with --export; the job's own SLURM_* variables would leak into
         # the next job otherwise (docs/slurm.md). $0 is SLURM's spooled copy, so the path comes from outside.
         STEP=${STEP:-1}
@@ -92,14 +101,19 @@ def test_a_job_submits_its_successor(slurm, tmp_path):
             sleep 1  # the next job must still wait for this one to end
         fi
         echo "step $STEP ends (job $SLURM_JOB_ID)" >> chain.log
-    """)
+    """,
+    )
     first = slurm.sbatch(["--output=chain-%j.out", str(script)], env={"CHAIN_SCRIPT": str(script)}, cwd=tmp_path)
     slurm.wait_for(first, timeout=30)
     second = int((tmp_path / "next.id").read_text())
     slurm.wait_for(second, timeout=30)
 
     assert lines(tmp_path / "chain.log") == [
-        "step 1 starts", f"step 1 ends (job {first})", "step 2 starts", f"step 2 ends (job {second})"]
+        "step 1 starts",
+        f"step 1 ends (job {first})",
+        "step 2 starts",
+        f"step 2 ends (job {second})",
+    ]
 
 
 # What slurm/continual.sh does on USR1 (time limit near, or preemption): requeue itself and stop.
@@ -135,8 +149,7 @@ def test_usr1_requeues_the_job_and_the_rerun_sees_the_restart(slurm, tmp_path):
     # ("*** JOB n ON node1 CANCELLED AT ... DUE TO JOB REQUEUE ***") when the requeue's kill
     # reaches the script before its `exit 0` does.
     script_lines = [line for line in lines(tmp_path / "job.log") if not line.startswith("slurmstepd")]
-    assert script_lines == [
-        "run 0: starts", "run 0: waiting for USR1", "run 0: USR1", "run 1: starts", "run 1: done"]
+    assert script_lines == ["run 0: starts", "run 0: waiting for USR1", "run 0: USR1", "run 1: starts", "run 1: done"]
 
 
 @pytest.mark.slow
@@ -149,11 +162,14 @@ def test_signal_option_delivers_usr1_to_the_batch_script_before_the_time_limit(s
     same; not @60, which could signal the script before its trap is set. What the trap then does
     (requeue) is the previous test.
     """
-    script = write_script(tmp_path / "timed.sh", """
+    script = write_script(
+        tmp_path / "timed.sh",
+        """
         trap 'echo "USR1 after ${SECONDS} s"; exit 0' USR1
         echo "waiting for USR1"
         while true; do sleep 0.2; done
-    """)
+    """,
+    )
     job = slurm.sbatch(["--time=1", "--signal=B:USR1@59", "--output=job.log", str(script)], cwd=tmp_path)
 
     info = slurm.wait_for(job, timeout=50)

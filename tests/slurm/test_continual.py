@@ -16,8 +16,10 @@ from safetensors.torch import load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "slurm", "continual.sh")
-OVERRIDES = ("schedule.max_steps=30 checkpoint.every_steps=2 data.micro_batch_size=4 schedule.global_batch_size=8 "
-             "eval.max_users=16 data.eval_batch_size=16 logging.progress=false logging.every_steps=2")
+OVERRIDES = (
+    "schedule.max_steps=30 checkpoint.every_steps=2 data.micro_batch_size=4 schedule.global_batch_size=8 "
+    "eval.max_users=16 data.eval_batch_size=16 logging.progress=false logging.every_steps=2"
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +30,11 @@ def three_windows(tmp_path_factory, movielens_files):
 
     root = str(tmp_path_factory.mktemp("ml3") / "ds")
     inter, item = movielens_files
-    convert(ConvertOptions(format="movielens", reviews=inter, meta=item, out=root, split="paper:0.6:2", progress=False,
-                           log=sys.stdout))
+    convert(
+        ConvertOptions(
+            format="movielens", reviews=inter, meta=item, out=root, split="paper:0.6:2", progress=False, log=sys.stdout
+        )
+    )
     import_random_codes(root)
     ds = json.load(open(os.path.join(REPO, "ds_configs", "zero3.json")))
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # really partitioned
@@ -40,11 +45,31 @@ def three_windows(tmp_path_factory, movielens_files):
 
 
 def submit(slurm, data: str, ds: str, run: str, logs) -> int:
-    env = {"PESO_DATA": data, "PESO_RUN": run, "PESO_CONFIG": os.path.join(REPO, "configs", "tiny.yaml"),
-           "PESO_DS_CONFIG": ds, "PESO_OVERRIDES": OVERRIDES, "PESO_REPO": REPO, "PESO_PYTHON": sys.executable,
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return slurm.sbatch(["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=20",
-                         f"--output={logs}/chain-%j.out", SCRIPT], env=env, cwd=REPO)
+    env = {
+        "PESO_DATA": data,
+        "PESO_RUN": run,
+        "PESO_CONFIG": os.path.join(REPO, "configs", "tiny.yaml"),
+        "PESO_DS_CONFIG": ds,
+        "PESO_OVERRIDES": OVERRIDES,
+        "PESO_REPO": REPO,
+        "PESO_PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    return slurm.sbatch(
+        [
+            "--nodes=2",
+            "--ntasks-per-node=1",
+            "--gpus-per-node=0",
+            "--cpus-per-task=1",
+            "--time=20",
+            f"--output={logs}/chain-%j.out",
+            SCRIPT,
+        ],
+        env=env,
+        cwd=REPO,
+    )
 
 
 def done(run: str) -> list[int]:
@@ -96,7 +121,9 @@ def test_the_chain_runs_every_period_in_order_across_two_nodes(uninterrupted):
     assert open(os.path.join(run, "hostfile")).read() == "node1 slots=1\nnode2 slots=1\n"
 
 
-def test_a_signalled_job_requeues_resumes_and_ends_like_an_uninterrupted_run(slurm, three_windows, uninterrupted, tmp_path):
+def test_a_signalled_job_requeues_resumes_and_ends_like_an_uninterrupted_run(
+    slurm, three_windows, uninterrupted, tmp_path
+):
     data, ds = three_windows
     run, logs = str(tmp_path / "run"), tmp_path / "logs"
     logs.mkdir()
@@ -110,10 +137,24 @@ def test_a_signalled_job_requeues_resumes_and_ends_like_an_uninterrupted_run(slu
     text = log_text(logs)
     assert "period 1 checkpointed; requeueing" in text and "resumed period 1" in text
     for t in range(3):
-        a = load_file(os.path.join(uninterrupted[0], "periods", str(t), "adapter" if t else "model",
-                                   "adapter_model.safetensors" if t else "model.safetensors"))
-        b = load_file(os.path.join(run, "periods", str(t), "adapter" if t else "model",
-                                   "adapter_model.safetensors" if t else "model.safetensors"))
+        a = load_file(
+            os.path.join(
+                uninterrupted[0],
+                "periods",
+                str(t),
+                "adapter" if t else "model",
+                "adapter_model.safetensors" if t else "model.safetensors",
+            )
+        )
+        b = load_file(
+            os.path.join(
+                run,
+                "periods",
+                str(t),
+                "adapter" if t else "model",
+                "adapter_model.safetensors" if t else "model.safetensors",
+            )
+        )
         for k in a:
             assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), (t, k)
     for run_dir in (uninterrupted[0], run):
@@ -141,6 +182,8 @@ def test_a_failed_period_stops_the_chain_and_a_resubmission_completes_it(slurm, 
     for name in os.listdir(hidden):
         shutil.move(os.path.join(hidden, name), shards)
     submit(slurm, broken, ds, run, logs)
-    wait_until(slurm, lambda: os.path.exists(os.path.join(run, "report.md")), 600, "the resubmitted chain to finish", logs)
+    wait_until(
+        slurm, lambda: os.path.exists(os.path.join(run, "report.md")), 600, "the resubmitted chain to finish", logs
+    )
     assert done(run) == [0, 1, 2]
     assert log_text(logs).count("== job") >= 4  # period 0, the failure, then periods 1 and 2

@@ -29,11 +29,17 @@ def review(user="u1", item="i1", ts=MS, rating=5.0, **extra):
 
 def good_stream(users=12, per_user=12):
     """Enough clean reviews that every window has eligible users."""
-    return [review(f"u{u}", f"i{(u * 7 + k) % 40}", MS + (k * users + u) * 60_000) for k in range(per_user) for u in range(users)]
+    return [
+        review(f"u{u}", f"i{(u * 7 + k) % 40}", MS + (k * users + u) * 60_000)
+        for k in range(per_user)
+        for u in range(users)
+    ]
 
 
 def write_lines(path, lines, gz=False, bom=False):
-    data = (BOM if bom else b"") + b"".join((x if isinstance(x, bytes) else json.dumps(x).encode()) + b"\n" for x in lines)
+    data = (BOM if bom else b"") + b"".join(
+        (x if isinstance(x, bytes) else json.dumps(x).encode()) + b"\n" for x in lines
+    )
     if gz:
         data = gzip.compress(data, mtime=0)
     with open(path, "wb") as f:
@@ -44,8 +50,18 @@ def write_lines(path, lines, gz=False, bom=False):
 def run(tmp_path, lines, fmt="amazon2023", meta=None, strict=False, **kw):
     src = write_lines(tmp_path / "reviews.jsonl", lines)
     meta_path = write_lines(tmp_path / "meta.jsonl", meta) if meta is not None else None
-    m = convert(ConvertOptions(format=fmt, reviews=src, meta=meta_path, out=str(tmp_path / "out"), strict=strict,
-                               progress=False, log=io.StringIO(), **kw))
+    m = convert(
+        ConvertOptions(
+            format=fmt,
+            reviews=src,
+            meta=meta_path,
+            out=str(tmp_path / "out"),
+            strict=strict,
+            progress=False,
+            log=io.StringIO(),
+            **kw,
+        )
+    )
     for a in m["accounting"].values():
         assert a["read"] == a["kept"] + sum(a["dropped"].values())
     return m
@@ -97,14 +113,20 @@ def test_truncated_gzip_names_file_and_line(tmp_path):
     path = tmp_path / "reviews.jsonl.gz"
     path.write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(InputError, match=r"reviews.jsonl.gz:\d+: corrupt or truncated gzip"):
-        convert(ConvertOptions(format="amazon2023", reviews=str(path), out=str(tmp_path / "o"), progress=False, log=io.StringIO()))
+        convert(
+            ConvertOptions(
+                format="amazon2023", reviews=str(path), out=str(tmp_path / "o"), progress=False, log=io.StringIO()
+            )
+        )
     assert not os.path.exists(tmp_path / "o")  # nothing half-written
 
 
 def test_gzip_input_converts_like_plain(tmp_path):
     lines = good_stream()
     src = write_lines(tmp_path / "r.jsonl.gz", lines, gz=True)
-    m = convert(ConvertOptions(format="amazon2023", reviews=src, out=str(tmp_path / "o"), progress=False, log=io.StringIO()))
+    m = convert(
+        ConvertOptions(format="amazon2023", reviews=src, out=str(tmp_path / "o"), progress=False, log=io.StringIO())
+    )
     assert m["accounting"]["reviews"]["kept"] == len(lines)
 
 
@@ -121,20 +143,40 @@ def test_only_bad_records_is_a_clear_error(tmp_path):
 def test_unknown_format_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="unknown format 'yelp'"):
         run(tmp_path, good_stream(), fmt="yelp")
-    proc = subprocess.run([sys.executable, "-m", "data_tools", "convert", "--format", "yelp", "--reviews", "x", "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_tools",
+            "convert",
+            "--format",
+            "yelp",
+            "--reviews",
+            "x",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "argument --format: invalid choice: 'yelp' (choose from 'amazon2023'" in proc.stderr
 
 
 def test_missing_input_file_is_a_clear_error(tmp_path):
-    with pytest.raises(InputError, match="nope.jsonl: no such file"):
-        convert(ConvertOptions(format="amazon2023", reviews=str(tmp_path / "nope.jsonl"), out=str(tmp_path / "o"), progress=False))
+    with pytest.raises(InputError, match=r"nope\.jsonl: no such file"):
+        convert(
+            ConvertOptions(
+                format="amazon2023", reviews=str(tmp_path / "nope.jsonl"), out=str(tmp_path / "o"), progress=False
+            )
+        )
 
 
 def test_items_without_metadata_and_metadata_of_unknown_items(tmp_path):
     lines = good_stream()
     items = sorted({r["parent_asin"] for r in lines})
-    meta = [{"parent_asin": i, "title": f"Album {i}", "categories": ["CDs"], "description": ["loud"]} for i in items[:-2]]
+    meta = [
+        {"parent_asin": i, "title": f"Album {i}", "categories": ["CDs"], "description": ["loud"]} for i in items[:-2]
+    ]
     meta += [{"parent_asin": "never-reviewed", "title": "x"}, meta[0], b"{broken"]
     m = run(tmp_path, lines, meta=meta)
     a = m["accounting"]["metadata"]
@@ -160,20 +202,26 @@ def test_window_with_no_eligible_user_is_reported(tmp_path):
 
 
 def test_amazon2018_seconds_and_milliseconds(tmp_path):
-    lines = [{"reviewerID": r["user_id"], "asin": r["parent_asin"], "unixReviewTime": r["timestamp"] // 1000, "overall": 4.0}
-             for r in good_stream()]
+    lines = [
+        {"reviewerID": r["user_id"], "asin": r["parent_asin"], "unixReviewTime": r["timestamp"] // 1000, "overall": 4.0}
+        for r in good_stream()
+    ]
     lines.insert(3, {"reviewerID": "u1", "asin": "i1", "unixReviewTime": MS, "overall": 4.0})
     m = run(tmp_path, lines, fmt="amazon2018")
     assert m["accounting"]["reviews"]["dropped"] == {"timestamp_in_ms_not_seconds": 1}
 
 
 def test_amazon2014_metadata_is_parsed_without_eval(tmp_path):
-    lines = [{"reviewerID": r["user_id"], "asin": r["parent_asin"], "unixReviewTime": r["timestamp"] // 1000, "overall": 4.0}
-             for r in good_stream()]
+    lines = [
+        {"reviewerID": r["user_id"], "asin": r["parent_asin"], "unixReviewTime": r["timestamp"] // 1000, "overall": 4.0}
+        for r in good_stream()
+    ]
     marker = tmp_path / "pwned"
-    meta = [repr({"asin": "i1", "title": "Kind of Blue", "categories": [["CDs", "Jazz"]]}).encode(),
-            f"__import__('os').system('touch {marker}')".encode(),
-            b"{'asin': 'i2', 'title': 'Blue Train', 'salesRank': {'Music': 12}}"]
+    meta = [
+        repr({"asin": "i1", "title": "Kind of Blue", "categories": [["CDs", "Jazz"]]}).encode(),
+        f"__import__('os').system('touch {marker}')".encode(),
+        b"{'asin': 'i2', 'title': 'Blue Train', 'salesRank': {'Music': 12}}",
+    ]
     m = run(tmp_path, lines, fmt="amazon2014", meta=meta)
     assert not marker.exists()
     assert m["accounting"]["metadata"]["dropped"] == {"not_a_python_literal": 1}
@@ -198,8 +246,10 @@ def _in_format(fmt: str) -> tuple[list, list | None]:
     items = sorted({r["parent_asin"] for r in stream})
     if fmt == "amazon2023":
         return stream, [{"parent_asin": i, "title": f"Album {i}"} for i in items]
-    older = [{"reviewerID": r["user_id"], "asin": r["parent_asin"], "unixReviewTime": r["timestamp"] // 1000,
-              "overall": 4.0} for r in stream]
+    older = [
+        {"reviewerID": r["user_id"], "asin": r["parent_asin"], "unixReviewTime": r["timestamp"] // 1000, "overall": 4.0}
+        for r in stream
+    ]
     if fmt == "amazon2018":
         return older, [{"asin": i, "title": f"Album {i}"} for i in items]
     if fmt == "amazon2014":
@@ -207,9 +257,11 @@ def _in_format(fmt: str) -> tuple[list, list | None]:
     rows = [(r["parent_asin"], r["user_id"], r["timestamp"] // 1000) for r in stream]
     if fmt == "csv":
         return [f"{i},{u},4.0,{ts}".encode() for i, u, ts in rows], None
-    return (["\t".join(MOVIELENS_INTER_HEADER).encode()] + [f"{u}\t{i}\t4.0\t{ts}".encode() for i, u, ts in rows],
-            [b"item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq"]
-            + [f"{i}\tAlbum {i}\t1999\tJazz".encode() for i in items])
+    return (
+        ["\t".join(MOVIELENS_INTER_HEADER).encode()] + [f"{u}\t{i}\t4.0\t{ts}".encode() for i, u, ts in rows],
+        [b"item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq"]
+        + [f"{i}\tAlbum {i}\t1999\tJazz".encode() for i in items],
+    )
 
 
 @pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
@@ -224,8 +276,11 @@ def test_a_byte_order_mark_is_read_past_in_every_text_format(tmp_path, fmt, gz):
         folder.mkdir()
         src = write_lines(folder / "reviews", reviews, gz=gz, bom=bom)
         meta_path = write_lines(folder / "meta", meta, gz=gz, bom=bom) if meta else None
-        m = convert(ConvertOptions(format=fmt, reviews=src, meta=meta_path, out=str(folder / "out"), progress=False,
-                                   log=io.StringIO()))
+        m = convert(
+            ConvertOptions(
+                format=fmt, reviews=src, meta=meta_path, out=str(folder / "out"), progress=False, log=io.StringIO()
+            )
+        )
         return m, (folder / "out" / "items.jsonl").read_bytes() + (folder / "out" / "users.jsonl").read_bytes()
 
     with_bom, id_maps = converted("bom", bom=True)

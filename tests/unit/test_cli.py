@@ -39,13 +39,20 @@ def _options_not_explained(parser: argparse.ArgumentParser) -> list[str]:
         shown = HelpFormatter(parser.prog)._get_help_string(action)
         if not action.help:
             problems.append(f"{name}: no help")
-        elif (action.option_strings and action.nargs != 0 and not action.required and id(action) not in required_groups
-              and "default" not in shown):
+        elif (
+            action.option_strings
+            and action.nargs != 0
+            and not action.required
+            and id(action) not in required_groups
+            and "default" not in shown
+        ):
             problems.append(f"{name}: the default is not shown")
     return problems
 
 
-@pytest.mark.parametrize("parser", [data_tools_parser, launcher_parser, train_parser], ids=["data_tools", "launcher", "train"])
+@pytest.mark.parametrize(
+    "parser", [data_tools_parser, launcher_parser, train_parser], ids=["data_tools", "launcher", "train"]
+)
 def test_every_option_has_help_and_shows_its_default(parser):
     assert _options_not_explained(parser()) == []
 
@@ -56,11 +63,17 @@ def test_the_formatter_shows_defaults_but_not_none_or_switches():
     assert "None" not in help_text and "False" not in help_text
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["convert", "--format", "amazon2099", "--reviews", "r", "--out", "o"], "argument --format: invalid choice: 'amazon2099'"),
-    (["index", "d", "--embedder", "bert"], "'bert' is not one of minilm, hf:PATH, npy:PATH"),
-    (["index", "d", "--collisions", "merge"], "argument --collisions: invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["convert", "--format", "amazon2099", "--reviews", "r", "--out", "o"],
+            "argument --format: invalid choice: 'amazon2099'",
+        ),
+        (["index", "d", "--embedder", "bert"], "'bert' is not one of minilm, hf:PATH, npy:PATH"),
+        (["index", "d", "--collisions", "merge"], "argument --collisions: invalid choice"),
+    ],
+)
 def test_data_tools_options_with_fixed_values_are_checked(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         data_tools_parser().parse_args(argv)
@@ -75,20 +88,29 @@ def test_report_metric_is_checked(capsys):
 
 
 def test_launcher_run_without_config_is_an_error_not_the_tiny_experiment(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "launcher", "run", "--data", str(tmp_path / "d"), "--run", str(tmp_path / "r")],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher", "run", "--data", str(tmp_path / "d"), "--run", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "the following arguments are required: --config" in proc.stderr
     assert not (tmp_path / "r").exists()
 
 
 def test_launcher_run_checks_the_config_before_any_period(tmp_path, capsys):
-    code = launcher_main(["run", "--config", TINY, "--data", str(tmp_path / "d"), "--run", str(tmp_path / "r"), "eval.ks=[a]"])
+    code = launcher_main(
+        ["run", "--config", TINY, "--data", str(tmp_path / "d"), "--run", str(tmp_path / "r"), "eval.ks=[a]"]
+    )
     assert code == 2 and "error: eval.ks[0]: expected an integer, got 'a'" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("raised,code", [(periods.PeriodInterrupted(1), EXIT_REQUEUE), (periods.PeriodFailed(1, 134), 1)])
+@pytest.mark.parametrize(
+    "raised,code", [(periods.PeriodInterrupted(1), EXIT_REQUEUE), (periods.PeriodFailed(1, 134), 1)]
+)
 def test_launcher_run_exit_code_says_how_the_periods_ended(raised, code, tmp_path, monkeypatch, capsys):
     def run_local(*args, **kwargs):
         raise raised
@@ -100,10 +122,21 @@ def test_launcher_run_exit_code_says_how_the_periods_ended(raised, code, tmp_pat
 
 def test_slurm_job_without_a_config_stops_at_once_naming_the_variable(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PESO_", "SLURM_"))}
-    env.update(PESO_REPO=REPO, PESO_PYTHON=sys.executable, PESO_DATA=str(tmp_path / "d"), PESO_RUN=str(tmp_path / "r"),
-               PYTHONPATH=REPO)
-    proc = subprocess.run(["bash", os.path.join(REPO, "slurm", "continual.sh")], capture_output=True, text=True, env=env,
-                          cwd=str(tmp_path), timeout=120)
+    env.update(
+        PESO_REPO=REPO,
+        PESO_PYTHON=sys.executable,
+        PESO_DATA=str(tmp_path / "d"),
+        PESO_RUN=str(tmp_path / "r"),
+        PYTHONPATH=REPO,
+    )
+    proc = subprocess.run(
+        ["bash", os.path.join(REPO, "slurm", "continual.sh")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(tmp_path),
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "error: set PESO_CONFIG (see the header of slurm/continual.sh)" in proc.stderr
 
@@ -122,6 +155,7 @@ def test_print_config_needs_no_run_and_reports_config_errors(capsys):
 
 
 # ---- run_local: what a period's exit says, with stand-ins for train/main.py -----------------------
+
 
 def _fake_periods(monkeypatch, tmp_path, script: str) -> list[list[str]]:
     """Periods 0 and 1 remain; each "period" runs `script` (with the run folder as argv[1]).
@@ -143,8 +177,12 @@ def _run_local(tmp_path, restart=False):
 
 def test_run_local_sees_a_checkpoint_on_a_signal_behind_torchruns_exit_code(tmp_path, monkeypatch):
     """torchrun exits 1 when its workers exit 75: state.json, written since the period started, tells."""
-    _fake_periods(monkeypatch, tmp_path, "import json, os, sys; json.dump({'done': [], 'period': 0, 'phase': 'stopped'}, "
-                                         "open(os.path.join(sys.argv[1], 'state.json'), 'w')); sys.exit(1)")
+    _fake_periods(
+        monkeypatch,
+        tmp_path,
+        "import json, os, sys; json.dump({'done': [], 'period': 0, 'phase': 'stopped'}, "
+        "open(os.path.join(sys.argv[1], 'state.json'), 'w')); sys.exit(1)",
+    )
     with pytest.raises(periods.PeriodInterrupted, match="period 0 stopped on a signal"):
         _run_local(tmp_path)
 

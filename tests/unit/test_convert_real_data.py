@@ -20,7 +20,11 @@ def _load_ids(root: str, name: str) -> list[str]:
 def _read_all(root: str) -> dict:
     """(window, split) -> list of samples, through the train-side reader."""
     m = load_manifest(root)
-    return {(t, s): list(window_split(root, t, s, manifest=m)) for t in range(len(m["windows"])) for s in ("train", "valid", "test")}
+    return {
+        (t, s): list(window_split(root, t, s, manifest=m))
+        for t in range(len(m["windows"]))
+        for s in ("train", "valid", "test")
+    }
 
 
 def _expected_movielens(inter_path: str, first=0.6, windows=4, min_inter=5, max_hist=20):
@@ -42,11 +46,11 @@ def _expected_movielens(inter_path: str, first=0.6, windows=4, min_inter=5, max_
             pos = [p for p, (w, _) in enumerate(seq) if w == t]
             if len(pos) < min_inter:
                 continue
-            before = {w for w, _ in seq[:pos[0]]}
+            before = {w for w, _ in seq[: pos[0]]}
             group = "new" if pos[0] == 0 else ("continuing" if t - 1 in before else "dormant")
             for p in pos:
                 split = "test" if p == pos[-1] else "valid" if p == pos[-2] else "train"
-                history = tuple(i for _, i in seq[max(0, p - max_hist):p])  # empty for a new user's first item
+                history = tuple(i for _, i in seq[max(0, p - max_hist) : p])  # empty for a new user's first item
                 expected[(t, split)].add((u, history, seq[p][1], group))
     return expected
 
@@ -58,7 +62,9 @@ def test_movielens_every_sample_matches_independent_computation(ml_dataset, movi
     assert set(got) == set(expected)
     total = 0
     for key, samples in got.items():
-        as_source = [(users[s["user"]], tuple(items[i] for i in s["history"]), items[s["target"]], s["group"]) for s in samples]
+        as_source = [
+            (users[s["user"]], tuple(items[i] for i in s["history"]), items[s["target"]], s["group"]) for s in samples
+        ]
         assert len(as_source) == len(set(as_source)), f"duplicate samples in {key}"
         assert set(as_source) == expected[key], f"{key}: {len(set(as_source) ^ expected[key])} samples differ"
         total += len(samples)
@@ -73,8 +79,16 @@ def test_movielens_every_sample_matches_independent_computation(ml_dataset, movi
 
 def test_cds_blocks_import_matches_published_counts(tmp_path, cds_blocks):
     out = str(tmp_path / "cds")
-    m = convert(ConvertOptions(format="blocks", reviews=cds_blocks, index=os.path.join(cds_blocks, "semantic_ids.json"),
-                               out=out, progress=False, log=sys.stdout))
+    m = convert(
+        ConvertOptions(
+            format="blocks",
+            reviews=cds_blocks,
+            index=os.path.join(cds_blocks, "semantic_ids.json"),
+            out=out,
+            progress=False,
+            log=sys.stdout,
+        )
+    )
     # shared/data/amazon-cds-blocks/README.md: users / interactions / new users per block
     published = [(8494, 81355, 8494), (1013, 8686, 681), (866, 7488, 525), (1078, 9468, 672), (1074, 9421, 746)]
     got = [(w["stats"]["users"], w["stats"]["interactions"], w["stats"]["new_users"]) for w in m["windows"]]
@@ -95,7 +109,9 @@ def test_cds_blocks_import_matches_published_counts(tmp_path, cds_blocks):
             assert items[s["target"]] == seq[-1]
             assert [items[i] for i in s["history"]] == seq[:-1][-20:]
             u = users[s["user"]]
-            assert s["group"] == ("new" if not entry["previous_block"] else "continuing" if u in previous else "dormant")
+            assert s["group"] == (
+                "new" if not entry["previous_block"] else "continuing" if u in previous else "dormant"
+            )
     with open(os.path.join(out, "item_index.json")) as f:
         index = json.load(f)
     with open(os.path.join(cds_blocks, "semantic_ids.json")) as f:

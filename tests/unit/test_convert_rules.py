@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import os
 import random
 
@@ -38,7 +39,7 @@ def test_paper_rule_puts_every_boundary_where_expected(tmp_path, n):
     expected = [0, n0] + [n0 + (n - n0) * k // 4 for k in (1, 2, 3)] + [n]
     assert paper_boundaries(n, 0.6, 4) == expected
     spans = [(w["start"], w["end"]) for w in m["windows"]]
-    assert spans == list(zip(expected[:-1], expected[1:]))
+    assert spans == list(itertools.pairwise(expected))
     for w, (a, b) in zip(m["windows"], spans):
         assert (w["first_ts"], w["last_ts"]) == (1_600_000_000 + a, 1_600_000_000 + b - 1)
 
@@ -64,7 +65,9 @@ def _stream(users=60, per_user=30, seed=1):
     rows = []
     for u in range(users):
         for _ in range(per_user):
-            rows.append((f"i{rng.randrange(200)}", f"u{u}", rng.randrange(1, 6), 1_500_000_000 + rng.randrange(3 * 10**7)))
+            rows.append(
+                (f"i{rng.randrange(200)}", f"u{u}", rng.randrange(1, 6), 1_500_000_000 + rng.randrange(3 * 10**7))
+            )
     rng.shuffle(rows)
     return rows
 

@@ -30,8 +30,16 @@ def test_which_earlier_adapters_each_variant_freezes():
 def _model():
     cfg = load_config(None, ["model.shape=tiny", "lora.r=4", "lora.dropout=0.0"])
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=116, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2))
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=116,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     model = apply_lora(base, cfg, NEW_TOKENS, seed=1)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -46,7 +54,11 @@ def _adapter(folder: str, model, zero_b: bool = False) -> tuple[str, dict]:
     state = {}
     for name, layer in lora_layers(model).items():
         a = torch.randn(layer.lora_A["default"].weight.shape, generator=g)
-        b = torch.zeros(layer.lora_B["default"].weight.shape) if zero_b else torch.randn(layer.lora_B["default"].weight.shape, generator=g)
+        b = (
+            torch.zeros(layer.lora_B["default"].weight.shape)
+            if zero_b
+            else torch.randn(layer.lora_B["default"].weight.shape, generator=g)
+        )
         state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = a, b
     os.makedirs(folder, exist_ok=True)
     save_file(state, os.path.join(folder, "adapter_model.safetensors"))
@@ -99,8 +111,16 @@ def test_export_folds_the_frozen_sum_into_one_adapter_of_higher_rank(tmp_path):
         evaluated = live(input_ids=ids).logits
     save_adapter(*folded_adapter(run, cfg, 2), str(tmp_path / "folded"), {})
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=116, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2))
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=116,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     exported = PeftModel.from_pretrained(base, str(tmp_path / "folded")).eval()
     assert exported.peft_config["default"].r == 8
     with torch.no_grad():

@@ -31,18 +31,25 @@ def test_rank_metrics_by_hand():
 def vocab(tmp_path_factory):
     """A SentencePiece tokenizer with 4 x 8 code tokens and a 24-item catalog of random codes."""
     rng = random.Random(0)
-    tok = train_sentencepiece_tokenizer([PromptTemplate().text.replace("{history}", "")], str(tmp_path_factory.mktemp("tok")))
+    tok = train_sentencepiece_tokenizer(
+        [PromptTemplate().text.replace("{history}", "")], str(tmp_path_factory.mktemp("tok"))
+    )
     add_code_tokens(tok, 4, 8)
     codes = rng.sample([(a, b, c, d) for a in range(8) for b in range(8) for c in range(8) for d in range(8)], 24)
-    index = {"levels": 4, "codes_per_level": 8,
-             "items": {str(i): [f"<{'abcd'[k]}_{c}>" for k, c in enumerate(code)] for i, code in enumerate(codes)}}
+    index = {
+        "levels": 4,
+        "codes_per_level": 8,
+        "items": {str(i): [f"<{'abcd'[k]}_{c}>" for k, c in enumerate(code)] for i, code in enumerate(codes)},
+    }
     return tok, ItemCodebook(index, tok)
 
 
 def _forward(model):
     def forward(ids, mask, position, cache):
-        return model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True,
-                     logits_to_keep=1).logits[:, -1]
+        return model(
+            input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True, logits_to_keep=1
+        ).logits[:, -1]
+
     return forward
 
 
@@ -53,15 +60,28 @@ def test_memorized_dataset_scores_hit_at_1(vocab):
     examples = [([rng.randrange(24) for _ in range(3)], t) for t in range(12)]
     enc = [template.encode(tok, book, h, t) for h, t in examples]
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
     width = max(len(e["input_ids"]) for e in enc)
     ids = torch.full((len(enc), width), tok.pad_token_id)
     labels = torch.full((len(enc), width), -100)
     mask = torch.zeros((len(enc), width), dtype=torch.long)
     for i, e in enumerate(enc):
         n = len(e["input_ids"])
-        ids[i, width - n:], labels[i, width - n:], mask[i, width - n:] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+        ids[i, width - n :], labels[i, width - n :], mask[i, width - n :] = (
+            torch.tensor(e["input_ids"]),
+            torch.tensor(e["labels"]),
+            1,
+        )
     position = (mask.cumsum(1) - 1).clamp(min=0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(300):
@@ -73,7 +93,7 @@ def test_memorized_dataset_scores_hit_at_1(vocab):
             break
     model.eval()
     prompts = [template.encode_prompt(tok, book, h) for h, _ in examples]
-    seqs, scores = constrained_beam_search(_forward(model), prompts, book.trie, 4, 5, tok.pad_token_id, "cpu")
+    seqs, _scores = constrained_beam_search(_forward(model), prompts, book.trie, 4, 5, tok.pad_token_id, "cpu")
     ranks = []
     for i, (_, target) in enumerate(examples):
         top = [book.item_of(tuple(seqs[i, j].tolist())) for j in range(5)]
@@ -94,8 +114,9 @@ def test_every_output_is_in_the_catalog_and_dead_beams_are_guarded(vocab):
         return out
 
     beams = 30  # more beams than the 24 items: some beams must die
-    seqs, scores = constrained_beam_search(random_model, [[1, 5, 9], [1, 7], [2, 3, 4, 5]], book.trie, 4, beams,
-                                           tok.pad_token_id, "cpu")
+    seqs, scores = constrained_beam_search(
+        random_model, [[1, 5, 9], [1, 7], [2, 3, 4, 5]], book.trie, 4, beams, tok.pad_token_id, "cpu"
+    )
     assert not torch.isnan(scores).any()
     assert (scores[0] == NEG).all()  # no finite beam for the degenerate prompt
     for i in (1, 2):
@@ -133,9 +154,19 @@ def test_generate_with_the_trie_logits_processor_equals_our_beam_search(vocab):
 
     tok, book = vocab
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            bos_token_id=tok.bos_token_id,
+        )
+    ).eval()
     with torch.no_grad():  # sharper than a fresh model's near-uniform logits, so ties cannot decide the order
         model.lm_head.weight.mul_(20)
     beams = 6
@@ -143,10 +174,19 @@ def test_generate_with_the_trie_logits_processor_equals_our_beam_search(vocab):
         ours, scores = constrained_beam_search(_forward(model), [prompt], book.trie, 4, beams, tok.pad_token_id, "cpu")
         ids = torch.tensor([prompt])
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=beams, num_return_sequences=beams,
-                                 max_new_tokens=4, do_sample=False, logits_processor=[TrieLogitsProcessor(book.trie, len(prompt))],
-                                 pad_token_id=tok.pad_token_id, output_scores=True, return_dict_in_generate=True)
-        theirs = [tuple(s[len(prompt):].tolist()) for s in out.sequences]
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                num_beams=beams,
+                num_return_sequences=beams,
+                max_new_tokens=4,
+                do_sample=False,
+                logits_processor=[TrieLogitsProcessor(book.trie, len(prompt))],
+                pad_token_id=tok.pad_token_id,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+        theirs = [tuple(s[len(prompt) :].tolist()) for s in out.sequences]
         assert all(book.item_of(code) is not None for code in theirs)
         assert theirs == [tuple(s.tolist()) for s in ours[0]]
         # the same cumulative log-probabilities (generate divides by the length, 4, by default)

@@ -5,7 +5,6 @@ the final name appears only after a whole, flushed write)."""
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
 import subprocess
@@ -25,19 +24,35 @@ FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 def _disk_fills_at_fsync(monkeypatch):
     """Some file systems (NFS, quotas) report a full disk only when the data is flushed."""
+
     def fsync(fd):
         raise FULL
+
     monkeypatch.setattr(os, "fsync", fsync)
 
 
 def _listing(folder) -> list[str]:
-    return sorted(os.path.relpath(os.path.join(root, name), folder)
-                  for root, dirs, files in os.walk(folder) for name in dirs + files)
+    return sorted(
+        os.path.relpath(os.path.join(root, name), folder)
+        for root, dirs, files in os.walk(folder)
+        for name in dirs + files
+    )
 
 
 def _convert_args(tmp_path, out, n_users=12):
     reviews = write_lines(tmp_path / "reviews.jsonl", good_stream(users=n_users, per_user=40))
-    return ["convert", "--format", "amazon2023", "--reviews", reviews, "--out", str(out), "--workers", "1", "--no-progress"]
+    return [
+        "convert",
+        "--format",
+        "amazon2023",
+        "--reviews",
+        reviews,
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
 
 
 def test_convert_on_a_full_disk_is_one_line_and_leaves_the_old_folder(tmp_path, monkeypatch, capsys):
@@ -81,8 +96,12 @@ def small_tmpfs(tmp_path):
 
 def test_convert_onto_a_real_full_tmpfs(tmp_path, small_tmpfs):
     out = small_tmpfs / "data"
-    proc = subprocess.run([sys.executable, "-m", "data_tools", *_convert_args(tmp_path, out, n_users=100)],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_tools", *_convert_args(tmp_path, out, n_users=100)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines()[-1] == f"error: cannot write the dataset folder ({out}): No space left on device"
     assert "Traceback" not in proc.stderr
@@ -111,14 +130,18 @@ def test_tokenizer_on_a_full_disk(tmp_path, monkeypatch):
 
     data = tmp_path / "data"
     data.mkdir()
-    (data / "items.jsonl").write_text("".join(json.dumps({"item_id": k, "text": f"album {k}"}) + "\n" for k in range(30)))
+    (data / "items.jsonl").write_text(
+        "".join(json.dumps({"item_id": k, "text": f"album {k}"}) + "\n" for k in range(30))
+    )
     run = RunFolder(str(tmp_path / "run"))
     cfg = load_config(None, ["model.shape=tiny"])
     rank0 = SimpleNamespace(is_rank0=True, barrier=lambda: None)
     index, template = {"levels": 2, "codes_per_level": 8}, PromptTemplate(DEFAULT_TEMPLATE, ", ")
     with monkeypatch.context() as m:
         _disk_fills_at_fsync(m)
-        with pytest.raises(WriteError, match=rf"cannot write the run's tokenizer \({run.tokenizer_dir}\): No space left"):
+        with pytest.raises(
+            WriteError, match=rf"cannot write the run's tokenizer \({run.tokenizer_dir}\): No space left"
+        ):
             prepare_tokenizer(cfg, run, str(data), index, template, rank0)
     assert _listing(run.root) == []
     assert "<b_7>" in prepare_tokenizer(cfg, run, str(data), index, template, rank0).get_added_vocab()
@@ -148,7 +171,9 @@ def test_checkpoint_on_a_full_disk_keeps_the_complete_one_whole(tmp_path):
     ckpt, engine = Checkpointer(one_rank, str(folder), keep=2), _Engine()
     ckpt.save(engine, 200, {"epoch": 0})
     engine.full = True
-    with pytest.raises(WriteError, match=rf"cannot save the checkpoint step-00000200-again \({folder}\): No space left"):
+    with pytest.raises(
+        WriteError, match=rf"cannot save the checkpoint step-00000200-again \({folder}\): No space left"
+    ):
         ckpt.save(engine, 200, {"epoch": 1})
     complete = json.loads((folder / COMPLETE).read_text())
     assert complete["tag"] == "step-00000200" and complete["client_state"] == {"epoch": 0}
@@ -161,8 +186,8 @@ def test_checkpoint_on_a_full_disk_keeps_the_complete_one_whole(tmp_path):
 def test_adapter_export_on_a_full_disk_keeps_the_previous_one(tmp_path, monkeypatch):
     import torch
 
-    from train.export import export_adapter
     from tests.unit.test_cumulative import _model
+    from train.export import export_adapter
 
     model = _model()
     rank0 = SimpleNamespace(is_rank0=True, barrier=lambda: None, gathered=lambda params: nullcontext())
@@ -202,4 +227,6 @@ def test_training_on_a_full_disk_is_one_line_naming_the_run(tmp_path, monkeypatc
     monkeypatch.setattr(train.main, "train_period", train_period)
     argv = ["--config", "c.yaml", "--ds_config", "z.json", "--run", run.root]
     assert train.main.main(argv) == 2
-    assert capsys.readouterr().err.endswith(f"error: cannot write the run folder ({run.root}): No space left on device\n")
+    assert capsys.readouterr().err.endswith(
+        f"error: cannot write the run folder ({run.root}): No space left on device\n"
+    )

@@ -127,7 +127,9 @@ def test_rerun_without_new_items_is_up_to_date(ml_index, ml_embeddings):
 def test_code_tokens_to_item_to_code_tokens_is_identity(ml_items, ml_index, tmp_path):
     _, doc = ml_index
     template = PromptTemplate()
-    tok = train_sentencepiece_tokenizer(template.tokenizer_corpus([it["text"] for it in ml_items]), str(tmp_path / "tok"))
+    tok = train_sentencepiece_tokenizer(
+        template.tokenizer_corpus([it["text"] for it in ml_items]), str(tmp_path / "tok")
+    )
     ids = add_code_tokens(tok, doc["levels"], doc["codes_per_level"])
     book = ItemCodebook(doc, tok)
     assert book.code_token_ids == sorted(ids) and len(book) == len(ml_items)
@@ -137,7 +139,7 @@ def test_code_tokens_to_item_to_code_tokens_is_identity(ml_items, ml_index, tmp_
         assert book.item_of(token_ids) == int(key)
     # A code of no item: item 0's prefix with a last-level token none of its siblings has.
     prefix = book.item_token_ids(0)[:-1]
-    unused = next(t for t in ids[3 * 256:] if t not in book.trie.allowed(prefix))
+    unused = next(t for t in ids[3 * 256 :] if t not in book.trie.allowed(prefix))
     assert book.item_of(prefix + [unused]) is None
     assert len(book.trie) == len(ml_items)
 

@@ -13,8 +13,13 @@ from data_tools.index.embed import Embedder
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-TEXTS = ["Toy Story (1995); genres: Animation Children's Comedy", "GoldenEye (1995); genres: Action Adventure Thriller",
-         "Heat (1995)", "A much longer text " * 30, "Toy Story (1995); genres: Animation Children's Comedy"]
+TEXTS = [
+    "Toy Story (1995); genres: Animation Children's Comedy",
+    "GoldenEye (1995); genres: Action Adventure Thriller",
+    "Heat (1995)",
+    "A much longer text " * 30,
+    "Toy Story (1995); genres: Animation Children's Comedy",
+]
 
 
 def test_minilm_and_the_same_folder_as_hf_agree():

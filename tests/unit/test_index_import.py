@@ -36,7 +36,12 @@ def test_import_round_trips_the_cds_index(cds):
         assert doc["items"][str(it["item_id"])] == original[it["source_id"]]
     assert doc["levels"] == 4 and doc["codes_per_level"] == 256 and len(doc["perplexity"]) == 4
     # Kept as released (policy keep): 1,229 items share 546 codes.
-    assert doc["method"]["collisions"] == {"items": 39191, "codes_shared": 546, "items_sharing_a_code": 1229, "policy": "keep"}
+    assert doc["method"]["collisions"] == {
+        "items": 39191,
+        "codes_shared": 546,
+        "items_sharing_a_code": 1229,
+        "policy": "keep",
+    }
 
 
 def test_reimport_is_up_to_date_and_replacing_needs_force(cds):
@@ -65,11 +70,15 @@ def test_extend_policy_makes_codes_unique(cds, tmp_path):
     import_index(root, path, force=True, log=io.StringIO())  # back to the released index for the other tests
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda t: t.pop(next(iter(t))), "have no code"),
-    (lambda t: t.__setitem__(next(iter(t)), ["<a_1>", "<b_2>", "<c_3>"]), "same depth"),
-    (lambda t: t.__setitem__(next(iter(t)), ["<a_1>", "<c_2>", "<b_3>", "<d_4>"]), "not of the form <b_N>"),
-], ids=["missing-item", "mixed-depth", "level-order"])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda t: t.pop(next(iter(t))), "have no code"),
+        (lambda t: t.__setitem__(next(iter(t)), ["<a_1>", "<b_2>", "<c_3>"]), "same depth"),
+        (lambda t: t.__setitem__(next(iter(t)), ["<a_1>", "<c_2>", "<b_3>", "<d_4>"]), "not of the form <b_N>"),
+    ],
+    ids=["missing-item", "mixed-depth", "level-order"],
+)
 def test_import_rejects_a_damaged_index(cds, tmp_path, damage, message):
     root, _, original = cds
     table = dict(original)
@@ -88,13 +97,17 @@ def test_error_policy_refuses_shared_codes(cds):
 
 # ---- a catalog-wide index over a slice of the data --------------------------------------------
 
+
 def _tiny_blocks(folder) -> list[str]:
     """Two blocks of 3 users x 6 items over the items i0..i9; returns the item ids."""
     current = {f"u{u}": [f"i{(u + k) % 10}" for k in range(6)] for u in range(3)}
     later = {user: [f"i{(int(user[1]) + k + 5) % 10}" for k in range(6)] for user in current}
-    (folder / "block_0.json").write_text(json.dumps({u: {"previous_block": [], "current_block": c} for u, c in current.items()}))
-    (folder / "block_1.json").write_text(json.dumps({u: {"previous_block": current[u], "current_block": later[u]}
-                                                     for u in current}))
+    (folder / "block_0.json").write_text(
+        json.dumps({u: {"previous_block": [], "current_block": c} for u, c in current.items()})
+    )
+    (folder / "block_1.json").write_text(
+        json.dumps({u: {"previous_block": current[u], "current_block": later[u]} for u in current})
+    )
     return [f"i{k}" for k in range(10)]
 
 
@@ -117,8 +130,9 @@ def tiny_blocks(tmp_path):
 def test_convert_accepts_an_index_of_more_items_and_records_the_extra_count(tiny_blocks, tmp_path):
     blocks, index, items = tiny_blocks
     out = str(tmp_path / "ds")
-    manifest = convert(ConvertOptions(format="blocks", reviews=blocks, index=index, out=out, progress=False,
-                                      log=io.StringIO()))
+    manifest = convert(
+        ConvertOptions(format="blocks", reviews=blocks, index=index, out=out, progress=False, log=io.StringIO())
+    )
     (source,) = [s for s in manifest["sources"] if s["role"] == "index"]
     assert source["items_not_in_data"] == 3
     with open(os.path.join(out, ITEM_INDEX)) as f:
@@ -144,8 +158,16 @@ def test_items_of_the_data_without_a_code_stay_an_error(tiny_blocks, tmp_path):
     partial = tmp_path / "partial.json"
     partial.write_text(json.dumps(table))
     with pytest.raises(InputError, match="1 items of the data have no code"):
-        convert(ConvertOptions(format="blocks", reviews=blocks, index=str(partial), out=str(tmp_path / "a"),
-                               progress=False, log=io.StringIO()))
+        convert(
+            ConvertOptions(
+                format="blocks",
+                reviews=blocks,
+                index=str(partial),
+                out=str(tmp_path / "a"),
+                progress=False,
+                log=io.StringIO(),
+            )
+        )
     out = str(tmp_path / "b")
     convert(ConvertOptions(format="blocks", reviews=blocks, out=out, progress=False, log=io.StringIO()))
     with pytest.raises(InputError, match="1 items of the data have no code"):

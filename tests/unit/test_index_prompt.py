@@ -17,8 +17,10 @@ from data_tools.index.tokenizer import ItemCodebook, add_code_tokens, train_sent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-PAPER = ("The user has interacted with items {history} in chronological order. "
-         "Can you predict the next possible item that the user may expect?")
+PAPER = (
+    "The user has interacted with items {history} in chronological order. "
+    "Can you predict the next possible item that the user may expect?"
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +60,15 @@ def test_default_template_is_the_papers(index):
     assert pickle.loads(pickle.dumps(custom)) == custom  # goes to DataLoader worker processes
 
 
-@pytest.mark.parametrize("template", [
-    PromptTemplate(),
-    PromptTemplate(text="{history} came before; next:", separator=" | "),
-    PromptTemplate(text="History:\n{history}\nNext item:", separator="\n"),
-], ids=["paper", "history-first", "newlines"])
+@pytest.mark.parametrize(
+    "template",
+    [
+        PromptTemplate(),
+        PromptTemplate(text="{history} came before; next:", separator=" | "),
+        PromptTemplate(text="History:\n{history}\nNext item:", separator="\n"),
+    ],
+    ids=["paper", "history-first", "newlines"],
+)
 def test_encode_equals_tokenizing_the_rendered_text(sp, template):
     tok, book, _ = sp
     for history, target in _histories(len(book)):
@@ -73,7 +79,7 @@ def test_encode_equals_tokenizing_the_rendered_text(sp, template):
         assert prompt == tok(template.render_prompt(history, book))["input_ids"]
         # The loss sees only the response: the target's 4 code tokens and EOS.
         assert sample["labels"] == [-100] * len(prompt) + book.item_token_ids(target) + [tok.eos_token_id]
-        assert sample["input_ids"][:len(prompt)] == prompt
+        assert sample["input_ids"][: len(prompt)] == prompt
 
 
 def test_encode_prompt_with_a_tokenizer_without_bos_or_eos(index):

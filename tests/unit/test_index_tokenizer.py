@@ -53,8 +53,12 @@ def test_save_load_round_trip_with_code_tokens(sp_dir, tmp_path):
     again = AutoTokenizer.from_pretrained(tmp_path / "with_codes")
     template = PromptTemplate()
     codes = {0: code_tokens((12, 200, 7, 33)), 1: code_tokens((0, 0, 255, 255)), 2: code_tokens((3, 1, 4, 1))}
-    samples = [template.render_prompt([0, 1, 2], codes) + template.render_response(1, codes),
-               template.render_prompt([2], codes), "<a_12><b_200>x<c_7> <d_33>,<a_0>", ODD]
+    samples = [
+        template.render_prompt([0, 1, 2], codes) + template.render_response(1, codes),
+        template.render_prompt([2], codes),
+        "<a_12><b_200>x<c_7> <d_33>,<a_0>",
+        ODD,
+    ]
     for text in samples:
         assert again(text)["input_ids"] == tok(text)["input_ids"]
     # Each code token is one token, in the loaded tokenizer too, and decodes back to itself.
@@ -96,8 +100,15 @@ def test_codebook_maps_shared_codes_to_the_lowest_item(cds_blocks, tmp_path):
     from data_tools.convert import ConvertOptions, convert
 
     root = str(tmp_path / "cds")
-    convert(ConvertOptions(format="blocks", reviews=cds_blocks, index=os.path.join(cds_blocks, "semantic_ids.json"),
-                           out=root, progress=False))
+    convert(
+        ConvertOptions(
+            format="blocks",
+            reviews=cds_blocks,
+            index=os.path.join(cds_blocks, "semantic_ids.json"),
+            out=root,
+            progress=False,
+        )
+    )
     index = load_item_index(root)
     tok = train_sentencepiece_tokenizer(PromptTemplate().tokenizer_corpus([]), str(tmp_path / "tok"))
     with pytest.raises(ValueError, match="add_code_tokens"):

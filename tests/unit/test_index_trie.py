@@ -90,4 +90,6 @@ def test_sequences_must_share_one_length():
     with pytest.raises(ValueError, match="at least one"):
         CodeTrie([])
     small = CodeTrie([(5, 7), (5, 8), (6, 7), (5, 7)])
-    assert len(small) == 3 and small.allowed(()) == [5, 6] and small.allowed((5,)) == [7, 8] and small.allowed((9,)) == []
+    assert (
+        len(small) == 3 and small.allowed(()) == [5, 6] and small.allowed((5,)) == [7, 8] and small.allowed((9,)) == []
+    )

@@ -72,8 +72,10 @@ def test_evaluation_without_a_terminal_reports_users_done_every_minute(clock, mo
         clock[0] = 1000.0 + at
         progress.batch_done(k)
     progress.close()
-    assert seen == ["evaluating window 2: 300 of 1,000 users, elapsed 0:01:01, ETA 0:02:22",
-                    "evaluating window 2: 600 of 1,000 users, elapsed 0:02:05, ETA 0:01:23"]
+    assert seen == [
+        "evaluating window 2: 300 of 1,000 users, elapsed 0:01:01, ETA 0:02:22",
+        "evaluating window 2: 600 of 1,000 users, elapsed 0:02:05, ETA 0:01:23",
+    ]
 
 
 def _steps(tb: str, tag: str) -> list[int]:

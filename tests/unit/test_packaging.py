@@ -21,9 +21,14 @@ def pyproject() -> dict:
         return tomllib.load(f)
 
 
-@pytest.mark.parametrize("command, target", [("peso-data", "data_tools.__main__:main"),
-                                             ("peso-train", "train.main:console_main"),
-                                             ("peso-launch", "launcher.__main__:main")])
+@pytest.mark.parametrize(
+    "command, target",
+    [
+        ("peso-data", "data_tools.__main__:main"),
+        ("peso-train", "train.main:console_main"),
+        ("peso-launch", "launcher.__main__:main"),
+    ],
+)
 def test_console_scripts_name_functions_that_exist(pyproject, command, target):
     assert pyproject["project"]["scripts"][command] == target
     module, _, name = target.partition(":")
@@ -32,9 +37,11 @@ def test_console_scripts_name_functions_that_exist(pyproject, command, target):
 
 def test_every_package_of_the_checkout_is_listed(pyproject):
     """The list is explicit (launcher.shipped is no folder), so a new subpackage must be added to it."""
-    on_disk = {os.path.dirname(os.path.relpath(p, REPO)).replace(os.sep, ".")
-               for top in ("data_tools", "train", "launcher")
-               for p in glob.glob(os.path.join(REPO, top, "**", "__init__.py"), recursive=True)}
+    on_disk = {
+        os.path.dirname(os.path.relpath(p, REPO)).replace(os.sep, ".")
+        for top in ("data_tools", "train", "launcher")
+        for p in glob.glob(os.path.join(REPO, top, "**", "__init__.py"), recursive=True)
+    }
     assert set(pyproject["tool"]["setuptools"]["packages"]) == on_disk | {"launcher.shipped"}
 
 
@@ -57,9 +64,17 @@ def _load_files_module(path: str):
     return module
 
 
-@pytest.mark.parametrize("parts", [("configs", "tiny.yaml"), ("configs", "demo.yaml"), ("ds_configs", "zero2.json"),
-                                   ("ds_configs", "zero3.json"), ("ds_configs", "zero3_offload.json"),
-                                   ("slurm", "continual.sh")])
+@pytest.mark.parametrize(
+    "parts",
+    [
+        ("configs", "tiny.yaml"),
+        ("configs", "demo.yaml"),
+        ("ds_configs", "zero2.json"),
+        ("ds_configs", "zero3.json"),
+        ("ds_configs", "zero3_offload.json"),
+        ("slurm", "continual.sh"),
+    ],
+)
 def test_shipped_files_are_found_in_a_checkout_and_in_an_installed_wheel(pyproject, tmp_path, parts):
     from launcher.files import shipped
 
@@ -68,4 +83,3 @@ def test_shipped_files_are_found_in_a_checkout_and_in_an_installed_wheel(pyproje
     installed = _load_files_module(str(tmp_path / "launcher" / "files.py"))
     assert installed.shipped(*parts) == str(tmp_path.joinpath("launcher", "shipped", *parts))
     assert os.path.isfile(installed.shipped(*parts))
-

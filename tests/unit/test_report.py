@@ -18,8 +18,16 @@ def _vals(ndcg: float) -> dict:
 
 def _window(ndcg: float, users: int = 10) -> dict:
     groups = {g: {"users": users // 3 if g != "dormant" else 0, **_vals(ndcg)} for g in GROUPS}
-    return {"users": users, "invalid_outputs": 0, "overall": dict(_vals(ndcg), test_loss=1 - ndcg), "groups": groups,
-            "popularity": {"overall": _vals(ndcg / 10), "groups": {g: dict(v, **_vals(ndcg / 10)) for g, v in groups.items()}}}
+    return {
+        "users": users,
+        "invalid_outputs": 0,
+        "overall": dict(_vals(ndcg), test_loss=1 - ndcg),
+        "groups": groups,
+        "popularity": {
+            "overall": _vals(ndcg / 10),
+            "groups": {g: dict(v, **_vals(ndcg / 10)) for g, v in groups.items()},
+        },
+    }
 
 
 @pytest.fixture
@@ -29,14 +37,18 @@ def run(tmp_path):
     for i, row in R.items():
         d = tmp_path / "run" / "periods" / str(i)
         d.mkdir(parents=True)
-        (d / "metrics.json").write_text(json.dumps({"period": i, "method": "peso", "windows": {str(j): _window(v) for j, v in row.items()}}))
+        (d / "metrics.json").write_text(
+            json.dumps({"period": i, "method": "peso", "windows": {str(j): _window(v) for j, v in row.items()}})
+        )
     return str(tmp_path / "run")
 
 
 def test_summary_by_hand(run):
     s = summarize(load_run(run))
     assert s["R"] == {0: {0: 0.10}, 1: {0: 0.08, 1: 0.20}, 2: {0: 0.09, 1: 0.15, 2: 0.30}}
-    assert s["average_incremental"]["ndcg@10"] == pytest.approx((0.20 + 0.30) / 2)  # periods 1 and 2 on their own window
+    assert s["average_incremental"]["ndcg@10"] == pytest.approx(
+        (0.20 + 0.30) / 2
+    )  # periods 1 and 2 on their own window
     assert s["bwt"] == pytest.approx(((0.09 - 0.10) + (0.15 - 0.20)) / 2)
     assert s["forgetting"] == pytest.approx(((0.10 - 0.09) + (0.20 - 0.15)) / 2)  # best earlier minus last
     assert s["groups"]["dormant"]["ndcg@10"] is None  # no dormant user anywhere

@@ -23,26 +23,29 @@ def test_tiny_config_loads_and_overrides_apply():
     assert cfg.model.shape == "tiny" and cfg.model.period0 == "full"
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["optim.lrr=1"], "unknown key optim.lrr"),
-    (["optimizer.lr=1"], "unknown section 'optimizer'"),
-    (["optim.lr=fast"], "optim.lr: expected a number"),
-    (["schedule.epochs=1.5"], "schedule.epochs: expected an integer"),
-    (["model.period0=half"], "model.period0 must be lora or full"),
-    (["method.name=ewc"], "method.name must be"),
-    (["lora.targets=[qkv]"], "lora.targets: unknown projections"),
-    (["model.path=/somewhere"], "set exactly one of model.path"),
-    (["eval.beams=3"], "eval.beams (3) must be >= the largest K"),
-    (["optim.lr"], "is not of the form section.key=value"),
-    (["eval.ks=[]"], "eval.ks: expected a non-empty list, got []"),
-    (["eval.ks=5"], "eval.ks: expected a non-empty list, got 5"),
-    (["eval.ks=[5, a]"], "eval.ks[1]: expected an integer, got 'a'"),
-    (["eval.ks=[0, 5]"], "eval.ks must be positive integers, got [0, 5]"),
-    (["lora.targets=[q_proj, 7]"], "lora.targets[1]: expected a string, got 7"),
-    (["lora.targets=[]"], "lora.targets: expected a non-empty list"),
-    (["optim.betas=[0.9, x]"], "optim.betas[1]: expected a number, got 'x'"),
-    (["optim.betas=[0.9]"], "optim.betas must be two numbers in [0, 1), got [0.9]"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["optim.lrr=1"], "unknown key optim.lrr"),
+        (["optimizer.lr=1"], "unknown section 'optimizer'"),
+        (["optim.lr=fast"], "optim.lr: expected a number"),
+        (["schedule.epochs=1.5"], "schedule.epochs: expected an integer"),
+        (["model.period0=half"], "model.period0 must be lora or full"),
+        (["method.name=ewc"], "method.name must be"),
+        (["lora.targets=[qkv]"], "lora.targets: unknown projections"),
+        (["model.path=/somewhere"], "set exactly one of model.path"),
+        (["eval.beams=3"], "eval.beams (3) must be >= the largest K"),
+        (["optim.lr"], "is not of the form section.key=value"),
+        (["eval.ks=[]"], "eval.ks: expected a non-empty list, got []"),
+        (["eval.ks=5"], "eval.ks: expected a non-empty list, got 5"),
+        (["eval.ks=[5, a]"], "eval.ks[1]: expected an integer, got 'a'"),
+        (["eval.ks=[0, 5]"], "eval.ks must be positive integers, got [0, 5]"),
+        (["lora.targets=[q_proj, 7]"], "lora.targets[1]: expected a string, got 7"),
+        (["lora.targets=[]"], "lora.targets: expected a non-empty list"),
+        (["optim.betas=[0.9, x]"], "optim.betas[1]: expected a number, got 'x'"),
+        (["optim.betas=[0.9]"], "optim.betas must be two numbers in [0, 1), got [0.9]"),
+    ],
+)
 def test_config_errors_name_the_problem(overrides, message):
     with pytest.raises(ConfigError) as e:
         load_config(TINY, overrides)
@@ -59,14 +62,20 @@ def test_impossible_batch_arithmetic():
 def test_ds_config_autos_are_filled_and_leftovers_are_errors(tmp_path):
     cfg = load_config(TINY, ["schedule.global_batch_size=32", "data.micro_batch_size=4"])
     ds = fill_ds_config(load_ds_config(os.path.join(REPO, "ds_configs", "zero3.json")), cfg, 2, 64, "fp32", 3e-4)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 4, 32)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (
+        4,
+        4,
+        32,
+    )
     assert ds["bf16"]["enabled"] is False and ds["gradient_clipping"] == 1.0
     assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 640
-    off = fill_ds_config(load_ds_config(os.path.join(REPO, "ds_configs", "zero3_offload.json")), cfg, 2, 64, "bf16", 3e-4)
+    off = fill_ds_config(
+        load_ds_config(os.path.join(REPO, "ds_configs", "zero3_offload.json")), cfg, 2, 64, "bf16", 3e-4
+    )
     assert off["optimizer"]["params"]["lr"] == 3e-4 and off["bf16"]["enabled"] is True
     bad = load_ds_config(os.path.join(REPO, "ds_configs", "zero2.json"))
     bad["zero_optimization"]["mystery"] = "auto"
-    with pytest.raises(ConfigError, match="zero_optimization.mystery"):
+    with pytest.raises(ConfigError, match=r"zero_optimization\.mystery"):
         fill_ds_config(bad, cfg, 2, 64, "fp32", 1e-3)
     bad = load_ds_config(os.path.join(REPO, "ds_configs", "zero2.json"))
     bad["train_batch_size"] = 64
@@ -77,8 +86,13 @@ def test_ds_config_autos_are_filled_and_leftovers_are_errors(tmp_path):
 def _main(args, env=None):
     e = dict(os.environ, **(env or {}))
     e.pop("RANK", None)
-    return subprocess.run([sys.executable, os.path.join(REPO, "train", "main.py"), *args], capture_output=True, text=True,
-                          env=e, timeout=120)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "train", "main.py"), *args],
+        capture_output=True,
+        text=True,
+        env=e,
+        timeout=120,
+    )
 
 
 def test_main_reports_errors_before_training(tmp_path, ml_indexed):
@@ -86,10 +100,17 @@ def test_main_reports_errors_before_training(tmp_path, ml_indexed):
     base = ["--ds_config", ds, "--config", TINY, "--run", str(tmp_path / "run")]
     cases = [
         (base + ["--data", str(tmp_path / "nope")], None, "does not exist"),
-        (base + ["--data", ml_indexed, "--period", "5"], None, "period 5 is beyond the dataset's last window (5 windows: 0..4)"),
+        (
+            base + ["--data", ml_indexed, "--period", "5"],
+            None,
+            "period 5 is beyond the dataset's last window (5 windows: 0..4)",
+        ),
         (base + ["--data", ml_indexed, "optim.nope=1"], None, "unknown key optim.nope"),
-        (base + ["--data", ml_indexed, "schedule.global_batch_size=12", "data.micro_batch_size=4"], {"WORLD_SIZE": "2"},
-         "must be a multiple of"),
+        (
+            base + ["--data", ml_indexed, "schedule.global_batch_size=12", "data.micro_batch_size=4"],
+            {"WORLD_SIZE": "2"},
+            "must be a multiple of",
+        ),
         (base + ["--data", ml_indexed, "--period", "1"], None, "needs period 0's model"),
     ]
     for args, env, message in cases:
@@ -106,8 +127,18 @@ def test_main_requires_an_item_index(tmp_path, ml_indexed):
 
     data = str(tmp_path / "data")
     shutil.copytree(ml_indexed, data, ignore=shutil.ignore_patterns("item_index*"))
-    proc = _main(["--ds_config", os.path.join(REPO, "ds_configs", "zero2.json"), "--config", TINY, "--data", data,
-                  "--run", str(tmp_path / "run")])
+    proc = _main(
+        [
+            "--ds_config",
+            os.path.join(REPO, "ds_configs", "zero2.json"),
+            "--config",
+            TINY,
+            "--data",
+            data,
+            "--run",
+            str(tmp_path / "run"),
+        ]
+    )
     assert proc.returncode == 2
     assert "python -m data_tools index" in proc.stderr
     with open(os.path.join(data, "manifest.json")) as f:
@@ -122,18 +153,41 @@ def test_every_key_has_a_help_text_and_print_config_shows_every_key():
     assert not [key for key, f in fields.items() if not f.metadata["help"].strip()]
     row = {line.split()[0]: line for line in lines}
     assert row["optim.lr"].split()[1:4] == ["float", "0.0001", "0.0002"]
-    assert row["eval.ks"].split()[1:] == ["list[int]", "[5,", "10]", "[5,", "10,", "20]", *"the K of Hit@K and NDCG@K".split()]
+    assert row["eval.ks"].split()[1:] == [
+        "list[int]",
+        "[5,",
+        "10]",
+        "[5,",
+        "10,",
+        "20]",
+        *["the", "K", "of", "Hit@K", "and", "NDCG@K"],
+    ]
     assert row["model.path"].split()[1:6] == ["str", "|", "None", "null", "null"]
 
 
 def test_resume_conflicts_name_the_keys_that_matter_with_old_and_new_values():
     started = load_config(TINY).to_dict()
-    same_experiment = load_config(TINY, ["logging.every_steps=3", "eval.ks=[5]", "eval.beams=5", "checkpoint.every_steps=7",
-                                         "data.num_workers=2", "data.path=/moved", "model.gradient_checkpointing=true"])
+    same_experiment = load_config(
+        TINY,
+        [
+            "logging.every_steps=3",
+            "eval.ks=[5]",
+            "eval.beams=5",
+            "checkpoint.every_steps=7",
+            "data.num_workers=2",
+            "data.path=/moved",
+            "model.gradient_checkpointing=true",
+        ],
+    )
     assert resume_conflicts(started, same_experiment) == []
-    changed = load_config(TINY, ["optim.lr=1e-3", "method.name=single", "lora.targets=[q_proj]", "data.micro_batch_size=8"])
+    changed = load_config(
+        TINY, ["optim.lr=1e-3", "method.name=single", "lora.targets=[q_proj]", "data.micro_batch_size=8"]
+    )
     assert resume_conflicts(started, changed) == [
         'lora.targets: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] -> ["q_proj"]',
-        'method.name: "peso" -> "single"', "data.micro_batch_size: 16 -> 8", "optim.lr: 0.003 -> 0.001"]
+        'method.name: "peso" -> "single"',
+        "data.micro_batch_size: 16 -> 8",
+        "optim.lr: 0.003 -> 0.001",
+    ]
     del started["method"]["temperature"]  # a config.json written before the key existed
     assert resume_conflicts(started, load_config(TINY, ["method.temperature=0.8"])) == []

@@ -29,8 +29,9 @@ def vocab(small_dataset, tmp_path_factory):
 @pytest.mark.parametrize("objective", ["sequence", "response"])
 def test_batches_do_not_depend_on_workers_and_resume_where_they_stopped(small_dataset, vocab, objective):
     tok, book = vocab
-    cfg = load_config(None, ["model.shape=tiny", f"data.objective={objective}", "data.micro_batch_size=4",
-                             "data.shuffle_buffer=50"])
+    cfg = load_config(
+        None, ["model.shape=tiny", f"data.objective={objective}", "data.micro_batch_size=4", "data.shuffle_buffer=50"]
+    )
     encoder = SampleEncoder(tok, book, PromptTemplate(), 20, objective)
     manifest = load_manifest(small_dataset)
 
