@@ -93,6 +93,9 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from launcher.slurm import parse_scontrol_line
+from train.launch_env import free_port
+
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 COMMANDS = ["slurmctld", "slurmd", "sbatch", "munged"]
 # The daemons live in /usr/sbin, which a non-login root shell may not have on PATH.
@@ -245,20 +248,6 @@ def _terminate(pids: Iterable[int], grace: float = 10) -> list[int]:
         if not pids:
             break
     return pids
-
-
-def parse_scontrol_line(line: str) -> dict[str, str]:
-    """`Key=value Key2=value two ...` (one line of `scontrol show -o`) to a dict.
-
-    Values may contain spaces (a job name, a command with arguments), so a field ends only where
-    the next ` Key=` begins.
-    """
-    matches = list(re.finditer(r"(?:^|\s)([A-Za-z][\w:/]*)=", line))
-    fields = {}
-    for m, nxt in zip(matches, matches[1:] + [None]):
-        end = nxt.start() if nxt else len(line)
-        fields[m.group(1)] = line[m.end() : end].strip()
-    return fields
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,15 +509,13 @@ class LocalSlurm:
 
     def _check_ports_free(self) -> None:
         for port in range(self.port, self.port + len(self.nodes) + 1):
-            with socket.socket() as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the daemons do
-                try:
-                    s.bind(("", port))
-                except OSError as e:
-                    raise SlurmError(
-                        f"port {port} is taken by another program ({e.strerror}); choose other ports "
-                        f"with PESO_SLURM_PORT (slurmctld's port; the nodes use the next ones)"
-                    ) from e
+            try:
+                free_port(port=port, reuse_address=True)  # bound as the daemons bind
+            except OSError as e:
+                raise SlurmError(
+                    f"port {port} is taken by another program ({e.strerror}); choose other ports "
+                    f"with PESO_SLURM_PORT (slurmctld's port; the nodes use the next ones)"
+                ) from e
 
     def _spawn_daemon(self, name: str, args: list[str]) -> None:
         """Run a daemon that forks itself into the background; its early errors go to a file."""
