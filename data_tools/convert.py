@@ -11,12 +11,9 @@ so an interrupted conversion never leaves a half-written dataset behind; a rerun
 
 from __future__ import annotations
 
-import glob
 import multiprocessing
 import os
-import shutil
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,11 +30,9 @@ from data_tools.dataset import (
     SCHEMA_VERSION,
     USERS,
     atomic_write_json,
-    current_umask,
-    fsync_tree,
     load_manifest,
     window_dir,
-    writing,
+    written_aside,
 )
 from data_tools.formats import FORMATS, METAS, REVIEWS, default_max_seconds
 from data_tools.progress import progress_bar
@@ -321,37 +316,8 @@ def convert(opts: ConvertOptions) -> dict:
             return existing
     out = os.path.abspath(opts.out)
     # Inputs are read as InputError, so an OSError here is the output's: a full disk, say.
-    with writing("cannot write the dataset folder", out):
-        return _build_aside(opts, rule, out, time.time())
-
-
-def _build_aside(opts: ConvertOptions, rule: SplitRule, out: str, t0: float) -> dict:
-    """Build in a staging folder beside `out`, flush it to disk, then rename it into place; on
-    any failure the staging folder is removed and `out` is as it was."""
-    parent, name = os.path.split(out)
-    os.makedirs(parent, exist_ok=True)
-    for stale in glob.glob(os.path.join(parent, f".{name}.staging-*")):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=f".{name}.staging-")
-    try:
-        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700 folders
-        manifest = _build(opts, rule, staging, t0)
-        fsync_tree(staging)
-        _swap_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return manifest
-
-
-def _swap_into_place(staging: str, out: str) -> None:
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.old-")
-        os.rename(out, os.path.join(old, "d"))
-        os.rename(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, out)
+    with written_aside("cannot write the dataset folder", out) as staging:
+        return _build(opts, rule, staging, time.time())
 
 
 def _build(opts: ConvertOptions, rule: SplitRule, folder: str, t0: float) -> dict:
