@@ -81,25 +81,10 @@ def scalars(run: str) -> dict:
 
 
 def train(data: str, ds: str, run: str, nproc: int, overrides: list[str]) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        os.path.join(REPO, "train", "main.py"),
-        "--ds_config",
-        ds,
-        "--config",
-        os.path.join(REPO, "configs", "tiny.yaml"),
-        "--data",
-        data,
-        "--run_dir",
-        run,
-        "eval.every_period=false",
-        "logging.progress=false",
-        *overrides,
-    ]
+    from launcher.periods import local_command
+
+    args = ["--ds_config", ds, "--config", os.path.join(REPO, "configs", "tiny.yaml"), "--data", data, "--run_dir", run]
+    cmd = local_command(nproc, [*args, "eval.every_period=false", "logging.progress=false", *overrides])
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode:

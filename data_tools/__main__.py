@@ -11,44 +11,44 @@ from data_tools.formats import FORMATS
 from data_tools.help_format import HelpFormatter
 
 
-def _convert(a) -> None:
+def _convert(args) -> None:
     from data_tools.convert import ConvertOptions, convert
     from data_tools.inspect import window_table
 
     manifest = convert(
         ConvertOptions(
-            format=a.format,
-            reviews=a.reviews,
-            meta=a.meta,
-            index=a.index,
-            out=a.out,
-            split=a.split,
-            min_interactions=a.min_interactions,
-            max_history=a.max_history,
-            min_rating=a.min_rating,
-            kcore=a.kcore,
-            shard_size=a.shard_size,
-            seed=a.seed,
-            collisions=a.collisions,
-            strict=a.strict,
-            force=a.force,
-            progress=not a.no_progress,
-            workers=a.workers,
+            format=args.format,
+            reviews=args.reviews,
+            meta=args.meta,
+            index=args.index,
+            out=args.out,
+            split=args.split,
+            min_interactions=args.min_interactions,
+            max_history=args.max_history,
+            min_rating=args.min_rating,
+            kcore=args.kcore,
+            shard_size=args.shard_size,
+            seed=args.seed,
+            collisions=args.collisions,
+            strict=args.strict,
+            force=args.force,
+            progress=not args.no_progress,
+            workers=args.workers,
         )
     )
     print(window_table(manifest))
 
 
-def _inspect(a) -> None:
+def _inspect(args) -> None:
     from data_tools.inspect import inspect
 
-    print(inspect(a.dir, as_json=a.json))
+    print(inspect(args.dir, as_json=args.json))
 
 
-def _index(a) -> None:
+def _index(args) -> None:
     from data_tools.index.build import index_main
 
-    index_main(a)
+    index_main(args)
 
 
 def embedder_spec(text: str) -> str:
@@ -60,91 +60,99 @@ def embedder_spec(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__, formatter_class=HelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser(
+    convert_parser = sub.add_parser(
         "convert", help="review stream -> dataset folder of per-window WebDataset shards", formatter_class=HelpFormatter
     )
-    c.add_argument("--format", required=True, choices=FORMATS, help="the input's format (README, section 1)")
-    c.add_argument(
+    convert_parser.add_argument(
+        "--format", required=True, choices=FORMATS, help="the input's format (README, section 1)"
+    )
+    convert_parser.add_argument(
         "--reviews",
         required=True,
         help="reviews file (plain or .gz); for blocks, the folder of block_<k>.json; for movielens, ml-100k.inter",
     )
-    c.add_argument(
+    convert_parser.add_argument(
         "--meta",
         help="item metadata file (plain or .gz); for movielens, ml-100k.item (default: none, items without text)",
     )
-    c.add_argument("--index", help="for --format blocks: the semantic-ID file (item_id -> tokens) (default: none)")
-    c.add_argument("--out", required=True, help="dataset folder to write")
-    c.add_argument(
+    convert_parser.add_argument(
+        "--index", help="for --format blocks: the semantic-ID file (item_id -> tokens) (default: none)"
+    )
+    convert_parser.add_argument("--out", required=True, help="dataset folder to write")
+    convert_parser.add_argument(
         "--split", default="paper", help="paper (60%% then 4 equal windows), paper:FRACTION:WINDOWS, or calendar:DAYS"
     )
-    c.add_argument(
+    convert_parser.add_argument(
         "--min-interactions", type=int, default=5, help="a user's interactions in a window to be eligible there"
     )
-    c.add_argument("--max-history", type=int, default=20, help="history items kept per sample")
-    c.add_argument(
+    convert_parser.add_argument("--max-history", type=int, default=20, help="history items kept per sample")
+    convert_parser.add_argument(
         "--min-rating", type=float, default=None, help="drop interactions rated below this (default: keep every rating)"
     )
-    c.add_argument(
+    convert_parser.add_argument(
         "--kcore",
         type=int,
         default=None,
         help="keep only users and items with at least K interactions, iterated (default: no filter)",
     )
-    c.add_argument("--shard-size", type=int, default=20000, help="samples per shard")
-    c.add_argument("--seed", type=int, default=0, help="seed of the training samples' order")
-    c.add_argument(
+    convert_parser.add_argument("--shard-size", type=int, default=20000, help="samples per shard")
+    convert_parser.add_argument("--seed", type=int, default=0, help="seed of the training samples' order")
+    convert_parser.add_argument(
         "--collisions", default="keep", choices=["keep", "extend", "error"], help="items sharing a code in --index"
     )
-    c.add_argument("--strict", action="store_true", help="turn every counted skip into an error")
-    c.add_argument("--force", action="store_true", help="convert even if the folder is up to date")
-    c.add_argument(
+    convert_parser.add_argument("--strict", action="store_true", help="turn every counted skip into an error")
+    convert_parser.add_argument("--force", action="store_true", help="convert even if the folder is up to date")
+    convert_parser.add_argument(
         "--workers",
         type=int,
         default=None,
         help="processes writing shards; the bytes do not depend on it (default: all cores)",
     )
-    c.add_argument("--no-progress", action="store_true", help="no progress bars")
-    c.set_defaults(func=_convert)
+    convert_parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    convert_parser.set_defaults(func=_convert)
 
-    i = sub.add_parser(
+    inspect_parser = sub.add_parser(
         "inspect", help="print the per-window statistics of a dataset folder", formatter_class=HelpFormatter
     )
-    i.add_argument("dir", help="dataset folder")
-    i.add_argument("--json", action="store_true", help="the statistics as JSON (for machines)")
-    i.set_defaults(func=_inspect)
+    inspect_parser.add_argument("dir", help="dataset folder")
+    inspect_parser.add_argument("--json", action="store_true", help="the statistics as JSON (for machines)")
+    inspect_parser.set_defaults(func=_inspect)
 
-    x = sub.add_parser(
+    index_parser = sub.add_parser(
         "index", help="build (or import) the item index: semantic IDs per item", formatter_class=HelpFormatter
     )
-    x.add_argument("dir", help="dataset folder")
-    x.add_argument(
+    index_parser.add_argument("dir", help="dataset folder")
+    index_parser.add_argument(
         "--embedder",
         default="minilm",
         type=embedder_spec,
         metavar="{minilm,hf:PATH,npy:PATH}",
         help="the bundled MiniLM, a local Hugging Face model (mean-pooled), or precomputed embeddings (row i = item i)",
     )
-    x.add_argument(
+    index_parser.add_argument(
         "--import", dest="import_path", help="import an existing item_id -> tokens file instead (default: build)"
     )
-    x.add_argument(
+    index_parser.add_argument(
         "--collisions", default="keep", choices=["keep", "extend", "error"], help="with --import: items sharing a code"
     )
-    x.add_argument("--levels", type=int, default=4, help="code levels per item (RQ-VAE depth)")
-    x.add_argument("--codes", type=int, default=256, help="codes per level")
-    x.add_argument("--seed", type=int, default=0, help="seed of the RQ-VAE (k-means init, training order)")
-    x.add_argument("--epochs", type=int, default=None, help="RQ-VAE training epochs (default: sized to the catalog)")
-    x.add_argument("--device", default=None, help="where to embed: cpu, cuda, cuda:1 ... (default: cuda when present)")
-    x.add_argument(
+    index_parser.add_argument("--levels", type=int, default=4, help="code levels per item (RQ-VAE depth)")
+    index_parser.add_argument("--codes", type=int, default=256, help="codes per level")
+    index_parser.add_argument("--seed", type=int, default=0, help="seed of the RQ-VAE (k-means init, training order)")
+    index_parser.add_argument(
+        "--epochs", type=int, default=None, help="RQ-VAE training epochs (default: sized to the catalog)"
+    )
+    index_parser.add_argument(
+        "--device", default=None, help="where to embed: cpu, cuda, cuda:1 ... (default: cuda when present)"
+    )
+    index_parser.add_argument(
         "--force", action="store_true", help="rebuild from scratch even if an index exists (existing codes may change)"
     )
-    x.add_argument("--no-progress", action="store_true", help="no progress bars")
-    x.set_defaults(func=_index)
-    return p
+    index_parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    index_parser.set_defaults(func=_index)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

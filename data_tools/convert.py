@@ -11,12 +11,9 @@ so an interrupted conversion never leaves a half-written dataset behind; a rerun
 
 from __future__ import annotations
 
-import glob
 import multiprocessing
 import os
-import shutil
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,11 +30,9 @@ from data_tools.dataset import (
     SCHEMA_VERSION,
     USERS,
     atomic_write_json,
-    current_umask,
-    fsync_tree,
     load_manifest,
     window_dir,
-    writing,
+    written_aside,
 )
 from data_tools.formats import FORMATS, METAS, REVIEWS, default_max_seconds
 from data_tools.progress import progress_bar
@@ -240,29 +235,33 @@ def _write_shard(job: _Shard) -> dict:
     """Serialize one shard. The scalars of all its samples are gathered with numpy first and the
     JSON is formatted directly (the same bytes orjson gives for the dict), so the cost per
     sample stays near a microsecond."""
-    um, order, folder, H = _WRITING["um"], _WRITING["order"], _WRITING["folder"], _WRITING["max_history"]
-    pos, grp = order[(job.t, job.split)]
-    p, g = pos[job.lo : job.hi], grp[job.lo : job.hi]
-    u = um.user[p]
-    s = um.start[u]
-    lo = np.maximum(s, p - H)
+    by_user, order = _WRITING["by_user"], _WRITING["order"]
+    folder, max_history = _WRITING["folder"], _WRITING["max_history"]
+    positions, groups = order[(job.t, job.split)]
+    targets, target_groups = positions[job.lo : job.hi], groups[job.lo : job.hi]  # user-major positions
+    users = by_user.user[targets]
+    user_starts = by_user.start[users]
+    history_starts = np.maximum(user_starts, targets - max_history)
     # Every history of the shard gathered in one numpy step into one Python list, which each
     # sample then slices: half the cost of slicing the array and converting per sample.
-    lengths = p - lo
+    lengths = targets - history_starts
     ends = np.cumsum(lengths)
-    flat = um.item[np.repeat(lo - (ends - lengths), lengths) + np.arange(ends[-1])].tolist()
+    histories = by_user.item[np.repeat(history_starts - (ends - lengths), lengths) + np.arange(ends[-1])].tolist()
     dumps, t = orjson.dumps, job.t
     members = (
-        (b"%d_%d_%d" % (uu, t, pp - ss), SAMPLE % (uu, dumps(flat[e - n : e]), it, tt, GROUP_BYTES[gg]))
-        for pp, uu, ss, n, e, tt, it, gg in zip(
-            p.tolist(),
-            u.tolist(),
-            s.tolist(),
+        (
+            b"%d_%d_%d" % (user, t, target - user_start),
+            SAMPLE % (user, dumps(histories[end - length : end]), item, ts, GROUP_BYTES[group]),
+        )
+        for target, user, user_start, length, end, ts, item, group in zip(
+            targets.tolist(),
+            users.tolist(),
+            user_starts.tolist(),
             lengths.tolist(),
             ends.tolist(),
-            um.ts[p].tolist(),
-            um.item[p].tolist(),
-            g.tolist(),
+            by_user.ts[targets].tolist(),
+            by_user.item[targets].tolist(),
+            target_groups.tolist(),
         )
     )
     return write_tar(os.path.join(window_dir(folder, t), f"{job.split}-{job.index:06d}.tar"), members)
@@ -279,23 +278,23 @@ def _shard_writers(workers: int):
         yield pool.imap
 
 
-def _write_samples(folder: str, um: UserMajor, plans: list, opts: ConvertOptions) -> list[dict]:
+def _write_samples(folder: str, by_user: UserMajor, plans: list, opts: ConvertOptions) -> list[dict]:
     """All shards of all windows, on `opts.workers` processes; training samples in a seeded
     random order (so any contiguous slice a reader takes is a random subset)."""
     order, jobs = {}, []
     for t, plan in enumerate(plans):
         os.makedirs(window_dir(folder, t), exist_ok=True)
         for split in SPLITS:
-            pos, grp = plan.targets[split], plan.groups[split]
+            positions, groups = plan.targets[split], plan.groups[split]
             if split == "train":
-                perm = np.random.default_rng([opts.seed, t]).permutation(len(pos))
-                pos, grp = pos[perm], grp[perm]
-            order[(t, split)] = (pos, grp)
+                shuffle = np.random.default_rng([opts.seed, t]).permutation(len(positions))
+                positions, groups = positions[shuffle], groups[shuffle]
+            order[(t, split)] = (positions, groups)
             jobs += [
-                _Shard(t, split, k, lo, min(lo + opts.shard_size, len(pos)))
-                for k, lo in enumerate(range(0, len(pos), opts.shard_size))
+                _Shard(t, split, k, lo, min(lo + opts.shard_size, len(positions)))
+                for k, lo in enumerate(range(0, len(positions), opts.shard_size))
             ]
-    _WRITING.update(um=um, order=order, folder=folder, max_history=opts.max_history)
+    _WRITING.update(by_user=by_user, order=order, folder=folder, max_history=opts.max_history)
     shards = [{split: [] for split in SPLITS} for _ in plans]
     total = sum(j.hi - j.lo for j in jobs)
     workers = max(1, min(opts.workers or os.cpu_count() or 1, len(jobs)))
@@ -321,37 +320,8 @@ def convert(opts: ConvertOptions) -> dict:
             return existing
     out = os.path.abspath(opts.out)
     # Inputs are read as InputError, so an OSError here is the output's: a full disk, say.
-    with writing("cannot write the dataset folder", out):
-        return _build_aside(opts, rule, out, time.time())
-
-
-def _build_aside(opts: ConvertOptions, rule: SplitRule, out: str, t0: float) -> dict:
-    """Build in a staging folder beside `out`, flush it to disk, then rename it into place; on
-    any failure the staging folder is removed and `out` is as it was."""
-    parent, name = os.path.split(out)
-    os.makedirs(parent, exist_ok=True)
-    for stale in glob.glob(os.path.join(parent, f".{name}.staging-*")):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=f".{name}.staging-")
-    try:
-        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700 folders
-        manifest = _build(opts, rule, staging, t0)
-        fsync_tree(staging)
-        _swap_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return manifest
-
-
-def _swap_into_place(staging: str, out: str) -> None:
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.old-")
-        os.rename(out, os.path.join(old, "d"))
-        os.rename(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, out)
+    with written_aside("cannot write the dataset folder", out) as staging:
+        return _build(opts, rule, staging, time.time())
 
 
 def _build(opts: ConvertOptions, rule: SplitRule, folder: str, t0: float) -> dict:
@@ -398,8 +368,8 @@ def _build(opts: ConvertOptions, rule: SplitRule, folder: str, t0: float) -> dic
         write_item_index(folder, codes, method, codes_per_level=max(256, 1 + max(max(c) for c in codes.values())))
         index_info = method["collisions"]
 
-    um = UserMajor(stream)
-    plans = plan_windows(um, len(spans), stream.item_first_window, opts.min_interactions)
+    by_user = UserMajor(stream)
+    plans = plan_windows(by_user, len(spans), stream.item_first_window, opts.min_interactions)
     warnings = []
     for t, plan in enumerate(plans):
         if plan.stats["users"] == 0:
@@ -407,7 +377,7 @@ def _build(opts: ConvertOptions, rule: SplitRule, folder: str, t0: float) -> dic
             if opts.strict:
                 raise InputError(msg + " [--strict]")
             warnings.append(msg)
-    shards = _write_samples(folder, um, plans, opts)
+    shards = _write_samples(folder, by_user, plans, opts)
     windows = []
     for t, plan in enumerate(plans):
         atomic_write_json(os.path.join(window_dir(folder, t), "stats.json"), plan.stats)

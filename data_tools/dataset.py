@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import shutil
@@ -27,22 +28,33 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+@contextmanager
+def replaced_on_close(path: str, *, fsync: bool = True, buffering: int = -1):
+    """Yield a binary file beside `path` (`.<name>.<random>`) to write into; when the block is
+    done, flush it (to disk too unless `fsync` is off: for files of a folder that is flushed whole
+    afterwards) and rename it over `path`. On any failure the temporary file is removed and `path`
+    is as it was."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, "wb", buffering=buffering) as f:
+            yield f
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    with replaced_on_close(path) as f:
+        f.write(data)
 
 
 def fsync_tree(folder: str) -> None:
@@ -77,30 +89,37 @@ def writing(what: str, folder: str):
 
 @contextmanager
 def written_aside(what: str, folder: str):
-    """Yield `<folder>.tmp` to write a whole folder into; when the block is done, flush it and
-    rename it over `folder`. On any failure the temporary folder is removed, `folder` is as it
-    was, and an OSError (a full disk) becomes a WriteError naming `what` and `folder`."""
-    tmp = folder.rstrip("/") + ".tmp"
+    """Yield an empty staging folder beside `folder` (`.<name>.staging-<random>`, with the
+    umask's permissions) to write a whole folder into; when the block is done, flush it to disk
+    and rename it over `folder`. On any failure the staging folder is removed, `folder` is as it
+    was (or still absent), and an OSError (a full disk) becomes a WriteError naming `what` and
+    `folder`. Staging folders that an interrupted earlier write left behind are removed first."""
+    parent, name = os.path.split(os.path.abspath(folder))
     with writing(what, folder):
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(parent, exist_ok=True)
+        for stale in glob.glob(os.path.join(glob.escape(parent), glob.escape(f".{name}.staging-") + "*")):
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = tempfile.mkdtemp(dir=parent, prefix=f".{name}.staging-")
         try:
-            yield tmp
-            fsync_tree(tmp)
-            _replace_folder(tmp, folder)
+            os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700 folders
+            yield staging
+            fsync_tree(staging)
+            _replace_folder(staging, os.path.join(parent, name))
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
             raise
 
 
-def _replace_folder(tmp: str, final: str) -> None:
-    if os.path.isdir(final):
-        old = final + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
+def _replace_folder(staging: str, final: str) -> None:
+    """Rename `staging` to `final`; an existing `final` is moved into a hidden folder first and
+    removed after."""
+    if os.path.exists(final):
+        old = tempfile.mkdtemp(dir=os.path.dirname(final), prefix=f".{os.path.basename(final)}.old-")
+        os.rename(final, os.path.join(old, "d"))
+        os.rename(staging, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, final)
+        os.rename(staging, final)
 
 
 def atomic_write_json(path: str, obj) -> None:

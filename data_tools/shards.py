@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 
+from data_tools.dataset import replaced_on_close
+
 BLOCK = 512
 _EOF = b"\0" * (2 * BLOCK)
 
@@ -39,9 +41,10 @@ def tar_header(name: bytes, size: int) -> bytes:
 
 
 def write_tar(path: str, members) -> dict:
-    """Write `(key, payload)` members as `<key>.json` into a tar file, atomically (temp, rename)."""
+    """Write `(key, payload)` members as `<key>.json` into a tar file, atomically (temp, rename;
+    not flushed to disk: the dataset folder is flushed whole before it is renamed into place)."""
     n = 0
-    with open(path + ".tmp", "wb", buffering=1 << 20) as f:
+    with replaced_on_close(path, fsync=False, buffering=1 << 20) as f:
         write = f.write
         for key, payload in members:
             write(tar_header(key + b".json", len(payload)))
@@ -49,7 +52,6 @@ def write_tar(path: str, members) -> dict:
             n += 1
         write(_EOF)
         size = f.tell()
-    os.replace(path + ".tmp", path)
     return {"name": os.path.basename(path), "samples": n, "bytes": size}
 
 

@@ -121,10 +121,6 @@ class UserMajor:
         n_users = len(stream.user_ids)
         self.start = np.searchsorted(self.user, np.arange(n_users + 1)).astype(np.int64)
 
-    def history(self, p: int, max_history: int) -> list[int]:
-        lo = max(int(self.start[self.user[p]]), p - max_history)
-        return self.item[lo:p].tolist()
-
 
 def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """The concatenation of arange(lo[k], hi[k]) over k, without a Python loop."""
@@ -133,17 +129,17 @@ def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 
 def plan_windows(
-    um: UserMajor, n_windows: int, item_first_window: np.ndarray, min_interactions: int
+    by_user: UserMajor, n_windows: int, item_first_window: np.ndarray, min_interactions: int
 ) -> list[WindowPlan]:
     """Per window: eligible users, their targets split three ways, groups and statistics."""
-    n = len(um.user)
+    n = len(by_user.user)
     # Runs of equal (user, window) in user-major order.
     change = np.ones(n, dtype=bool)
-    change[1:] = (um.user[1:] != um.user[:-1]) | (um.window[1:] != um.window[:-1])
+    change[1:] = (by_user.user[1:] != by_user.user[:-1]) | (by_user.window[1:] != by_user.window[:-1])
     run_start = np.flatnonzero(change)
     run_end = np.append(run_start[1:], n)
-    run_user = um.user[run_start]
-    run_window = um.window[run_start].astype(np.int64)
+    run_user = by_user.user[run_start]
+    run_window = by_user.window[run_start].astype(np.int64)
 
     # Group of each run: new = nothing before it; dormant = something before, nothing in t-1.
     # A user's runs are in time order; a window appears in at most one run per user except -1
@@ -155,41 +151,39 @@ def plan_windows(
     seen_prev = np.zeros(len(run_start), dtype=bool)
     # For each run, was the user active in window t-1 in an earlier run?  Runs are few (users x
     # active windows), so a per-user scan is cheap and handles the -1 runs of block imports.
-    rs, rw = run_user.tolist(), run_window.tolist()
     active: set[int] = set()
-    for r in range(len(rs)):
+    for r, window in enumerate(run_window.tolist()):
         if first_of_user[r]:
             active = set()
-        seen_prev[r] = (rw[r] - 1) in active
-        active.add(rw[r])
+        seen_prev[r] = (window - 1) in active
+        active.add(window)
     group[~first_of_user & ~seen_prev] = 1  # dormant
 
     lengths = run_end - run_start
     plans = []
     for t in range(n_windows):
         in_t = run_window == t
-        elig = in_t & (lengths >= min_interactions)
-        s, e, g = run_start[elig], run_end[elig], group[elig]
-        test, valid = e - 1, e - 2
-        # Training targets: s .. e-3 (a new user's first one has an empty history).
-        train = _ranges(s, e - 2)
-        train_group = np.repeat(g, e - 2 - s)
-        no_history = um.start[um.user[train]] == train
+        eligible = in_t & (lengths >= min_interactions)
+        starts, ends, user_groups = run_start[eligible], run_end[eligible], group[eligible]
+        test, valid = ends - 1, ends - 2
+        # Training targets: starts .. ends-3 (a new user's first one has an empty history).
+        train = _ranges(starts, ends - 2)
+        train_group = np.repeat(user_groups, ends - 2 - starts)
+        no_history = by_user.start[by_user.user[train]] == train
 
-        pos = _ranges(s, e)
-        items_t = np.unique(um.item[pos])
-        interactions = int(lengths[elig].sum())
-        users = int(elig.sum())
+        items_t = np.unique(by_user.item[_ranges(starts, ends)])
+        interactions = int(lengths[eligible].sum())
+        users = int(eligible.sum())
         stats = {
             "users": users,
-            "new_users": int((g == 0).sum()),
-            "dormant_users": int((g == 1).sum()),
-            "continuing_users": int((g == 2).sum()),
+            "new_users": int((user_groups == 0).sum()),
+            "dormant_users": int((user_groups == 1).sum()),
+            "continuing_users": int((user_groups == 2).sum()),
             "items": len(items_t),
             "new_items": int((item_first_window[items_t] == t).sum()),
             "interactions": interactions,
             "all_interactions": int(lengths[in_t].sum()),
-            "ineligible_users": int((in_t & ~elig).sum()),
+            "ineligible_users": int((in_t & ~eligible).sum()),
             "avg_seq_len": round(interactions / users, 4) if users else 0.0,
             "samples": {"train": len(train), "valid": len(valid), "test": len(test)},
             "train_targets_without_history": int(no_history.sum()),
@@ -197,7 +191,7 @@ def plan_windows(
         plans.append(
             WindowPlan(
                 targets={"train": train, "valid": valid, "test": test},
-                groups={"train": train_group, "valid": g, "test": g},
+                groups={"train": train_group, "valid": user_groups, "test": user_groups},
                 stats=stats,
             )
         )

@@ -35,31 +35,33 @@ def metric_name(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m launcher", description=__doc__, formatter_class=HelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="python -m launcher", description=__doc__, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="train every remaining period on this machine", formatter_class=HelpFormatter)
-    r.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
-    r.add_argument("--data", required=True, help="dataset folder (python -m data_tools convert, then index)")
-    r.add_argument("--run", required=True, help="run folder: periods, checkpoints, TensorBoard, state.json")
-    r.add_argument(
+    run_parser = sub.add_parser(
+        "run", help="train every remaining period on this machine", formatter_class=HelpFormatter
+    )
+    run_parser.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
+    run_parser.add_argument("--data", required=True, help="dataset folder (python -m data_tools convert, then index)")
+    run_parser.add_argument("--run", required=True, help="run folder: periods, checkpoints, TensorBoard, state.json")
+    run_parser.add_argument(
         "--ds_config", default=DEFAULT_DS, help="DeepSpeed config (default: ds_configs/zero3.json of this repository)"
     )
-    r.add_argument("--nproc", type=int, default=1, help="ranks on this machine (GPUs, or CPU processes)")
-    r.add_argument(
+    run_parser.add_argument("--nproc", type=int, default=1, help="ranks on this machine (GPUs, or CPU processes)")
+    run_parser.add_argument(
         "--restart-period",
         action="store_true",
         help="discard the checkpoints of the period that would resume and train it from its start "
         "(needed to resume with a changed config)",
     )
-    r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.lam=2 (default: none)")
+    run_parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.lam=2 (default: none)")
 
-    rep = sub.add_parser(
+    report_parser = sub.add_parser(
         "report", help="results table (markdown) and a PNG plot of one or more runs", formatter_class=HelpFormatter
     )
-    rep.add_argument("runs", nargs="+", help="run folders")
-    rep.add_argument("--png", help="where to write the plot (default: <first run>/report.png)")
-    rep.add_argument(
+    report_parser.add_argument("runs", nargs="+", help="run folders")
+    report_parser.add_argument("--png", help="where to write the plot (default: <first run>/report.png)")
+    report_parser.add_argument(
         "--metric",
         default="ndcg@10",
         type=metric_name,
@@ -67,11 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the metric of the table and the plot",
     )
 
-    d = sub.add_parser(
+    demo_parser = sub.add_parser(
         "demo", help="MovieLens-100K end to end on this machine (CPU, two ranks)", formatter_class=HelpFormatter
     )
-    d.add_argument("--workdir", default="demo", help="where data and runs go (default: ./demo)")
-    d.add_argument("--nproc", type=int, default=2, help="ranks of period 0")
+    demo_parser.add_argument("--workdir", default="demo", help="where data and runs go (default: ./demo)")
+    demo_parser.add_argument("--nproc", type=int, default=2, help="ranks of period 0")
 
     from launcher.recommend import add_parsers
 
@@ -82,36 +84,36 @@ def build_parser() -> argparse.ArgumentParser:
         description=f"Settings from the environment: {', '.join(SLURM_REQUIRED)} (required), "
         "PESO_DS_CONFIG, PESO_OVERRIDES (see slurm/continual.sh).",
     )
-    return p
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     configure_logging()
-    a = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
 
-    if a.command == "run":
-        return run_command(a)
-    if a.command == "report":
+    if args.command == "run":
+        return run_command(args)
+    if args.command == "report":
         from launcher.report import report
 
-        png = a.png or os.path.join(a.runs[0], "report.png")
-        print(report(a.runs, png, a.metric))
+        png = args.png or os.path.join(args.runs[0], "report.png")
+        print(report(args.runs, png, args.metric))
         print(f"\nplot: {png}")
         return 0
-    if a.command == "demo":
+    if args.command == "demo":
         from launcher.demo import run_demo
 
-        run_demo(a.workdir, a.nproc)
+        run_demo(args.workdir, args.nproc)
         return 0
-    if a.command == "recommend":
+    if args.command == "recommend":
         from launcher.recommend import recommend_command
 
-        return recommend_command(a)
-    if a.command == "export":
+        return recommend_command(args)
+    if args.command == "export":
         from launcher.recommend import export_command
 
-        return export_command(a)
-    if a.command == "slurm-step":
+        return export_command(args)
+    if args.command == "slurm-step":
         return slurm_step_command()
     return 2
 
@@ -127,26 +129,26 @@ def _config_error(config: str, overrides: list[str]) -> str | None:
     return None
 
 
-def run_command(a) -> int:
+def run_command(args) -> int:
     from launcher.periods import PeriodFailed, PeriodInterrupted, run_local
     from launcher.report import write_report
 
-    problem = _config_error(a.config, a.overrides)
+    problem = _config_error(args.config, args.overrides)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     # Absolute paths: the run's saved config names its dataset wherever it is read from later.
-    config, data, run, ds_config = (os.path.abspath(x) for x in (a.config, a.data, a.run, a.ds_config))
+    config, data, run, ds_config = (os.path.abspath(x) for x in (args.config, args.data, args.run, args.ds_config))
     try:
-        run_local(config, data, run, ds_config, a.nproc, a.overrides, restart=a.restart_period)
+        run_local(config, data, run, ds_config, args.nproc, args.overrides, restart=args.restart_period)
     except PeriodInterrupted as e:
         print(str(e), file=sys.stderr)
         return EXIT_REQUEUE
     except PeriodFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(write_report(a.run))
-    print(f"\nreport: {a.run}/report.md and report.png")
+    print(write_report(args.run))
+    print(f"\nreport: {args.run}/report.md and report.png")
     return 0
 
 

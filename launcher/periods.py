@@ -68,11 +68,12 @@ def train_args(
     return args + list(overrides)
 
 
-def local_command(nproc: int, args: list[str]) -> list[str]:
-    """torchrun for several ranks (it picks a free port: several runs can share a machine)."""
+def local_command(nproc: int, args: list[str], script: str = MAIN) -> list[str]:
+    """`script` (train/main.py by default) with `args` on `nproc` ranks of this machine: torchrun
+    for several (it picks a free port: several runs can share a machine), a plain process for one."""
     if nproc <= 1:
-        return [sys.executable, MAIN, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", MAIN, *args]
+        return [sys.executable, script, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
 
 
 def run_local(

@@ -14,7 +14,7 @@ PARTIAL_EXIT = 1  # some users or histories were unknown; the others were answer
 
 
 def add_parsers(sub) -> None:
-    r = sub.add_parser(
+    recommend_parser = sub.add_parser(
         "recommend",
         help="top-K items for users of the dataset or for histories of items",
         formatter_class=HelpFormatter,
@@ -22,9 +22,11 @@ def add_parsers(sub) -> None:
         "(beam search over real item codes). Exit 0: all answered; 1: some users or "
         "items were unknown (named on stderr), the rest answered; 2: nothing answered.",
     )
-    r.add_argument("run", help="run folder (python -m launcher run ... --run RUN)")
-    r.add_argument("--period", type=int, help="period whose model answers (default: the last finished one)")
-    who = r.add_mutually_exclusive_group(required=True)
+    recommend_parser.add_argument("run", help="run folder (python -m launcher run ... --run RUN)")
+    recommend_parser.add_argument(
+        "--period", type=int, help="period whose model answers (default: the last finished one)"
+    )
+    who = recommend_parser.add_mutually_exclusive_group(required=True)
     who.add_argument(
         "--user",
         nargs="+",
@@ -38,29 +40,35 @@ def add_parsers(sub) -> None:
         metavar="ITEM,ITEM,...",
         help="source item ids, oldest first (repeat for several histories)",
     )
-    r.add_argument("--k", type=int, default=10, help="items per answer")
-    r.add_argument(
+    recommend_parser.add_argument("--k", type=int, default=10, help="items per answer")
+    recommend_parser.add_argument(
         "--exclude-seen",
         action="store_true",
         help="leave out the items of the history (the evaluation keeps them, as the paper does)",
     )
-    r.add_argument("--out", help="write JSON lines here (default: a readable list on stdout)")
-    r.add_argument("--data", help="the dataset folder, if it moved since training (default: the run's data.path)")
-    r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    r.add_argument("--batch-size", type=int, default=64, help="histories decoded together")
+    recommend_parser.add_argument("--out", help="write JSON lines here (default: a readable list on stdout)")
+    recommend_parser.add_argument(
+        "--data", help="the dataset folder, if it moved since training (default: the run's data.path)"
+    )
+    recommend_parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    recommend_parser.add_argument("--batch-size", type=int, default=64, help="histories decoded together")
 
-    e = sub.add_parser(
+    export_parser = sub.add_parser(
         "export",
         help="a self-contained folder of one period's recommender (PEFT adapter or merged)",
         formatter_class=HelpFormatter,
         description="Backbone + adapter (or, with --merged, one plain Hugging Face model), the "
         "tokenizer with the code tokens, the item index and the items table.",
     )
-    e.add_argument("run", help="run folder")
-    e.add_argument("--period", type=int, help="period to export (default: the last finished one)")
-    e.add_argument("--out", required=True, help="the folder to write (replaced if it is an earlier export)")
-    e.add_argument("--merged", action="store_true", help="merge the adapter into the backbone (merge_and_unload)")
-    e.add_argument("--data", help="the dataset folder, if it moved since training (default: the run's data.path)")
+    export_parser.add_argument("run", help="run folder")
+    export_parser.add_argument("--period", type=int, help="period to export (default: the last finished one)")
+    export_parser.add_argument("--out", required=True, help="the folder to write (replaced if it is an earlier export)")
+    export_parser.add_argument(
+        "--merged", action="store_true", help="merge the adapter into the backbone (merge_and_unload)"
+    )
+    export_parser.add_argument(
+        "--data", help="the dataset folder, if it moved since training (default: the run's data.path)"
+    )
 
 
 def _read_users(path: str) -> list[str]:
@@ -78,56 +86,56 @@ def _quiet_loading() -> None:
     _quiet_cpu_accelerator()  # an export's merge imports DeepSpeed, which would warn that it guessed the CPU
 
 
-def recommend_command(a) -> int:
+def recommend_command(args) -> int:
     from train.recommender import Recommender, UnknownIdError
 
     _quiet_loading()
-    if a.k < 1:
-        print(f"error: --k must be at least 1, got {a.k}", file=sys.stderr)
+    if args.k < 1:
+        print(f"error: --k must be at least 1, got {args.k}", file=sys.stderr)
         return USAGE_EXIT
     try:
-        users = a.user or (_read_users(a.users) if a.users else None)
-        rec = Recommender.from_run(a.run, a.period, device=a.device, data=a.data)
+        users = args.user or (_read_users(args.users) if args.users else None)
+        recommender = Recommender.from_run(args.run, args.period, device=args.device, data=args.data)
     except (FileNotFoundError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_EXIT
     answers, failed = [], 0
     if users is not None:
-        histories = rec.user_histories(users)
+        histories = recommender.user_histories(users)
         unknown = [u for u in users if u not in histories]
         if unknown:
             failed += len(unknown)
             print(
                 f"error: {UnknownIdError('users', unknown)}: not in the dataset, or no items by the end of period "
-                f"{rec.period}; the other {len(users) - len(unknown)} users are answered",
+                f"{recommender.period}; the other {len(users) - len(unknown)} users are answered",
                 file=sys.stderr,
             )
         known = [u for u in users if u in histories]
-        bar = _progress(len(known), a.batch_size)
-        ranked = rec.top_items(
+        bar = _progress(len(known), args.batch_size)
+        ranked = recommender.top_items(
             [histories[u] for u in known],
-            a.k,
-            a.batch_size,
+            args.k,
+            args.batch_size,
             progress=bar.update if bar else None,
-            exclude_seen=a.exclude_seen,
+            exclude_seen=args.exclude_seen,
         )
         if bar:
             bar.close()
         answers = [
-            {"user": u, "history_length": len(histories[u]), "recommendations": rec.named(r)}
-            for u, r in zip(known, ranked)
+            {"user": user, "history_length": len(histories[user]), "recommendations": recommender.named(items)}
+            for user, items in zip(known, ranked)
         ]
     else:
-        for text in a.history:
+        for text in args.history:
             items = [s.strip() for s in text.split(",") if s.strip()]
             try:
-                (ranked,) = rec.recommend([items], a.k, exclude_seen=a.exclude_seen)
+                (ranked,) = recommender.recommend([items], args.k, exclude_seen=args.exclude_seen)
             except UnknownIdError as e:
                 failed += 1
                 print(f"error: history {text!r}: {e}", file=sys.stderr)
                 continue
             answers.append({"history": items, "recommendations": ranked})
-    _write(answers, rec.period, a.out)
+    _write(answers, recommender.period, args.out)
     if not answers:
         return USAGE_EXIT
     return PARTIAL_EXIT if failed else 0
@@ -144,47 +152,50 @@ def _progress(n: int, batch: int):
 
 
 def _write(answers: list[dict], period: int, out: str | None) -> None:
-    def record(a):
+    def record(answer):
         return {
-            **{k: v for k, v in a.items() if k != "recommendations"},
+            **{k: v for k, v in answer.items() if k != "recommendations"},
             "period": period,
-            "recommendations": [{"item": r.item, "title": r.title, "score": r.score} for r in a["recommendations"]],
+            "recommendations": [
+                {"item": choice.item, "title": choice.title, "score": choice.score}
+                for choice in answer["recommendations"]
+            ],
         }
 
     if out:
         from data_tools.dataset import atomic_write_bytes
 
-        atomic_write_bytes(out, "".join(json.dumps(record(a)) + "\n" for a in answers).encode())
+        atomic_write_bytes(out, "".join(json.dumps(record(answer)) + "\n" for answer in answers).encode())
         print(f"{len(answers)} answers (period {period}) written to {out}")
         return
-    for a in answers:
+    for answer in answers:
         who = (
-            f"user {a['user']} (history: {a['history_length']} items)"
-            if "user" in a
-            else f"history {','.join(a['history'])}"
+            f"user {answer['user']} (history: {answer['history_length']} items)"
+            if "user" in answer
+            else f"history {','.join(answer['history'])}"
         )
-        width = max((len(r.item) for r in a["recommendations"]), default=0)
+        width = max((len(choice.item) for choice in answer["recommendations"]), default=0)
         print(f"{who}, period {period}:")
-        for n, r in enumerate(a["recommendations"], 1):
-            print(f"  {n:>2}. {r.item:<{width}}  {r.score:7.3f}  {r.title}".rstrip())
+        for rank, choice in enumerate(answer["recommendations"], 1):
+            print(f"  {rank:>2}. {choice.item:<{width}}  {choice.score:7.3f}  {choice.title}".rstrip())
 
 
-def export_command(a) -> int:
+def export_command(args) -> int:
     from data_tools.dataset import WriteError
     from train.export_recommender import export_recommender
 
     _quiet_loading()
     try:
-        info = export_recommender(a.run, a.out, a.period, a.merged, a.data)
+        info = export_recommender(args.run, args.out, args.period, args.merged, args.data)
     except (FileNotFoundError, FileExistsError, ValueError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_EXIT
-    print(f"period {info['period']} ({info['method']}) exported to {a.out} ({info['kind']})")
+    print(f"period {info['period']} ({info['method']}) exported to {args.out} ({info['kind']})")
     if info["kind"] == "adapter":
         print(
-            f"  load: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{a.out}/base'), '{a.out}/adapter')"
+            f"  load: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{args.out}/base'), '{args.out}/adapter')"
         )
     else:
-        print(f"  load: AutoModelForCausalLM.from_pretrained('{a.out}')")
-    print(f"  or:   Recommender.from_export('{a.out}').recommend([[item, ...]], k=10)   (train/recommender.py)")
+        print(f"  load: AutoModelForCausalLM.from_pretrained('{args.out}')")
+    print(f"  or:   Recommender.from_export('{args.out}').recommend([[item, ...]], k=10)   (train/recommender.py)")
     return 0

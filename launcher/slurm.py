@@ -18,13 +18,13 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 
 from launcher.periods import MAIN, remaining_periods, train_args
 from launcher.report import write_report
 from train.exit_codes import EXIT_REQUEUE
+from train.launch_env import free_port, tasks_per_node
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,23 @@ def scontrol(*args: str) -> str:
     return subprocess.run(["scontrol", *args], check=True, capture_output=True, text=True).stdout
 
 
+def parse_scontrol_line(line: str) -> dict[str, str]:
+    """`Key=value Key2=value two ...` (one line of `scontrol show ... -o`) to a dict.
+
+    Values may contain spaces (a job name, a command with arguments), so a field ends only where
+    the next ` Key=` begins.
+    """
+    matches = list(re.finditer(r"(?:^|\s)([A-Za-z][\w:/]*)=", line))
+    fields = {}
+    for m, nxt in zip(matches, matches[1:] + [None]):
+        end = nxt.start() if nxt else len(line)
+        fields[m.group(1)] = line[m.end() : end].strip()
+    return fields
+
+
 def job_fields(job_id: str) -> dict:
     """`scontrol show job -o` as a dict (Command=, TimeLimit=, NumNodes=, ...)."""
-    line = scontrol("show", "job", "-o", job_id).strip()
-    return dict(m.groups() for m in re.finditer(r"(\S+?)=(\S*)", line))
+    return parse_scontrol_line(scontrol("show", "job", "-o", job_id).strip())
 
 
 def hostnames() -> list[str]:
@@ -47,19 +60,7 @@ def hostnames() -> list[str]:
 
 def node_address(name: str) -> str:
     """A node's address as SLURM knows it (NodeAddr: resolvable even where the name is not)."""
-    m = re.search(r"NodeAddr=(\S+)", scontrol("show", "node", "-o", name))
-    return m.group(1) if m else name
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def tasks_per_node() -> int:
-    raw = os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE", "1")
-    return int(re.match(r"\d+", raw).group())
+    return parse_scontrol_line(scontrol("show", "node", "-o", name).strip()).get("NodeAddr") or name
 
 
 def write_hostfile(run: str, hosts: list[str], slots: int) -> str:

@@ -42,7 +42,6 @@ def export_adapter(strategy, model, out_dir: str, metadata: dict | None = None) 
     if strategy.is_rank0:
         _check_nonempty(state, out_dir)
         with written_aside("cannot export the period's adapter", out_dir) as tmp:
-            os.makedirs(tmp)
             model.peft_config["default"].save_pretrained(tmp)
             save_file(
                 state,

@@ -120,7 +120,6 @@ def export_recommender(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     with written_aside("cannot write the export", out) as tmp:
-        os.makedirs(tmp)
         if full:
             model.save_pretrained(tmp)
         else:

@@ -29,7 +29,9 @@ import os
 import peft
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from data_tools.dataset import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +193,5 @@ def make_regularizer(cfg, run, period: int, model: nn.Module, strategy) -> Proxi
         return None
     anchor = lora_factors(load_file(os.path.join(previous, "adapter_model.safetensors")))
     if strategy.is_rank0:
-        tmp = run.anchor_path(period) + ".tmp"
-        save_file(anchor, tmp)
-        os.replace(tmp, run.anchor_path(period))
+        atomic_write_bytes(run.anchor_path(period), save(anchor))
     return ProximalTerm(model, anchor, "kl" if name == "peso" else "l2", cfg.method.reduce)

@@ -11,15 +11,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import socket
 
 import torch
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from train.launch_env import free_port, tasks_per_node
 
 
 def _quiet_cpu_accelerator() -> None:
@@ -34,12 +29,11 @@ def _env_from_slurm() -> None:
     e = os.environ
     if "RANK" in e or "SLURM_PROCID" not in e or "MASTER_ADDR" not in e:
         return
-    tasks_here = e.get("SLURM_NTASKS_PER_NODE") or e.get("SLURM_TASKS_PER_NODE", "1").split("(")[0].split(",")[0]
     e.update(
         RANK=e["SLURM_PROCID"],
         WORLD_SIZE=e["SLURM_NTASKS"],
         LOCAL_RANK=e.get("SLURM_LOCALID", "0"),
-        LOCAL_WORLD_SIZE=tasks_here,
+        LOCAL_WORLD_SIZE=str(tasks_per_node(e)),
     )
 
 
@@ -48,7 +42,7 @@ def _single_process_env() -> None:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port("127.0.0.1")))
 
 
 class DeepSpeedStrategy:

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from launcher.periods import local_command
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MAIN = os.path.join(REPO, "train", "main.py")
@@ -26,15 +28,9 @@ def env() -> dict:
     return e
 
 
-def train_command(nproc: int, args: list[str]) -> list[str]:
-    if nproc == 1:
-        return [sys.executable, MAIN, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", MAIN, *args]
-
-
 def train(nproc: int, args: list[str], timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
     """Run train/main.py on `nproc` CPU ranks; on failure, show its output."""
-    proc = subprocess.run(train_command(nproc, args), env=env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    proc = subprocess.run(local_command(nproc, args, MAIN), env=env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

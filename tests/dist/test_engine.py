@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.dist.conftest import QUICK, REPO, RESPONSE, env, kill_all_with, train, train_command
+from launcher.periods import local_command
+from tests.dist.conftest import MAIN, QUICK, REPO, RESPONSE, env, kill_all_with, train
 from train.checkpoint import tag_step
 
 CONFIG = os.path.join(REPO, "configs", "tiny.yaml")
@@ -182,7 +183,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, small_data
     """10 steps: the sequence objective's epoch (60 chunks) ends inside them, the response one's does not."""
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     train(2, _resume_args(ds_configs[3], small_dataset, straight, objective))
-    proc = subprocess.Popen(train_command(2, _resume_args(ds_configs[3], small_dataset, killed, objective)), env=env(), cwd=REPO,
+    proc = subprocess.Popen(local_command(2, _resume_args(ds_configs[3], small_dataset, killed, objective), MAIN), env=env(), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     complete = os.path.join(killed, "periods", "0", "ds_ckpt", "COMPLETE.json")
     deadline = time.time() + 240

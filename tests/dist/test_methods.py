@@ -6,12 +6,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from launcher.periods import local_command
 from tests.dist.conftest import QUICK, REPO, env, train
 
 PROBE = os.path.join(REPO, "tests", "dist", "probe_methods.py")
@@ -20,9 +20,7 @@ CONFIG = os.path.join(REPO, "configs", "tiny.yaml")
 
 def probe(tmp_path, mode: str, kind: str) -> dict:
     out = str(tmp_path / f"{mode}-{kind}.safetensors")
-    cmd = [sys.executable, PROBE, mode, kind, out]
-    if mode == "zero3":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", PROBE, mode, kind, out]
+    cmd = local_command(2 if mode == "zero3" else 1, [mode, kind, out], PROBE)
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=240, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return load_file(out)

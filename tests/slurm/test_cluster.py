@@ -136,7 +136,7 @@ def test_usr1_requeues_the_job_and_the_rerun_sees_the_restart(slurm, tmp_path):
     """USR1 sent with `scancel --signal=USR1 --batch`, as a preemption notice arrives.
 
     Immediate, unlike `--signal=B:USR1@N` (next test), so this test takes about 12 s: the rerun
-    may start only `cred_expire + 1` = 11 s after the requeue (cluster.py).
+    may start only `cred_expire + 1` = 11 s after the requeue (conf.py).
     """
     script = write_script(tmp_path / "requeue.sh", REQUEUE_ON_USR1)
     job = slurm.sbatch(["--requeue", "--open-mode=append", "--output=job.log", str(script)], cwd=tmp_path)
