@@ -30,7 +30,9 @@ def env() -> dict:
 
 def train(nproc: int, args: list[str], timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
     """Run train/main.py on `nproc` CPU ranks; on failure, show its output."""
-    proc = subprocess.run(local_command(nproc, args, MAIN), env=env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    proc = subprocess.run(
+        local_command(nproc, args, MAIN), env=env(), capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -78,8 +80,16 @@ def cds_data(tmp_path_factory, cds_blocks) -> str:
     from data_tools.convert import ConvertOptions, convert
 
     out = str(tmp_path_factory.mktemp("cds") / "ds")
-    convert(ConvertOptions(format="blocks", reviews=cds_blocks, index=os.path.join(cds_blocks, "semantic_ids.json"),
-                           out=out, progress=False, log=sys.stdout))
+    convert(
+        ConvertOptions(
+            format="blocks",
+            reviews=cds_blocks,
+            index=os.path.join(cds_blocks, "semantic_ids.json"),
+            out=out,
+            progress=False,
+            log=sys.stdout,
+        )
+    )
     return out
 
 
@@ -88,5 +98,11 @@ def cds_data(tmp_path_factory, cds_blocks) -> str:
 RESPONSE = ["data.objective=response", "data.template=null", "data.separator=', '"]
 
 # Small, quick settings for the tiny model on the CDs blocks (overrides of configs/tiny.yaml).
-QUICK = ["data.micro_batch_size=4", "schedule.global_batch_size=8", "logging.every_steps=1", "logging.progress=false",
-         "eval.every_period=false", "data.eval_batch_size=64"]
+QUICK = [
+    "data.micro_batch_size=4",
+    "schedule.global_batch_size=8",
+    "logging.every_steps=1",
+    "logging.progress=false",
+    "eval.every_period=false",
+    "data.eval_batch_size=64",
+]

@@ -30,8 +30,9 @@ def main() -> None:
     with open(os.path.join(export, EXPORT_INFO)) as f:
         merged = json.load(f)["kind"] == "merged"
     if merged:
-        from data_tools.dataset import load_manifest
         from transformers import AutoModelForCausalLM
+
+        from data_tools.dataset import load_manifest
 
         model = AutoModelForCausalLM.from_pretrained(export).eval()  # the folder alone, as a serving stack loads it
         users = test_users(data, load_manifest(data), window, max_users, 0)[:8]
@@ -40,11 +41,18 @@ def main() -> None:
             prompt = rec.encoder.prompt(u["history"])
             ids = torch.tensor([prompt])
             with torch.no_grad():
-                seqs = model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=20, num_return_sequences=1,
-                                      max_new_tokens=rec.codebook.levels, do_sample=False, early_stopping=True,
-                                      logits_processor=[rec.logits_processor(len(prompt))],
-                                      pad_token_id=rec.tokenizer.pad_token_id)
-            top.append({"user": u["user"], "item": rec.codebook.item_of(seqs[0, len(prompt):].tolist())})
+                seqs = model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    num_beams=20,
+                    num_return_sequences=1,
+                    max_new_tokens=rec.codebook.levels,
+                    do_sample=False,
+                    early_stopping=True,
+                    logits_processor=[rec.logits_processor(len(prompt))],
+                    pad_token_id=rec.tokenizer.pad_token_id,
+                )
+            top.append({"user": u["user"], "item": rec.codebook.item_of(seqs[0, len(prompt) :].tolist())})
         result["generate_top"] = top
     result["deepspeed_imported"] = "deepspeed" in sys.modules
     with open(out, "w") as f:

@@ -37,8 +37,15 @@ NEW_TOKENS = list(range(200, 232))
 def build(tmp: str):
     """The same tiny model, LoRA factors (A and B both random) and anchor on every rank."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=232, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=232,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     base = os.path.join(tmp, "base")
     if not os.path.isdir(base):
         LlamaForCausalLM(config).save_pretrained(base)
@@ -142,8 +149,13 @@ def main():
     strategy = DeepSpeedStrategy()
     base = build(tmp) if strategy.is_rank0 else os.path.join(tmp, "base")
     strategy.barrier()
-    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 2 * strategy.world_size,
-          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "zero_allow_untested_optimizer": True}
+    ds = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": 2 * strategy.world_size,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,
+    }
     strategy.use_ds_config(ds)
     model = lora_model(base, cfg)
     anchor = anchor_of(model)
@@ -175,7 +187,9 @@ def main():
             ce = mean_ce(engine, sequence_batch(strategy.rank))
         term = prox.term()
         engine.backward(ce + term)
-        grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
+        grads = {
+            n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad
+        }
         if strategy.is_rank0:
             save_file({"term": term.detach().reshape(1), **grads}, out)
         strategy.close()
@@ -188,7 +202,11 @@ def main():
     # reaches each LoRA weight together with the backward through its module, which is when
     # ZeRO-3 has that weight whole again.
     engine.backward(0.0 * logits.sum() + term)
-    grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters() if "lora_" in n and p.requires_grad}
+    grads = {
+        n: safe_get_full_grad(p).detach().clone()
+        for n, p in engine.module.named_parameters()
+        if "lora_" in n and p.requires_grad
+    }
     if strategy.is_rank0:
         save_file({"term": term.detach().reshape(1), **grads}, out)
     strategy.close()

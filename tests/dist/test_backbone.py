@@ -28,9 +28,19 @@ def backbone(tmp_path_factory, ml_indexed) -> str:
         texts = [json.loads(line)["text"] for line in f]
     tok = train_sentencepiece_tokenizer(PromptTemplate().tokenizer_corpus(texts), folder)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     model.save_pretrained(folder)
     return folder
 
@@ -40,9 +50,28 @@ def test_local_backbone_resized_and_lora_trained_under_zero3(backbone, ml_indexe
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run = str(tmp_path / "run")
-    train(2, ["--ds_config", ds_configs[3], "--config", CONFIG, "--data", ml_indexed, "--run_dir", run,
-              f"model.path={backbone}", "model.shape=null", "model.period0=lora", "schedule.max_steps=4", *RESPONSE,
-              "data.micro_batch_size=4", "schedule.global_batch_size=8", "eval.max_users=16", "logging.progress=false"])
+    train(
+        2,
+        [
+            "--ds_config",
+            ds_configs[3],
+            "--config",
+            CONFIG,
+            "--data",
+            ml_indexed,
+            "--run_dir",
+            run,
+            f"model.path={backbone}",
+            "model.shape=null",
+            "model.period0=lora",
+            "schedule.max_steps=4",
+            *RESPONSE,
+            "data.micro_batch_size=4",
+            "schedule.global_batch_size=8",
+            "eval.max_users=16",
+            "logging.progress=false",
+        ],
+    )
     tok = AutoTokenizer.from_pretrained(os.path.join(run, "tokenizer"))
     original = AutoTokenizer.from_pretrained(backbone)
     assert len(tok) == len(original) + 4 * 256
@@ -59,7 +88,9 @@ def test_local_backbone_resized_and_lora_trained_under_zero3(backbone, ml_indexe
     assert 0.6 < float(rows.std(0).mean() / old.std(0).mean()) < 1.6
     base.resize_token_embeddings(len(tok))
     model = PeftModel.from_pretrained(base, os.path.join(run, "periods", "0", "adapter"))
-    live = {n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n or "trainable_tokens" in n}
+    live = {
+        n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n or "trainable_tokens" in n
+    }
     for k, v in state.items():
         assert torch.equal(live[k], v), k
     with open(os.path.join(run, "periods", "0", "metrics.json")) as f:
@@ -73,10 +104,28 @@ def test_launcher_runs_every_period_once_and_reports(ml_indexed, tmp_path):
     from tests.dist.conftest import env
 
     run = str(tmp_path / "run")
-    cmd = [sys.executable, "-m", "launcher", "run", "--config", CONFIG, "--data", ml_indexed, "--run", run,
-           "--ds_config", os.path.join(REPO, "ds_configs", "zero2.json"), "--nproc", "1",
-           "schedule.max_steps=2", "eval.max_users=8", "data.micro_batch_size=4", "schedule.global_batch_size=4",
-           "logging.progress=false", "checkpoint.every_steps=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launcher",
+        "run",
+        "--config",
+        CONFIG,
+        "--data",
+        ml_indexed,
+        "--run",
+        run,
+        "--ds_config",
+        os.path.join(REPO, "ds_configs", "zero2.json"),
+        "--nproc",
+        "1",
+        "schedule.max_steps=2",
+        "eval.max_users=8",
+        "data.micro_batch_size=4",
+        "schedule.global_batch_size=4",
+        "logging.progress=false",
+        "checkpoint.every_steps=1",
+    ]
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(os.path.join(run, "state.json")) as f:
@@ -85,4 +134,6 @@ def test_launcher_runs_every_period_once_and_reports(ml_indexed, tmp_path):
     stamps = {t: os.stat(os.path.join(run, "periods", str(t), "train_summary.json")).st_mtime_ns for t in range(5)}
     again = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert again.returncode == 0 and "== period" not in again.stdout  # nothing left to train
-    assert stamps == {t: os.stat(os.path.join(run, "periods", str(t), "train_summary.json")).st_mtime_ns for t in range(5)}
+    assert stamps == {
+        t: os.stat(os.path.join(run, "periods", str(t), "train_summary.json")).st_mtime_ns for t in range(5)
+    }

@@ -44,8 +44,24 @@ def zero_runs(tmp_path_factory, cds_data, ds_configs):
     runs = {}
     for stage in (2, 3):
         run = str(tmp_path_factory.mktemp(f"z{stage}") / "run")
-        train(2, ["--ds_config", ds_configs[stage], "--config", CONFIG, "--data", cds_data, "--run_dir", run,
-                  "schedule.max_steps=12", "checkpoint.every_steps=6", "optim.lr=3e-4", *QUICK, *RESPONSE])
+        train(
+            2,
+            [
+                "--ds_config",
+                ds_configs[stage],
+                "--config",
+                CONFIG,
+                "--data",
+                cds_data,
+                "--run_dir",
+                run,
+                "schedule.max_steps=12",
+                "checkpoint.every_steps=6",
+                "optim.lr=3e-4",
+                *QUICK,
+                *RESPONSE,
+            ],
+        )
         runs[stage] = run
     return runs
 
@@ -66,9 +82,19 @@ def test_tensorboard_holds_the_scalars(zero_runs):
     acc = EventAccumulator(os.path.join(zero_runs[3], "tb"), size_guidance={"scalars": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/input_tokens_per_s_per_rank",
-                "perf/target_tokens_per_s_per_rank", "perf/samples_per_s_per_rank", "perf/tflops_per_rank",
-                "perf/mfu_cpu_nominal", "perf/data_wait_share", "memory/cpu_max_rss_gib", "val/loss"):
+    for tag in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "perf/input_tokens_per_s_per_rank",
+        "perf/target_tokens_per_s_per_rank",
+        "perf/samples_per_s_per_rank",
+        "perf/tflops_per_rank",
+        "perf/mfu_cpu_nominal",
+        "perf/data_wait_share",
+        "memory/cpu_max_rss_gib",
+        "val/loss",
+    ):
         assert tag in tags, f"{tag} missing from {sorted(tags)}"
     assert all(v > 0 for v in scalars(zero_runs[3], "perf/tflops_per_rank").values())
     lr = scalars(zero_runs[3], "train/lr")
@@ -101,9 +127,25 @@ def lora_period(tmp_path_factory, cds_data, ds_configs, zero_runs):
     run = str(tmp_path_factory.mktemp("lora") / "run")
     shutil.copytree(zero_runs[3], run)
     for _ in range(2):
-        train(2, ["--ds_config", ds_configs[3], "--config", CONFIG, "--data", cds_data, "--run_dir", run,
-                  "schedule.max_steps=4", *QUICK, *RESPONSE, "eval.every_period=true", "eval.max_users=40",
-                  "data.eval_batch_size=16"])
+        train(
+            2,
+            [
+                "--ds_config",
+                ds_configs[3],
+                "--config",
+                CONFIG,
+                "--data",
+                cds_data,
+                "--run_dir",
+                run,
+                "schedule.max_steps=4",
+                *QUICK,
+                *RESPONSE,
+                "eval.every_period=true",
+                "eval.max_users=40",
+                "data.eval_batch_size=16",
+            ],
+        )
     return run
 
 
@@ -119,7 +161,9 @@ def test_peso_period_and_evaluation_under_zero3(lora_period):
         assert 0 <= w["overall"]["hit@5"] <= w["overall"]["hit@10"] <= w["overall"]["hit@20"] <= 1
         # the popularity reference, on the same users and groups
         assert w["users_in_window"] == {"0": 8494, "1": 1013, "2": 866}[j]
-        assert {g: v["users"] for g, v in w["popularity"]["groups"].items()} == {g: v["users"] for g, v in w["groups"].items()}
+        assert {g: v["users"] for g, v in w["popularity"]["groups"].items()} == {
+            g: v["users"] for g, v in w["groups"].items()
+        }
         assert 0 <= w["popularity"]["overall"]["hit@5"] <= w["popularity"]["overall"]["hit@20"] <= 1
 
 
@@ -135,7 +179,9 @@ def test_adapter_export_reloads_with_peft_on_a_plain_cpu_model(lora_period):
     tok = AutoTokenizer.from_pretrained(os.path.join(lora_period, "tokenizer"))
     base = AutoModelForCausalLM.from_pretrained(os.path.join(lora_period, "periods", "0", "model"))
     model = PeftModel.from_pretrained(base, adapter)
-    loaded = {n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n or "trainable_tokens" in n}
+    loaded = {
+        n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n or "trainable_tokens" in n
+    }
     for k, v in state.items():
         assert torch.equal(loaded[k], v), k
     ids = torch.tensor([tok("The user has interacted with items <a_1><b_2><c_3><d_4>")["input_ids"]])
@@ -150,8 +196,24 @@ def test_next_period_on_one_rank_starts_from_a_two_rank_export(lora_period, cds_
 
     run = str(tmp_path / "run")
     shutil.copytree(lora_period, run)
-    train(1, ["--ds_config", ds_configs[3], "--config", CONFIG, "--data", cds_data, "--run", run,
-              "schedule.max_steps=2", "optim.lr=0", "method.name=single", *QUICK, *RESPONSE])
+    train(
+        1,
+        [
+            "--ds_config",
+            ds_configs[3],
+            "--config",
+            CONFIG,
+            "--data",
+            cds_data,
+            "--run",
+            run,
+            "schedule.max_steps=2",
+            "optim.lr=0",
+            "method.name=single",
+            *QUICK,
+            *RESPONSE,
+        ],
+    )
     before = load_file(os.path.join(run, "periods", "2", "adapter", "adapter_model.safetensors"))
     after = load_file(os.path.join(run, "periods", "3", "adapter", "adapter_model.safetensors"))
     assert before.keys() == after.keys()
@@ -162,9 +224,22 @@ def test_next_period_on_one_rank_starts_from_a_two_rank_export(lora_period, cds_
 
 
 def _resume_args(ds, data, run, objective):
-    return ["--ds_config", ds, "--config", CONFIG, "--data", data, "--run_dir", run, "model.period0=lora",
-            "schedule.max_steps=10", "checkpoint.every_steps=2", "checkpoint.keep=2", *QUICK,
-            *(RESPONSE if objective == "response" else [])]
+    return [
+        "--ds_config",
+        ds,
+        "--config",
+        CONFIG,
+        "--data",
+        data,
+        "--run_dir",
+        run,
+        "model.period0=lora",
+        "schedule.max_steps=10",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep=2",
+        *QUICK,
+        *(RESPONSE if objective == "response" else []),
+    ]
 
 
 def _log_past_the_checkpoint(run: str) -> None:
@@ -183,8 +258,14 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, small_data
     """10 steps: the sequence objective's epoch (60 chunks) ends inside them, the response one's does not."""
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     train(2, _resume_args(ds_configs[3], small_dataset, straight, objective))
-    proc = subprocess.Popen(local_command(2, _resume_args(ds_configs[3], small_dataset, killed, objective), MAIN), env=env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        local_command(2, _resume_args(ds_configs[3], small_dataset, killed, objective), MAIN),
+        env=env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     complete = os.path.join(killed, "periods", "0", "ds_ckpt", "COMPLETE.json")
     deadline = time.time() + 240
     try:
@@ -202,14 +283,20 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, small_data
     assert not os.path.exists(os.path.join(killed, "periods", "0", "train_summary.json"))
     _log_past_the_checkpoint(killed)
     # Settings that may change when a period resumes (train/config.py) change here: it still resumes.
-    resumed = train(2, _resume_args(ds_configs[3], small_dataset, killed, objective) + ["checkpoint.keep=3", "eval.max_users=7"])
+    resumed = train(
+        2, _resume_args(ds_configs[3], small_dataset, killed, objective) + ["checkpoint.keep=3", "eval.max_users=7"]
+    )
     step = int(re.search(r"resumed period 0 at epoch \d+, micro-batch \d+, step (\d+)", resumed.stdout).group(1))
     assert 4 <= step < 10  # it really resumed mid-epoch, with steps left to train
     # TensorBoard: every step once, none lost by the kill, none twice after the resume.
     assert sorted(e.step for e in scalar_events(killed, "train/loss")) == list(range(1, 11))
     # No terminal here: step lines carry the time, elapsed time and the period's ETA.
-    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO period 0 step 10/10: loss .*, elapsed \d+:\d\d:\d\d, "
-                     r"ETA \d+:\d\d:\d\d$", resumed.stdout, re.M), resumed.stdout[-2000:]
+    assert re.search(
+        r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO period 0 step 10/10: loss .*, elapsed \d+:\d\d:\d\d, "
+        r"ETA \d+:\d\d:\d\d$",
+        resumed.stdout,
+        re.M,
+    ), resumed.stdout[-2000:]
     a = load_file(os.path.join(straight, "periods", "0", "adapter", "adapter_model.safetensors"))
     b = load_file(os.path.join(killed, "periods", "0", "adapter", "adapter_model.safetensors"))
     for k in a:
@@ -231,8 +318,23 @@ def test_zero3_offload_config_trains(tmp_path, cds_data):
     """ds_configs/zero3_offload.json as shipped: optimizer and parameters offloaded to the CPU,
     DeepSpeed's own AdamW (its "auto" values filled from the experiment), LoRA on 2 ranks."""
     run = str(tmp_path / "run")
-    train(2, ["--ds_config", os.path.join(REPO, "ds_configs", "zero3_offload.json"), "--config", CONFIG, "--data", cds_data,
-              "--run_dir", run, "model.period0=lora", "schedule.max_steps=3", *QUICK], timeout=900)
+    train(
+        2,
+        [
+            "--ds_config",
+            os.path.join(REPO, "ds_configs", "zero3_offload.json"),
+            "--config",
+            CONFIG,
+            "--data",
+            cds_data,
+            "--run_dir",
+            run,
+            "model.period0=lora",
+            "schedule.max_steps=3",
+            *QUICK,
+        ],
+        timeout=900,
+    )
     with open(os.path.join(run, "periods", "0", "config.json")) as f:
         ds = json.load(f)["ds_config"]
     assert ds["optimizer"]["params"]["lr"] == 3e-3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
@@ -244,8 +346,21 @@ def test_patience_ends_a_period_and_period0_has_its_own_epoch_cap(tmp_path, smal
     """With nothing to learn (lr 0) the validation loss never improves: period 0 stops after
     `patience` epochs past its best (epoch 0), below its cap; period 1 trains its own epochs."""
     run = str(tmp_path / "run")
-    common = ["--ds_config", ds_configs[2], "--config", CONFIG, "--data", small_dataset, "--run", run, "optim.lr=0",
-              "schedule.period0_epochs=8", "schedule.patience=2", "schedule.epochs=1", *QUICK]
+    common = [
+        "--ds_config",
+        ds_configs[2],
+        "--config",
+        CONFIG,
+        "--data",
+        small_dataset,
+        "--run",
+        run,
+        "optim.lr=0",
+        "schedule.period0_epochs=8",
+        "schedule.patience=2",
+        "schedule.epochs=1",
+        *QUICK,
+    ]
     train(1, common)
     with open(os.path.join(run, "periods", "0", "train_summary.json")) as f:
         summary = json.load(f)

@@ -57,7 +57,9 @@ def test_sequence_objective_with_peso_exact_under_zero3(tmp_path):
 
 def test_cumulative_forward_exact_under_zero3(tmp_path):
     plain, zero3 = probe(tmp_path, "plain", "cumulative"), probe(tmp_path, "zero3", "cumulative")
-    assert torch.allclose(plain["logits"], zero3["logits"], atol=1e-6, rtol=0), (plain["logits"] - zero3["logits"]).abs().max()
+    assert torch.allclose(plain["logits"], zero3["logits"], atol=1e-6, rtol=0), (
+        (plain["logits"] - zero3["logits"]).abs().max()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,15 +67,43 @@ def after_two_periods(tmp_path_factory, cds_data, ds_configs):
     """A run whose periods 0 (full) and 1 (first LoRA) are done: period 2 has an anchor."""
     run = str(tmp_path_factory.mktemp("two") / "run")
     for _ in range(2):
-        train(1, ["--ds_config", ds_configs[2], "--config", CONFIG, "--data", cds_data, "--run", run,
-                  "schedule.max_steps=3", *QUICK])
+        train(
+            1,
+            [
+                "--ds_config",
+                ds_configs[2],
+                "--config",
+                CONFIG,
+                "--data",
+                cds_data,
+                "--run",
+                run,
+                "schedule.max_steps=3",
+                *QUICK,
+            ],
+        )
     return run
 
 
 def _period2(base_run: str, where, cds_data, ds, *overrides) -> str:
     run = str(where)
     shutil.copytree(base_run, run)
-    train(1, ["--ds_config", ds, "--config", CONFIG, "--data", cds_data, "--run", run, "schedule.max_steps=4", *QUICK, *overrides])
+    train(
+        1,
+        [
+            "--ds_config",
+            ds,
+            "--config",
+            CONFIG,
+            "--data",
+            cds_data,
+            "--run",
+            run,
+            "schedule.max_steps=4",
+            *QUICK,
+            *overrides,
+        ],
+    )
     return run
 
 
@@ -88,7 +118,9 @@ def test_peso_with_lambda_zero_equals_single_bit_for_bit(after_two_periods, cds_
     assert os.path.exists(os.path.join(peso, "periods", "2", "anchor.safetensors"))
 
 
-def test_proximal_term_is_zero_at_the_start_and_positive_after_a_step(after_two_periods, cds_data, ds_configs, tmp_path):
+def test_proximal_term_is_zero_at_the_start_and_positive_after_a_step(
+    after_two_periods, cds_data, ds_configs, tmp_path
+):
     from tests.dist.test_engine import scalars
 
     run = _period2(after_two_periods, tmp_path / "peso", cds_data, ds_configs[2], "method.name=peso", "method.lam=1.0")
@@ -105,7 +137,9 @@ def test_proximal_term_is_zero_at_the_start_and_positive_after_a_step(after_two_
         assert json.load(f)["config"]["method"]["name"] == "peso"
 
 
-def test_gradient_checkpointing_gives_the_same_peso_period_under_zero3(after_two_periods, cds_data, ds_configs, tmp_path):
+def test_gradient_checkpointing_gives_the_same_peso_period_under_zero3(
+    after_two_periods, cds_data, ds_configs, tmp_path
+):
     """Non-reentrant checkpointing recomputes the LoRA forwards (and reruns the proximal hooks,
     which then must not add terms twice): the losses and the proximal term match a run without it."""
     from tests.dist.test_engine import scalars
@@ -114,9 +148,24 @@ def test_gradient_checkpointing_gives_the_same_peso_period_under_zero3(after_two
     for gc in ("false", "true"):
         run = str(tmp_path / f"gc-{gc}")
         shutil.copytree(after_two_periods, run)
-        train(2, ["--ds_config", ds_configs[3], "--config", CONFIG, "--data", cds_data, "--run_dir", run,
-                  "schedule.max_steps=4", *QUICK, "method.name=peso", "method.lam=1.0",
-                  f"model.gradient_checkpointing={gc}"])
+        train(
+            2,
+            [
+                "--ds_config",
+                ds_configs[3],
+                "--config",
+                CONFIG,
+                "--data",
+                cds_data,
+                "--run_dir",
+                run,
+                "schedule.max_steps=4",
+                *QUICK,
+                "method.name=peso",
+                "method.lam=1.0",
+                f"model.gradient_checkpointing={gc}",
+            ],
+        )
         runs[gc] = run
     for tag in ("train/loss", "train/proximal"):
         a, b = scalars(runs["false"], tag), scalars(runs["true"], tag)

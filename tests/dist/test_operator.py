@@ -25,7 +25,20 @@ SETTINGS = [*QUICK, "schedule.max_steps=12", "checkpoint.every_steps=2"]
 
 def _period0_args(ds_config: str, data: str, run: str, *extra: str) -> list[str]:
     """What `launcher run` gives train/main.py for period 0, plus `extra`."""
-    return ["--ds_config", ds_config, "--config", CONFIG, "--data", data, "--run_dir", run, "--period", "0", *SETTINGS, *extra]
+    return [
+        "--ds_config",
+        ds_config,
+        "--config",
+        CONFIG,
+        "--data",
+        data,
+        "--run_dir",
+        run,
+        "--period",
+        "0",
+        *SETTINGS,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +46,28 @@ def stopped(tmp_path_factory, small_dataset, ds_configs):
     """A `python -m launcher run` sent SIGTERM once period 0 has its first checkpoint: its exit
     code and stderr, and the run folder it left."""
     run = str(tmp_path_factory.mktemp("stopped") / "run")
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", "run", "--config", CONFIG, "--data", small_dataset,
-                             "--run", run, "--ds_config", ds_configs[2], *SETTINGS],
-                            env=env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "launcher",
+            "run",
+            "--config",
+            CONFIG,
+            "--data",
+            small_dataset,
+            "--run",
+            run,
+            "--ds_config",
+            ds_configs[2],
+            *SETTINGS,
+        ],
+        env=env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     complete = os.path.join(run, "periods", "0", "ds_ckpt", "COMPLETE.json")
     deadline = time.time() + 240
     while not os.path.exists(complete):
@@ -64,7 +96,9 @@ def _copy(stopped, tmp_path) -> str:
 
 def test_resuming_with_a_changed_config_is_an_error_naming_the_keys(stopped, tmp_path):
     run = _copy(stopped, tmp_path)
-    proc = train(1, _period0_args(stopped["ds"], stopped["data"], run, "optim.lr=1e-3", "schedule.max_steps=30"), check=False)
+    proc = train(
+        1, _period0_args(stopped["ds"], stopped["data"], run, "optim.lr=1e-3", "schedule.max_steps=30"), check=False
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "period 0 would resume from its checkpoint" in proc.stderr
     assert "optim.lr: 0.003 -> 0.001" in proc.stderr and "schedule.max_steps: 12 -> 30" in proc.stderr
@@ -73,8 +107,10 @@ def test_resuming_with_a_changed_config_is_an_error_naming_the_keys(stopped, tmp
 
 def test_restart_period_discards_the_checkpoints_and_trains_with_the_new_config(stopped, tmp_path):
     run = _copy(stopped, tmp_path)
-    proc = train(1, _period0_args(stopped["ds"], stopped["data"], run, "optim.lr=1e-3", "schedule.max_steps=4",
-                                  "--restart-period"))
+    proc = train(
+        1,
+        _period0_args(stopped["ds"], stopped["data"], run, "optim.lr=1e-3", "schedule.max_steps=4", "--restart-period"),
+    )
     assert "period 0: --restart-period: its checkpoints are discarded" in proc.stdout
     assert "resumed period 0" not in proc.stdout
     with open(os.path.join(run, "periods", "0", "train_summary.json")) as f:

@@ -39,8 +39,9 @@ def method_runs(tmp_path_factory, cds_data, ds_configs) -> dict[str, str]:
 
 
 def launcher(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher", *args], env=env(), capture_output=True, text=True,
-                          timeout=300, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "launcher", *args], env=env(), capture_output=True, text=True, timeout=300, cwd=REPO
+    )
 
 
 def evaluation_of(run: str, period: int) -> tuple[dict, list[dict]]:
@@ -51,7 +52,9 @@ def evaluation_of(run: str, period: int) -> tuple[dict, list[dict]]:
     return metrics, lists
 
 
-@pytest.mark.parametrize("method,merged", [("peso", False), ("single", True), ("cumulative", False), ("cumulative", True)])
+@pytest.mark.parametrize(
+    "method,merged", [("peso", False), ("single", True), ("cumulative", False), ("cumulative", True)]
+)
 def test_export_reproduces_the_evaluation_in_a_fresh_process(method_runs, cds_data, tmp_path, method, merged):
     run = method_runs[method]
     out = str(tmp_path / "export")
@@ -67,8 +70,14 @@ def test_export_reproduces_the_evaluation_in_a_fresh_process(method_runs, cds_da
             r = json.load(f)["r"]
         assert r == (16 if method == "cumulative" else 8)  # the frozen sum folded in as extra rank
     result_path = str(tmp_path / "probe.json")
-    probe = subprocess.run([sys.executable, PROBE, out, cds_data, "2", str(USERS), result_path], env=env(),
-                           capture_output=True, text=True, timeout=300, cwd=REPO)
+    probe = subprocess.run(
+        [sys.executable, PROBE, out, cds_data, "2", str(USERS), result_path],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert probe.returncode == 0, probe.stderr[-3000:]
     with open(result_path) as f:
         result = json.load(f)
