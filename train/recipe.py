@@ -43,8 +43,9 @@ log = logging.getLogger(__name__)
 
 
 class PeriodRecipe:
-    """One period of `run`: `run()` sets up, then trains and evaluates (or, with `eval_only`,
-    evaluates the period's export again) and returns the process's exit code."""
+    """One period of a run folder, as its plan says: `run()` sets up, then trains and evaluates
+    (or, with `plan.eval_only`, evaluates the period's export again) and returns the process's
+    exit code."""
 
     def __init__(self, cfg, ds_template: dict, manifest: dict, run, plan: PeriodPlan):
         self.cfg, self.ds_template, self.manifest, self.run_folder, self.plan = cfg, ds_template, manifest, run, plan
