@@ -261,7 +261,7 @@ def config_from_dict(data: dict) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    """Checks that need no other process; batch arithmetic needs the world size (check_batch)."""
+    """Checks that need no other process; batch arithmetic needs the world size (accumulation_steps)."""
     m = cfg.model
     if (m.path is None) == (m.shape is None):
         raise ConfigError(

@@ -54,18 +54,18 @@ def plan_epoch(samples: int, world_size: int, micro_batch_size: int, accumulatio
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Left-pad encoded examples into tensors. `targets` are the labels from the first labelled
     column of the batch on: the loss needs logits for those positions only."""
-    width = max(len(e["input_ids"]) for e in examples)
-    n = len(examples)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    labels = torch.full((n, width), IGNORE, dtype=torch.long)
-    for i, e in enumerate(examples):
-        k = len(e["input_ids"])
-        if len(e["labels"]) != k:
+    width = max(len(example["input_ids"]) for example in examples)
+    rows = len(examples)
+    ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((rows, width), dtype=torch.long)
+    labels = torch.full((rows, width), IGNORE, dtype=torch.long)
+    for i, example in enumerate(examples):
+        length = len(example["input_ids"])
+        if len(example["labels"]) != length:
             raise ValueError("input_ids and labels differ in length")
-        ids[i, width - k :] = torch.tensor(e["input_ids"])
-        mask[i, width - k :] = 1
-        labels[i, width - k :] = torch.tensor(e["labels"])
+        ids[i, width - length :] = torch.tensor(example["input_ids"])
+        mask[i, width - length :] = 1
+        labels[i, width - length :] = torch.tensor(example["labels"])
     labelled = (labels != IGNORE).any(0).nonzero()
     first = int(labelled[0]) if len(labelled) else width - 1
     return {
@@ -141,11 +141,11 @@ class RankEpoch(torch.utils.data.IterableDataset):
     def _items(self):
         first = True
         while True:
-            n = 0
+            count = 0
             for item in self.source.one_pass(self.rank, self.world_size, self.seed, self.epoch):
-                n += 1
+                count += 1
                 yield item, first
-            if n == 0:
+            if count == 0:
                 raise ValueError(
                     f"rank {self.rank} has no {self.split} samples in window {self.window} "
                     f"(the split has fewer samples than ranks)"
@@ -156,37 +156,29 @@ class RankEpoch(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         stream = self._items()
-        for j in range(self.micro_batches):
+        for index in range(self.micro_batches):
             batch = list(itertools.islice(stream, self.micro_batch_size))
-            if j < self.start or (j - self.start) % workers != worker:
+            if index < self.start or (index - self.start) % workers != worker:
                 continue
             examples = []
             for item, fresh in batch:
-                e = self.encode(item)
+                example = self.encode(item)
                 if not fresh and self.pad_with == "mask":
-                    e = {"input_ids": e["input_ids"], "labels": [IGNORE] * len(e["labels"])}
-                examples.append(e)
+                    example = {"input_ids": example["input_ids"], "labels": [IGNORE] * len(example["labels"])}
+                examples.append(example)
             yield collate(examples, self.pad_id)
 
 
 class WindowData:
-    """Loaders over one window's splits for one rank."""
+    """Loaders over one window's splits for one rank; `encoder` (train/vocab.py's SampleEncoder)
+    turns an item into token ids and labels, padded with its tokenizer's pad token."""
 
     def __init__(
-        self,
-        root: str,
-        manifest: dict,
-        window: int,
-        cfg,
-        rank: int,
-        world_size: int,
-        accumulation: int,
-        encode,
-        pad_id: int,
+        self, root: str, manifest: dict, window: int, *, cfg, encoder, rank: int, world_size: int, accumulation: int
     ):
         self.window, self.cfg = window, cfg
         self.rank, self.world_size, self.accumulation = rank, world_size, accumulation
-        self.encode, self.pad_id = encode, pad_id
+        self.encode, self.pad_id = encoder, encoder.tokenizer.pad_token_id
         if cfg.data.objective == "sequence":
             self.train_source = SequenceChunks(root, manifest, window, cfg.data.max_history)
         else:

@@ -63,13 +63,13 @@ def constrained_beam_search(
     """Top `beams` code sequences per prompt: (tokens [B, beams, levels], log-prob scores [B, beams]).
 
     `forward(input_ids, attention_mask, position_ids, cache)` returns last-position logits [N, V]."""
-    b = len(prompts)
-    width = max(len(p) for p in prompts)
+    b = len(prompts)  # B
+    width = max(len(prompt) for prompt in prompts)
     ids = torch.full((b, width), pad_id, dtype=torch.long)
     mask = torch.zeros((b, width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt) :] = torch.tensor(prompt)
+        mask[i, width - len(prompt) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     position = (mask.cumsum(1) - 1).clamp(min=0)
     cache = DynamicCache()
@@ -139,141 +139,161 @@ class EvalProgress:
         self.bar.close()
 
 
-def evaluate_window(cfg, strategy, engine, encoder, manifest, window: int) -> dict:
-    """One window's test users (all, or the seeded sample of eval.max_users), shared round-robin
-    by the ranks, combined across ranks; with the popularity reference on the same users."""
-    users = test_users(cfg.data.path, manifest, window, cfg.eval.max_users, cfg.eval.seed)
-    samples = users[strategy.rank :: strategy.world_size]
-    per_rank = math.ceil(len(users) / strategy.world_size)
-    batch = cfg.data.eval_batch_size
-    batches = math.ceil(per_rank / batch)
-    codebook = encoder.codebook
-    trie, levels, beams = codebook.trie, codebook.levels, cfg.eval.beams
-    popular = popular_codes(cfg.data.path, manifest, window, codebook, max(cfg.eval.ks))
-    pad_id = encoder.tokenizer.pad_token_id
+class Evaluator:
+    """The evaluation of one period's model, built once per period: after period i, the test sets
+    of windows 0..i (row i of R), written to metrics.json; and each of window i's test users' top
+    items (internal item ids, best first, with their beam log-probabilities and the target's rank)
+    to recommendations.jsonl."""
 
-    def forward(ids, mask, position, cache):
-        out = engine(
+    def __init__(self, *, cfg, strategy, engine, encoder, manifest: dict, period: int, run, logger):
+        self.cfg, self.strategy, self.engine, self.encoder = cfg, strategy, engine, encoder
+        self.manifest, self.period, self.run, self.logger = manifest, period, run, logger
+
+    def _forward(self, ids, mask, position, cache):
+        out = self.engine(
             input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True, logits_to_keep=1
         )
         return out.logits[:, -1]
 
-    ranks, popularity_ranks, groups, invalid, lists = [], [], [], 0, []
-    loss_sum = loss_count = 0.0
-    engine.eval()
-    dummy = encoder.prompt([0])
-    masked = encoder.target([0], 0)
-    masked = {"input_ids": masked["input_ids"], "labels": [IGNORE] * len(masked["labels"])}
-    progress = EvalProgress(window, len(users), batches, strategy.is_rank0 and cfg.logging.progress)
-    for k in range(batches):
-        chunk = samples[k * batch : (k + 1) * batch]
-        prompts = [encoder.prompt(s["history"]) for s in chunk]
-        prompts += [dummy] * (batch - len(prompts))  # padding for the collective: results ignored
-        seqs, scores = constrained_beam_search(forward, prompts, trie, levels, beams, pad_id, strategy.device)
-        # The test loss (cross-entropy of the target's tokens, teacher-forced): a finer signal of
-        # forgetting than the hit rates.
-        examples = [encoder.target(s["history"], s["target"]) for s in chunk]
-        examples += [masked] * (batch - len(examples))
-        full = {key: v.to(strategy.device) for key, v in collate(examples, pad_id).items()}
-        with torch.no_grad():
-            total, count = lm_loss(engine, full, cfg.method.temperature)
-        loss_sum += float(total)
-        loss_count += float(count)
-        for i, s in enumerate(chunk):
-            target = tuple(codebook.item_token_ids(s["target"]))
-            rank = None
-            items, item_scores = [], []
-            for j in range(beams):
-                if scores[i, j] == NEG:
-                    continue
-                code = tuple(seqs[i, j].tolist())
-                item = codebook.item_of(code)
-                if item is None:
-                    invalid += 1
-                    continue
-                if code == target and rank is None:
-                    rank = len(items)
-                items.append(item)
-                item_scores.append(round(float(scores[i, j]), 6))
-            ranks.append(rank)
-            lists.append(
-                {
-                    "user": s["user"],
-                    "group": s["group"],
-                    "target": s["target"],
-                    "rank": rank,
-                    "items": items,
-                    "scores": item_scores,
-                }
+    def evaluate_window(self, window: int) -> dict:
+        """One window's test users (all, or the seeded sample of eval.max_users), shared round-robin
+        by the ranks, combined across ranks; with the popularity reference on the same users."""
+        cfg, strategy, engine, encoder = self.cfg, self.strategy, self.engine, self.encoder
+        users = test_users(cfg.data.path, self.manifest, window, cfg.eval.max_users, cfg.eval.seed)
+        samples = users[strategy.rank :: strategy.world_size]
+        per_rank = math.ceil(len(users) / strategy.world_size)
+        batch_size = cfg.data.eval_batch_size
+        batches = math.ceil(per_rank / batch_size)
+        codebook = encoder.codebook
+        beams = cfg.eval.beams
+        popular = popular_codes(cfg.data.path, self.manifest, window, codebook, max(cfg.eval.ks))
+        pad_id = encoder.tokenizer.pad_token_id
+
+        ranks, popularity_ranks, groups, invalid, lists = [], [], [], 0, []
+        loss_sum = loss_count = 0.0
+        engine.eval()
+        dummy = encoder.prompt([0])
+        masked = encoder.target([0], 0)
+        masked = {"input_ids": masked["input_ids"], "labels": [IGNORE] * len(masked["labels"])}
+        progress = EvalProgress(window, len(users), batches, strategy.is_rank0 and cfg.logging.progress)
+        for k in range(batches):
+            chunk = samples[k * batch_size : (k + 1) * batch_size]
+            prompts = [encoder.prompt(sample["history"]) for sample in chunk]
+            prompts += [dummy] * (batch_size - len(prompts))  # padding for the collective: results ignored
+            seqs, scores = constrained_beam_search(
+                self._forward, prompts, codebook.trie, codebook.levels, beams, pad_id, strategy.device
             )
-            popularity_ranks.append(popular.index(target) if target in popular else None)
-            groups.append(s["group"])
-        progress.batch_done(k)
-    progress.close()
-    engine.train()
-    out = _combine(strategy, ranks, groups, invalid, cfg.eval.ks)
-    reference = _combine(strategy, popularity_ranks, groups, 0, cfg.eval.ks)
-    out["popularity"] = {"overall": reference["overall"], "groups": reference["groups"]}
-    out["recommendations"] = lists  # this rank's users; evaluate_period gathers the current window's
-    out["users_in_window"] = split_size(cfg.data.path, window, "test", manifest)
-    loss_sum, loss_count = strategy.all_reduce_sum([loss_sum, loss_count])
-    out["overall"]["test_loss"] = loss_sum / max(loss_count, 1.0)
-    return out
+            # The test loss (cross-entropy of the target's tokens, teacher-forced): a finer signal of
+            # forgetting than the hit rates.
+            examples = [encoder.target(sample["history"], sample["target"]) for sample in chunk]
+            examples += [masked] * (batch_size - len(examples))
+            with torch.no_grad():
+                total, count = lm_loss(engine, strategy.to_device(collate(examples, pad_id)), cfg.method.temperature)
+            loss_sum += float(total)
+            loss_count += float(count)
+            for i, sample in enumerate(chunk):
+                target = tuple(codebook.item_token_ids(sample["target"]))
+                rank = None
+                items, item_scores = [], []
+                for j in range(beams):
+                    if scores[i, j] == NEG:
+                        continue
+                    code = tuple(seqs[i, j].tolist())
+                    item = codebook.item_of(code)
+                    if item is None:
+                        invalid += 1
+                        continue
+                    if code == target and rank is None:
+                        rank = len(items)
+                    items.append(item)
+                    item_scores.append(round(float(scores[i, j]), 6))
+                ranks.append(rank)
+                lists.append(
+                    {
+                        "user": sample["user"],
+                        "group": sample["group"],
+                        "target": sample["target"],
+                        "rank": rank,
+                        "items": items,
+                        "scores": item_scores,
+                    }
+                )
+                popularity_ranks.append(popular.index(target) if target in popular else None)
+                groups.append(sample["group"])
+            progress.batch_done(k)
+        progress.close()
+        engine.train()
+        out = self._combine(ranks, groups, invalid)
+        reference = self._combine(popularity_ranks, groups, 0)
+        out["popularity"] = {"overall": reference["overall"], "groups": reference["groups"]}
+        out["recommendations"] = lists  # this rank's users; `evaluate` gathers the current window's
+        out["users_in_window"] = split_size(cfg.data.path, window, "test", self.manifest)
+        loss_sum, loss_count = strategy.all_reduce_sum([loss_sum, loss_count])
+        out["overall"]["test_loss"] = loss_sum / max(loss_count, 1.0)
+        return out
 
+    def _combine(self, ranks: list, groups: list, invalid: int) -> dict:
+        """Sum hits, NDCG and counts across ranks (overall and per group), then average."""
+        ks = self.cfg.eval.ks
+        keys = [f"{metric}@{k}" for k in ks for metric in ("hit", "ndcg")]
+        sums = []
+        for group in [None] + list(GROUPS):  # None: every user
+            chosen = [r for r, g in zip(ranks, groups) if group is None or g == group]
+            metrics = rank_metrics(chosen, ks)
+            sums += [len(chosen)] + [metrics[key] * len(chosen) for key in keys]
+        sums.append(invalid)
+        total = self.strategy.all_reduce_sum(sums)
+        out, pos = {}, 0
+        for group in [None] + list(GROUPS):
+            users = total[pos]
+            vals = {key: (total[pos + 1 + i] / users if users else 0.0) for i, key in enumerate(keys)}
+            pos += 1 + len(keys)
+            if group is None:
+                out["users"], out["overall"] = int(users), vals
+            else:
+                out.setdefault("groups", {})[group] = {"users": int(users), **vals}
+        out["invalid_outputs"] = int(total[pos])
+        return out
 
-def _combine(strategy, ranks: list, groups: list, invalid: int, ks) -> dict:
-    """Sum hits, NDCG and counts across ranks (overall and per group), then average."""
-    keys = [f"{m}@{k}" for k in ks for m in ("hit", "ndcg")]
-    vec = []
-    for sel in [None] + list(GROUPS):
-        chosen = [r for r, g in zip(ranks, groups) if sel is None or g == sel]
-        m = rank_metrics(chosen, ks)
-        vec += [len(chosen)] + [m[key] * len(chosen) for key in keys]
-    vec.append(invalid)
-    total = strategy.all_reduce_sum(vec)
-    out, pos = {}, 0
-    for sel in [None] + list(GROUPS):
-        users = total[pos]
-        vals = {key: (total[pos + 1 + i] / users if users else 0.0) for i, key in enumerate(keys)}
-        pos += 1 + len(keys)
-        if sel is None:
-            out["users"], out["overall"] = int(users), vals
-        else:
-            out.setdefault("groups", {})[sel] = {"users": int(users), **vals}
-    out["invalid_outputs"] = int(total[pos])
-    return out
+    def evaluate(self, *, step: int) -> dict:
+        """Windows 0..period, written to the period's metrics.json and recommendations.jsonl and to
+        TensorBoard at `step`; returns metrics.json's content."""
+        cfg, strategy, period = self.cfg, self.strategy, self.period
+        windows, recommendations = {}, None
+        for j in range(period + 1):
+            if self.manifest["windows"][j]["stats"]["samples"]["test"] == 0:
+                continue
+            windows[str(j)] = self.evaluate_window(j)
+            lists = windows[str(j)].pop("recommendations")
+            if j == period:
+                recommendations = strategy.gather_to_rank0(lists)
+            if windows[str(j)]["invalid_outputs"]:
+                raise RuntimeError(
+                    f"constrained decoding produced {windows[str(j)]['invalid_outputs']} invalid items in window {j}"
+                )
+        current = windows.get(str(period))
+        result = {
+            "period": period,
+            "method": cfg.method.name,
+            "ks": cfg.eval.ks,
+            "windows": windows,
+            "overall": current["overall"] if current else {},
+            "groups": current["groups"] if current else {},
+        }
+        if strategy.is_rank0:
+            self._write(result, recommendations, step)
+        return result
 
-
-def evaluate_period(cfg, strategy, engine, encoder, manifest, period: int, run, logger, step: int) -> dict:
-    """After period i: the test sets of windows 0..i (row i of R), written to metrics.json; and
-    each of window i's test users' top items (internal item ids, best first, with their beam
-    log-probabilities and the target's rank) to recommendations.jsonl."""
-    windows, recommendations = {}, None
-    for j in range(period + 1):
-        if manifest["windows"][j]["stats"]["samples"]["test"] == 0:
-            continue
-        windows[str(j)] = evaluate_window(cfg, strategy, engine, encoder, manifest, j)
-        lists = windows[str(j)].pop("recommendations")
-        if j == period:
-            recommendations = strategy.gather_to_rank0(lists)
-        if windows[str(j)]["invalid_outputs"]:
-            raise RuntimeError(
-                f"constrained decoding produced {windows[str(j)]['invalid_outputs']} invalid items in window {j}"
-            )
-    current = windows.get(str(period))
-    result = {
-        "period": period,
-        "method": cfg.method.name,
-        "ks": cfg.eval.ks,
-        "windows": windows,
-        "overall": current["overall"] if current else {},
-        "groups": current["groups"] if current else {},
-    }
-    if strategy.is_rank0:
-        atomic_write_json(run.metrics_path(period), result)
+    def _write(self, result: dict, recommendations: list | None, step: int) -> None:
+        """Rank 0: metrics.json, recommendations.jsonl, the eval/* scalars and the log lines."""
+        period, logger, windows = self.period, self.logger, result["windows"]
+        current = windows.get(str(period))
+        atomic_write_json(self.run.metrics_path(period), result)
         if recommendations is not None:
             rows = sorted((r for part in recommendations for r in part), key=lambda r: r["user"])
-            atomic_write_bytes(run.recommendations_path(period), "".join(json.dumps(r) + "\n" for r in rows).encode())
+            atomic_write_bytes(
+                self.run.recommendations_path(period), "".join(json.dumps(r) + "\n" for r in rows).encode()
+            )
         for j, w in windows.items():
             logger.scalars({f"eval/window{j}/{k}": v for k, v in w["overall"].items()}, step)
         if current:
@@ -289,4 +309,3 @@ def evaluate_period(cfg, strategy, engine, encoder, manifest, period: int, run, 
                 "   most popular items of the window (reference): "
                 + ", ".join(f"{k} {v:.4f}" for k, v in current["popularity"]["overall"].items())
             )
-    return result

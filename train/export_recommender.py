@@ -32,9 +32,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from data_tools.dataset import ITEM_INDEX, ITEMS, written_aside
-from train.model import backbone_dir
+from train.plan import backbone_dir, frozen_adapter_periods, trains_in_full
 from train.recommender import EXPORT_INFO, last_done_period, load_period_model, plain_backbone, saved_config
-from train.regularizers import frozen_adapter_periods, normalized
+from train.regularizers import normalized
 from train.run_folder import RunFolder
 
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
@@ -91,7 +91,7 @@ def export_recommender(
     if os.path.exists(out) and not os.path.isfile(os.path.join(out, EXPORT_INFO)):
         raise FileExistsError(f"{out} exists and is not an earlier export (no {EXPORT_INFO}); choose a new folder")
     tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_dir)
-    full = cfg.model.period0 == "full" and period == 0
+    full = trains_in_full(cfg, period)
     kind = "merged" if merged or full else "adapter"
     if full:  # no adapter: period 0's model is the recommender
         model = load_period_model(run, cfg, period, len(tokenizer))

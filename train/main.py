@@ -9,72 +9,73 @@
 A period that resumes from its checkpoint must keep the config it started with (the keys that may
 change are marked in train/config.py); --restart-period discards its checkpoints instead.
 
-Read top to bottom: configuration (every error before any rank trains) -> distributed set-up
--> vocabulary -> model -> data -> DeepSpeed engine -> train (resuming if a checkpoint exists)
--> export the adapter -> evaluate -> mark the period done in state.json.
+Read top to bottom: configuration (every error before any rank trains) -> the period's plan
+(train/plan.py) -> the period's recipe (train/recipe.py): distributed set-up -> vocabulary ->
+model -> data -> DeepSpeed engine -> train (resuming if a checkpoint exists) -> export the
+adapter -> evaluate -> mark the period done in state.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import math
 import os
-import shutil
 import sys
 import warnings
 
 from data_tools.dataset import DISK_FULL, WriteError
 
-log = logging.getLogger("train.main")  # "__main__" when run as a script: outside the configured loggers
-
 
 def build_parser() -> argparse.ArgumentParser:
     from data_tools.help_format import HelpFormatter
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument(
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument(
         "--ds_config",
         help="DeepSpeed config (ds_configs/zero2.json, zero3.json, zero3_offload.json); "
         "required to train (default: none)",
     )
-    p.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
-    p.add_argument("--data", help="dataset folder (python -m data_tools convert) (default: data.path in the config)")
+    parser.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
+    parser.add_argument(
+        "--data", help="dataset folder (python -m data_tools convert) (default: data.path in the config)"
+    )
     # torchrun reads "--run" as an abbreviation of its own --run-path: spell it --run_dir there.
-    p.add_argument(
+    parser.add_argument(
         "--run",
         "--run_dir",
         dest="run",
         help="run folder: periods, checkpoints, TensorBoard, state.json; required to train (default: none)",
     )
-    p.add_argument("--period", type=int, help="period to train (default: the next one by the run's state.json)")
-    p.add_argument("--eval_only", action="store_true", help="evaluate the period's exported model again; no training")
-    p.add_argument(
+    parser.add_argument("--period", type=int, help="period to train (default: the next one by the run's state.json)")
+    parser.add_argument(
+        "--eval_only", action="store_true", help="evaluate the period's exported model again; no training"
+    )
+    parser.add_argument(
         "--restart-period",
         action="store_true",
         help="discard the period's checkpoints and train it from its start (to resume with a changed config)",
     )
-    p.add_argument(
+    parser.add_argument(
         "--print-config",
         action="store_true",
         help="print every key of the resolved config (type, value, default, help) and exit",
     )
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    p.add_argument(
+    # passed by the deepspeed launcher
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
         "overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 schedule.epochs=2 (default: none)"
     )
-    return p
+    return parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = build_parser()
-    args = p.parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     missing = [flag for flag, value in (("--ds_config", args.ds_config), ("--run", args.run)) if value is None]
     if missing and not args.print_config:
-        p.error(f"the following arguments are required: {', '.join(missing)}")
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
     if args.eval_only and args.restart_period:
-        p.error("--restart-period trains the period again: it does not go with --eval_only")
+        parser.error("--restart-period trains the period again: it does not go with --eval_only")
     return args
 
 
@@ -98,6 +99,7 @@ def check_inputs(args):
     from data_tools.dataset import ITEM_INDEX, load_manifest
     from train.config import ConfigError, accumulation_steps, load_config
     from train.ds_config import load_ds_config
+    from train.plan import export_dir, trains_in_full
     from train.run_folder import RunFolder
 
     cfg = load_config(args.config, args.overrides)
@@ -125,13 +127,13 @@ def check_inputs(args):
         raise ConfigError(f"window {period} has no training samples (no eligible user); nothing to train")
     if cfg.model.path and not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
         raise ConfigError(f"model.path {cfg.model.path} is not a Hugging Face model folder (no config.json)")
-    if cfg.model.period0 == "full" and period > 0 and not os.path.isdir(run.model_dir(0)):
+    if period > 0 and trains_in_full(cfg, 0) and not os.path.isdir(run.model_dir(0)):
         raise ConfigError(f"period {period} needs period 0's model ({run.model_dir(0)}); train period 0 first")
     accumulation_steps(cfg, int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1))
     if not args.eval_only and not args.restart_period:
         check_resume(run, period, cfg)
     if args.eval_only:
-        export = run.model_dir(period) if cfg.model.period0 == "full" and period == 0 else run.adapter_dir(period)
+        export = export_dir(cfg, run, period)
         if not os.path.isdir(export):
             raise ConfigError(f"--eval_only needs period {period}'s export ({export}); train the period first")
     return cfg, ds_template, manifest, run, period
@@ -194,208 +196,12 @@ def _write_failed(message: str) -> int:
 
 
 def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool = False, restart: bool = False) -> int:
-    from data_tools.dataset import atomic_write_json
-    from train.checkpoint import Checkpointer
-    from train.config import accumulation_steps, period_epochs
-    from train.data import WindowData
-    from train.ds_config import fill_ds_config, resolve_dtype
-    from train.evaluate import evaluate_period
-    from train.exit_codes import EXIT_REQUEUE
-    from train.export import export_adapter, export_full_model
-    from train.flops import FlopCounter, device_peak_flops
-    from train.logs import configure_logging
-    from train.metrics import MetricsLogger
-    from train.model import (
-        apply_lora,
-        backbone_dir,
-        build_shape_backbone,
-        hidden_size,
-        load_adapter_weights,
-        load_backbone,
-        load_full_weights,
-        param_groups,
-    )
-    from train.regularizers import make_regularizer, previous_adapter
-    from train.schedule import make_optimizer, make_scheduler
-    from train.strategy import DeepSpeedStrategy
-    from train.trainer import StopRequested, Trainer
-    from train.vocab import SampleEncoder, load_vocab
+    """Plan the period, then run it (train/recipe.py); returns the exit code."""
+    from train.plan import PeriodPlan
+    from train.recipe import PeriodRecipe
 
-    # ---- distributed set-up and vocabulary -----------------------------------------------------
-    strategy = DeepSpeedStrategy()
-    configure_logging(strategy.rank)
-    accumulation = accumulation_steps(cfg, strategy.world_size)
-    dtype = resolve_dtype(cfg, strategy.cuda, strategy.bf16_supported)
-    if strategy.is_rank0 and not eval_only:
-        os.makedirs(run.period_dir(period), exist_ok=True)
-        run.save_state(period=period, phase="training")
-    if restart:
-        if strategy.is_rank0 and os.path.isdir(run.ckpt_dir(period)):
-            shutil.rmtree(run.ckpt_dir(period))
-            log.info(f"period {period}: --restart-period: its checkpoints are discarded; training it from its start")
-        strategy.barrier()  # no rank may look for a checkpoint before they are gone
-    tokenizer, codebook, template = load_vocab(cfg, run, cfg.data.path, strategy)
-
-    # ---- model ---------------------------------------------------------------------------------
-    if cfg.model.shape and period == 0:
-        build_shape_backbone(cfg, run, tokenizer, dtype, strategy)
-    full = cfg.model.period0 == "full" and period == 0
-    source = run.model_dir(0) if eval_only and full else backbone_dir(cfg, run, period)
-    lr = cfg.optim.lr * (cfg.optim.later_lr_factor if period > 0 else 1.0)
-    ds_config = fill_ds_config(ds_template, cfg, strategy.world_size, hidden_size(source), dtype, lr)
-    strategy.use_ds_config(ds_config)  # before from_pretrained: ZeRO-3 loads partitioned
-    model = load_backbone(strategy, source, cfg, dtype, len(tokenizer))
-    if full:
-        model.requires_grad_(True)
-    else:
-        model = apply_lora(model, cfg, codebook.code_token_ids, seed=cfg.model.seed + period)
-        start_from = previous_adapter(cfg, run, period)
-        if start_from:
-            load_adapter_weights(strategy, model, start_from)
-    regularizer = make_regularizer(cfg, run, period, model, strategy)
-
-    # ---- data and engine -----------------------------------------------------------------------
-    encoder = SampleEncoder(tokenizer, codebook, template, cfg.data.max_history, cfg.data.objective)
-    data = WindowData(
-        cfg.data.path,
-        manifest,
-        period,
-        cfg,
-        strategy.rank,
-        strategy.world_size,
-        accumulation,
-        encoder,
-        tokenizer.pad_token_id,
-    )
-    epochs = period_epochs(cfg, period)
-    total_steps = epochs * data.train_plan.steps
-    if cfg.schedule.max_steps:
-        total_steps = min(total_steps, cfg.schedule.max_steps)
-    groups = param_groups(model, cfg.optim.weight_decay)
-    trainable = sum(getattr(p, "ds_numel", p.numel()) for g in groups for p in g["params"])  # ds_numel: partitioned
-    engine = strategy.initialize(
-        model,
-        groups,
-        lambda g: make_optimizer(g, cfg, lr, strategy.cuda),
-        lambda opt: make_scheduler(opt, cfg, total_steps),
-    )
-
-    # ---- bookkeeping -----------------------------------------------------------------------------
-    step_offset = run.state().get("global_step", 0)
-    checkpointer = Checkpointer(strategy, run.ckpt_dir(period), cfg.checkpoint.keep)
-    # Training writes again from the step after the checkpoint it resumes from (or the period's
-    # first step): whatever a killed run wrote from there on is hidden, not shown twice.
-    # --eval_only writes only evaluation points, at a step that keeps its training points.
-    logger = MetricsLogger(
-        run.root, strategy.is_rank0, purge_step=None if eval_only else step_offset + checkpointer.latest_step() + 1
-    )
-    if strategy.is_rank0 and not eval_only:
-        atomic_write_json(
-            os.path.join(run.period_dir(period), "config.json"),
-            {"config": cfg.to_dict(), "ds_config": ds_config, "world_size": strategy.world_size},
-        )
-        logger.text("config", {"period": period, "config": cfg.to_dict(), "ds_config": ds_config}, step_offset)
-        log.info(
-            f"period {period}: {'full training' if full else f'LoRA r={cfg.lora.r}'} of {source}, "
-            f"{trainable:,} trainable parameters, {data.train_plan.samples:,} "
-            f"{'chunks of user sequences' if cfg.data.objective == 'sequence' else 'samples'}, "
-            f"{data.train_plan.steps} steps/epoch x {epochs} epochs "
-            f"(capped at {total_steps}), ZeRO-{strategy.zero_stage}, {strategy.world_size} ranks, {dtype}"
-        )
-    flops = FlopCounter(
-        engine.module.config, None if full else cfg.lora.r, cfg.lora.targets, full, cfg.model.gradient_checkpointing
-    )
-
-    def export():
-        if full:
-            export_full_model(strategy, engine.module, tokenizer, run.model_dir(period))
-        else:
-            export_adapter(strategy, engine.module, run.adapter_dir(period), {"period": period})
-
-    trainer = Trainer(
-        cfg=cfg,
-        strategy=strategy,
-        engine=engine,
-        data=data,
-        checkpointer=checkpointer,
-        export=export,
-        logger=logger,
-        flops=flops,
-        peak_flops=device_peak_flops(strategy.cuda, dtype, cfg.logging.peak_tflops),
-        step_offset=step_offset,
-        period=period,
-        epochs=epochs,
-        regularizer=regularizer,
-        total_steps=total_steps,
-    )
-    trainer.install_signal_handlers()
-    if eval_only:
-        if not full:
-            load_adapter_weights(strategy, engine.module, run.adapter_dir(period))
-        evaluate_period(cfg, strategy, engine, encoder, manifest, period, run, logger, step_offset)
-        logger.close()
-        strategy.close()
-        return 0
-
-    # ---- train, evaluate, hand off -----------------------------------------------------------------
-    try:
-        progress = trainer.fit()
-    except StopRequested:
-        log.info(f"period {period}: checkpointed on a signal; rerun to resume")
-        if strategy.is_rank0:
-            run.save_state(phase="stopped")  # for a launcher that sees only torchrun's exit code (1)
-        logger.close()
-        strategy.close()
-        return EXIT_REQUEUE
-    # Evaluate what was exported: the best epoch's weights, not necessarily the last epoch's.
-    if full:
-        load_full_weights(strategy, engine.module, run.model_dir(period))
-    else:
-        load_adapter_weights(strategy, engine.module, run.adapter_dir(period))
-    if strategy.is_rank0:
-        run.save_state(phase="evaluating")
-    metrics = None
-    if cfg.eval.every_period:
-        metrics = evaluate_period(
-            cfg, strategy, engine, encoder, manifest, period, run, logger, step_offset + engine.global_steps
-        )
-    if strategy.is_rank0:
-        summary = {
-            "period": period,
-            "steps": engine.global_steps,
-            "samples_seen": progress.samples_seen,
-            "nonfinite_skipped": progress.nonfinite_skipped,
-            "best_epoch": progress.best_epoch,
-            "epochs_trained": progress.epoch,
-            "stopped_early": progress.stopped_early,
-            "val_losses": progress.val_losses,
-            "world_size": strategy.world_size,
-        }
-        atomic_write_json(os.path.join(run.period_dir(period), "train_summary.json"), summary)
-        state = run.state()
-        run.save_state(
-            done=sorted(set(state["done"]) | {period}), phase="done", global_step=step_offset + engine.global_steps
-        )
-        logger.hparams(
-            {f"{k}": v for k, v in _flat(cfg.to_dict()).items()},
-            {
-                "hparam/best_val_loss": progress.best_val or math.nan,
-                **({f"hparam/{k}": v for k, v in metrics["overall"].items()} if metrics else {}),
-            },
-        )
-    logger.close()
-    strategy.close()
-    return 0
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
+    plan = PeriodPlan.make(cfg, run, period, eval_only=eval_only, restart=restart)
+    return PeriodRecipe(cfg, ds_template, manifest, run, plan).run()
 
 
 def console_main() -> None:

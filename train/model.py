@@ -6,6 +6,7 @@ Where the backbone comes from:
   `<run>/base/` so every rank, period and restart loads the very same weights;
 - after a full-training period 0 (`model.period0: full`), its exported model is the backbone of
   every later period.
+Which of them a period loads, and whether it trains in full or LoRA, is its plan (train/plan.py).
 Under ZeRO-3 the strategy's HfDeepSpeedConfig is alive before `from_pretrained`, so each rank
 only ever materializes its own partition.
 
@@ -28,12 +29,6 @@ from train.run_folder import RunFolder
 from train.shapes import shape_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def backbone_dir(cfg: Config, run: RunFolder, period: int) -> str:
-    if cfg.model.period0 == "full" and period > 0:
-        return run.model_dir(0)
-    return cfg.model.path if cfg.model.path else run.base_dir
 
 
 def build_shape_backbone(cfg: Config, run: RunFolder, tokenizer, dtype: str, strategy) -> None:
@@ -62,13 +57,13 @@ def init_new_token_rows(strategy, model: torch.nn.Module, first_new: int, seed: 
     out = model.get_output_embeddings()
     if out is not None and out.weight is not layers[0].weight:
         layers.append(out)
-    g = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     for layer in layers:
-        w = layer.weight
-        with strategy.gathered([w], modify=True), torch.no_grad():
-            std = float(w[:first_new].float().std())
-            rows = torch.randn((w.shape[0] - first_new, w.shape[1]), generator=g) * std
-            w[first_new:] = rows.to(w.dtype)
+        weight = layer.weight
+        with strategy.gathered([weight], modify=True), torch.no_grad():
+            std = float(weight[:first_new].float().std())
+            rows = torch.randn((weight.shape[0] - first_new, weight.shape[1]), generator=generator) * std
+            weight[first_new:] = rows.to(weight.dtype)
 
 
 def load_backbone(strategy, source: str, cfg: Config, dtype: str, vocab_size: int) -> torch.nn.Module:
@@ -140,21 +135,21 @@ def apply_lora(model: torch.nn.Module, cfg: Config, code_token_ids: list[int], s
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no decay on norms, biases and the new-token rows (embeddings)."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "trainable_tokens" in name or "embed" in name else decay).append(p)
+        (no_decay if param.ndim < 2 or "trainable_tokens" in name or "embed" in name else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def adapter_state_keys(model: peft.PeftModel) -> dict[str, torch.nn.Parameter]:
     """Saved-key -> live parameter for everything an adapter export holds (peft's key names)."""
     out = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
             continue
         key = name.replace(".default.", ".").replace(".default", "")
-        out[key] = p
+        out[key] = param
     return out
 
 

@@ -32,13 +32,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
 
 from data_tools.dataset import ITEM_INDEX, ITEMS, USERS, load_manifest
 from data_tools.index.codes import load_item_index
-from data_tools.index.prompt import PromptTemplate
 from data_tools.index.tokenizer import ItemCodebook
 from data_tools.reader import read_split
 from train.config import Config, config_from_dict
 from train.evaluate import NEG, constrained_beam_search
+from train.plan import evaluated_model_dir, frozen_adapter_periods, trains_in_full
 from train.run_folder import RunFolder
-from train.vocab import SampleEncoder
+from train.vocab import Vocabulary, prompt_template
 
 EXPORT_INFO = "recommender.json"  # what an export folder is (train/export_recommender.py writes it)
 
@@ -111,12 +111,10 @@ def load_period_model(run: RunFolder, cfg: Config, period: int, vocab_size: int,
     """A plain (no DeepSpeed) model that computes what period `period` was evaluated with."""
     from peft import PeftModel
 
-    from train.model import backbone_dir
-    from train.regularizers import attach_frozen_adapters, frozen_adapter_periods
+    from train.regularizers import attach_frozen_adapters
 
-    full = cfg.model.period0 == "full" and period == 0
-    model = plain_backbone(run.model_dir(0) if full else backbone_dir(cfg, run, period), vocab_size, dtype)
-    if not full:
+    model = plain_backbone(evaluated_model_dir(cfg, run, period), vocab_size, dtype)
+    if not trains_in_full(cfg, period):
         adapter = run.adapter_dir(period)
         if not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
             raise FileNotFoundError(f"period {period} of {run.root} has no exported adapter ({adapter})")
@@ -155,16 +153,16 @@ class Recommender:
     def __init__(
         self,
         model,
-        tokenizer,
-        codebook: ItemCodebook,
-        encoder: SampleEncoder,
+        vocab: Vocabulary,
         catalog: ItemCatalog,
+        *,
         beams: int,
         device,
         data_root: str | None = None,
         period: int | None = None,
     ):
-        self.model, self.tokenizer, self.codebook, self.encoder = model, tokenizer, codebook, encoder
+        self.model = model
+        self.tokenizer, self.codebook, self.encoder = vocab.tokenizer, vocab.codebook, vocab.encoder
         self.catalog, self.beams, self.device = catalog, beams, torch.device(device)
         self.data_root, self.period = data_root, period
         self.model.to(self.device)
@@ -187,17 +185,19 @@ class Recommender:
         tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_dir)
         codebook = ItemCodebook(load_item_index(data_root), tokenizer)
         model = load_period_model(run, cfg, period, len(tokenizer))
-        encoder = _encoder(
-            tokenizer, codebook, cfg.data.template, cfg.data.separator, cfg.data.max_history, cfg.data.objective
+        vocab = Vocabulary.of(
+            tokenizer,
+            codebook,
+            prompt_template(cfg.data.template, cfg.data.separator),
+            max_history=cfg.data.max_history,
+            objective=cfg.data.objective,
         )
         return cls(
             model,
-            tokenizer,
-            codebook,
-            encoder,
+            vocab,
             ItemCatalog(os.path.join(data_root, ITEMS)),
-            cfg.eval.beams,
-            device or _default_device(),
+            beams=cfg.eval.beams,
+            device=device or _default_device(),
             data_root=data_root,
             period=period,
         )
@@ -224,16 +224,20 @@ class Recommender:
                 model = PeftModel.from_pretrained(base, os.path.join(folder, "adapter"))
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
-        p = info["prompt"]
-        encoder = _encoder(tokenizer, codebook, p["template"], p["separator"], p["max_history"], p["objective"])
-        return cls(
-            model.eval(),
+        prompt = info["prompt"]
+        vocab = Vocabulary.of(
             tokenizer,
             codebook,
-            encoder,
+            prompt_template(prompt["template"], prompt["separator"]),
+            max_history=prompt["max_history"],
+            objective=prompt["objective"],
+        )
+        return cls(
+            model.eval(),
+            vocab,
             ItemCatalog(os.path.join(folder, ITEMS)),
-            info["beams"],
-            device or _default_device(),
+            beams=info["beams"],
+            device=device or _default_device(),
             period=info["period"],
         )
 
@@ -352,16 +356,6 @@ class Recommender:
 
     def logits_processor(self, prompt_width: int) -> TrieLogitsProcessor:
         return TrieLogitsProcessor(self.codebook.trie, prompt_width, self.tokenizer.eos_token_id)
-
-
-def _encoder(
-    tokenizer, codebook, template: str | None, separator: str, max_history: int, objective: str
-) -> SampleEncoder:
-    from data_tools.index.prompt import DEFAULT_TEMPLATE
-
-    return SampleEncoder(
-        tokenizer, codebook, PromptTemplate(template or DEFAULT_TEMPLATE, separator), max_history, objective
-    )
 
 
 def _default_device() -> str:

@@ -32,23 +32,9 @@ import torch.nn as nn
 from safetensors.torch import load_file, save
 
 from data_tools.dataset import atomic_write_bytes
+from train.plan import CUMULATIVE, PROXIMAL
 
 log = logging.getLogger(__name__)
-
-
-def previous_adapter(cfg, run, period: int) -> str | None:
-    """The adapter this period starts from (and is pulled toward): period t-1's export."""
-    if period == 0:
-        return None
-    path = run.adapter_dir(period - 1)
-    if os.path.isfile(os.path.join(path, "adapter_model.safetensors")):
-        return path
-    if cfg.model.period0 == "full" and period == 1:
-        return None  # period 0 trained the whole model; the first adapter starts fresh
-    raise FileNotFoundError(
-        f"period {period} starts from period {period - 1}'s adapter, and {path} has none; "
-        f"train period {period - 1} first"
-    )
 
 
 def lora_layers(model: nn.Module) -> dict[str, peft.tuners.lora.LoraLayer]:
@@ -93,20 +79,20 @@ class ProximalTerm:
 
     def _hook(self, target: torch.Tensor):
         def hook(module, inputs, output):
-            w = module.weight
-            if hasattr(w, "ds_numel") and w.numel() != w.ds_numel:
+            weight = module.weight
+            if hasattr(weight, "ds_numel") and weight.numel() != weight.ds_numel:
                 raise RuntimeError(
                     "a LoRA weight is partitioned inside its own forward; the proximal term would be wrong"
                 )
-            w32 = w.float().reshape(-1)
-            t = target.to(w32.device)
+            entries = weight.float().reshape(-1)  # vec M, in fp32
+            reference = target.to(entries.device)
             if self.kind == "kl":
-                logp = torch.log_softmax(w32, 0)
-                d = (logp.exp() * (logp - t)).sum()
+                logp = torch.log_softmax(entries, 0)
+                distance = (logp.exp() * (logp - reference)).sum()
             else:
-                d = (w32 - t.reshape(-1)).pow(2).sum()
+                distance = (entries - reference.reshape(-1)).pow(2).sum()
             if self.collecting:
-                self.terms.append(d)
+                self.terms.append(distance)
 
         return hook
 
@@ -167,31 +153,21 @@ def attach_frozen_adapters(model: nn.Module, adapter_dirs: list[str]) -> int:
     return count
 
 
-def frozen_adapter_periods(cfg, name: str, period: int) -> list[int]:
-    """The earlier periods whose adapters a cumulative method adds, frozen, to this period's model."""
-    first = 1 if cfg.model.period0 == "full" else 0  # a full period 0 has no adapter
-    if name == "cumulative":
-        return [period - 1] if period - 1 >= first else []
-    if name == "cumulative_all":
-        return list(range(first, period))
-    return []
-
-
-def make_regularizer(cfg, run, period: int, model: nn.Module, strategy) -> ProximalTerm | None:
-    """Set up the method for this period; returns the proximal term (peso, l2) or None."""
+def make_regularizer(cfg, plan, run, model: nn.Module, strategy) -> ProximalTerm | None:
+    """Set up the method for the period of `plan` (train/plan.py); returns the proximal term
+    (peso, l2) or None."""
     name = cfg.method.name
-    previous = previous_adapter(cfg, run, period)
-    if name in ("cumulative", "cumulative_all"):
-        earlier = frozen_adapter_periods(cfg, name, period)
-        if earlier:
+    if name in CUMULATIVE:
+        if plan.frozen_periods:
+            earlier = list(plan.frozen_periods)
             n = attach_frozen_adapters(model, [run.adapter_dir(t) for t in earlier])
             log.info(f"{name}: the adapters of periods {earlier} frozen, normalized and summed into {n} layers")
         return None
-    if name == "single" or previous is None:
-        if name in ("peso", "l2") and previous is None:
-            log.info(f"{name}: no previous adapter in period {period}, so no proximal term this period")
+    if plan.anchor is None:
+        if name in PROXIMAL:
+            log.info(f"{name}: no previous adapter in period {plan.period}, so no proximal term this period")
         return None
-    anchor = lora_factors(load_file(os.path.join(previous, "adapter_model.safetensors")))
+    anchor = lora_factors(load_file(os.path.join(plan.anchor, "adapter_model.safetensors")))
     if strategy.is_rank0:
-        atomic_write_bytes(run.anchor_path(period), save(anchor))
+        atomic_write_bytes(run.anchor_path(plan.period), save(anchor))
     return ProximalTerm(model, anchor, "kl" if name == "peso" else "l2", cfg.method.reduce)

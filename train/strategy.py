@@ -117,6 +117,10 @@ class DeepSpeedStrategy:
         self.engine = engine
         return engine
 
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A batch's tensors on this rank's device."""
+        return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+
     # ---- ZeRO-3 parameters --------------------------------------------------------------------
 
     def gathered(self, params: list[torch.nn.Parameter], modify: bool = False):

@@ -69,15 +69,14 @@ class Trainer:
         flops,
         peak_flops: tuple[float, str],
         step_offset: int,
-        period: int,
-        epochs: int,
+        plan,
         regularizer=None,
         total_steps: int,
     ):
         self.cfg, self.strategy, self.engine, self.data = cfg, strategy, engine, data
         self.checkpointer, self.export, self.logger, self.flops = checkpointer, export, logger, flops
         self.peak_flops, self.peak_label = peak_flops
-        self.step_offset, self.period, self.epochs = step_offset, period, epochs
+        self.step_offset, self.period, self.epochs = step_offset, plan.period, plan.epochs
         self.regularizer = regularizer
         self.total_steps = total_steps
         self.stop_signal = False
@@ -97,22 +96,22 @@ class Trainer:
     # ---- one micro-batch --------------------------------------------------------------------
 
     def _micro_step(self, batch: dict, micro_index: int) -> tuple[float, float | None, bool]:
-        batch = {k: v.to(self.strategy.device, non_blocking=True) for k, v in batch.items()}
+        batch = self.strategy.to_device(batch)
         with self.regularizer.collect() if self.regularizer is not None else contextlib.nullcontext():
             ce_sum, count = lm_loss(self.engine, batch, self.cfg.method.temperature)
         ce = ce_sum / count.clamp(min=1)
-        loss, prox = ce, None
+        loss, proximal = ce, None
         if self.regularizer is not None:
-            prox_t = self.regularizer.term()
-            loss = ce + self.cfg.method.lam * prox_t
-            prox = float(prox_t.detach())
+            term = self.regularizer.term()
+            loss = ce + self.cfg.method.lam * term
+            proximal = float(term.detach())
         if micro_index in self._nan_at and self.strategy.is_rank0:
             loss = loss * float("nan")
         skip = self.strategy.any(not bool(torch.isfinite(loss.detach())))
         if not skip:
             self.engine.backward(loss)
             self.engine.step()
-        return float(ce.detach()), prox, skip
+        return float(ce.detach()), proximal, skip
 
     # ---- validation -------------------------------------------------------------------------
 
@@ -121,30 +120,30 @@ class Trainer:
         self.engine.eval()
         total = count = 0.0
         for batch in self.data.valid():
-            batch = {k: v.to(self.strategy.device, non_blocking=True) for k, v in batch.items()}
-            s, n = lm_loss(self.engine, batch, self.cfg.method.temperature)
-            total += float(s)
-            count += float(n)
+            loss_sum, labelled = lm_loss(self.engine, self.strategy.to_device(batch), self.cfg.method.temperature)
+            total += float(loss_sum)
+            count += float(labelled)
         self.engine.train()
         total, count = self.strategy.all_reduce_sum([total, count])
         return total / max(count, 1.0)
 
     # ---- the loop ---------------------------------------------------------------------------
 
-    def _client_state(self, p: Progress) -> dict:
-        return dict(p.__dict__)
+    def _client_state(self, progress: Progress) -> dict:
+        return dict(progress.__dict__)
 
     def fit(self) -> Progress:
         cfg, engine, strategy = self.cfg, self.engine, self.strategy
         saved = self.checkpointer.load(engine)
-        p = Progress(**saved) if saved else Progress()
+        progress = Progress(**saved) if saved else Progress()
         if saved:
             log.info(
-                f"resumed period {self.period} at epoch {p.epoch}, micro-batch {p.micro}, step {engine.global_steps}"
+                f"resumed period {self.period} at epoch {progress.epoch}, micro-batch {progress.micro}, "
+                f"step {engine.global_steps}"
             )
         self.pace = Pace(engine.global_steps, self.total_steps)
         engine.train()  # from_pretrained returns eval mode and deepspeed.initialize keeps it
-        plan = self.data.train_plan
+        epoch_plan = self.data.train_plan
         bar = progress_bar(
             total=self.total_steps,
             initial=engine.global_steps,
@@ -156,41 +155,41 @@ class Trainer:
         )
         self.bar_shown = not bar.disable
         try:
-            while not p.finished:
-                if p.micro < plan.micro_batches and engine.global_steps < self.total_steps:
-                    self._train_epoch(p, bar)
-                self._end_epoch(p)
+            while not progress.finished:
+                if progress.micro < epoch_plan.micro_batches and engine.global_steps < self.total_steps:
+                    self._train_epoch(progress, bar)
+                self._end_epoch(progress)
         finally:
             bar.close()
-        return p
+        return progress
 
-    def _train_epoch(self, p: Progress, bar) -> None:
-        """Micro-batches from p.micro to the epoch's end (or the step cap)."""
-        cfg, engine, strategy, plan = self.cfg, self.engine, self.strategy, self.data.train_plan
+    def _train_epoch(self, progress: Progress, bar) -> None:
+        """Micro-batches from progress.micro to the epoch's end (or the step cap)."""
+        cfg, engine, strategy, epoch_plan = self.cfg, self.engine, self.strategy, self.data.train_plan
         meter = Throughput()
-        losses, proxes, bad_in_a_row = [], [], 0
-        loader = iter(self.data.train(p.epoch, start=p.micro))
-        while p.micro < plan.micro_batches and engine.global_steps < self.total_steps:
+        losses, proximals, bad_in_a_row = [], [], 0
+        loader = iter(self.data.train(progress.epoch, start=progress.micro))
+        while progress.micro < epoch_plan.micro_batches and engine.global_steps < self.total_steps:
             t0 = time.perf_counter()
             batch = next(loader)
             waited = time.perf_counter() - t0
             steps_before = engine.global_steps
-            ce, prox, skipped = self._micro_step(batch, p.epoch * plan.micro_batches + p.micro)
-            p.micro += 1
-            p.samples_seen += batch["input_ids"].shape[0] * strategy.world_size  # equal batches on every rank
+            ce, proximal, skipped = self._micro_step(batch, progress.epoch * epoch_plan.micro_batches + progress.micro)
+            progress.micro += 1
+            progress.samples_seen += batch["input_ids"].shape[0] * strategy.world_size  # equal batches on every rank
             if skipped:
-                p.nonfinite_skipped += 1
+                progress.nonfinite_skipped += 1
                 bad_in_a_row += 1
                 if bad_in_a_row > cfg.optim.max_nonfinite_in_a_row:
                     raise NonFiniteLossError(
                         f"{bad_in_a_row} micro-batches in a row had a non-finite loss (period {self.period}, "
-                        f"epoch {p.epoch}, step {engine.global_steps}); lower optim.lr or check the data"
+                        f"epoch {progress.epoch}, step {engine.global_steps}); lower optim.lr or check the data"
                     )
             else:
                 bad_in_a_row = 0
                 losses.append(ce)
-                if prox is not None:
-                    proxes.append(prox)
+                if proximal is not None:
+                    proximals.append(proximal)
             tokens = int(batch["attention_mask"].sum())
             meter.add(
                 tokens,
@@ -204,52 +203,56 @@ class Trainer:
             bar.update(1)
             step = engine.global_steps
             if step % cfg.logging.every_steps == 0 or step == self.total_steps:
-                self._log(step, losses, proxes, meter, p)
-                losses, proxes = [], []
+                self._log(step, losses, proximals, meter, progress)
+                losses, proximals = [], []
                 meter.reset()
             stop = strategy.any(self.stop_signal)
             if stop or step % cfg.checkpoint.every_steps == 0:
-                self.checkpointer.save(engine, step, self._client_state(p))
+                self.checkpointer.save(engine, step, self._client_state(progress))
             if stop:
                 raise StopRequested()
 
-    def _end_epoch(self, p: Progress) -> None:
+    def _end_epoch(self, progress: Progress) -> None:
         val = self.validate()
-        p.val_losses.append(val)
+        progress.val_losses.append(val)
         step = self.engine.global_steps
-        self.logger.scalars({"val/loss": val, "val/epoch": p.epoch}, self.step_offset + step)
-        improved = p.best_val is None or val < p.best_val
+        self.logger.scalars({"val/loss": val, "val/epoch": progress.epoch}, self.step_offset + step)
+        improved = progress.best_val is None or val < progress.best_val
         if improved:
-            p.best_val, p.best_epoch = val, p.epoch
+            progress.best_val, progress.best_epoch = val, progress.epoch
             self.export()
         patience = self.cfg.schedule.patience
-        p.stopped_early = bool(patience) and p.epoch - p.best_epoch >= patience
+        progress.stopped_early = bool(patience) and progress.epoch - progress.best_epoch >= patience
         log.info(
-            f"period {self.period} epoch {p.epoch}: validation loss {val:.4f}"
-            + (" (best so far, exported)" if improved else f" (best: epoch {p.best_epoch}, {p.best_val:.4f})")
-            + (f"; no better epoch in {patience}, stopping" if p.stopped_early else "")
+            f"period {self.period} epoch {progress.epoch}: validation loss {val:.4f}"
+            + (
+                " (best so far, exported)"
+                if improved
+                else f" (best: epoch {progress.best_epoch}, {progress.best_val:.4f})"
+            )
+            + (f"; no better epoch in {patience}, stopping" if progress.stopped_early else "")
         )
-        p.epoch += 1
-        p.micro = 0
-        p.finished = p.epoch >= self.epochs or step >= self.total_steps or p.stopped_early
-        self.checkpointer.save(self.engine, step, self._client_state(p))
+        progress.epoch += 1
+        progress.micro = 0
+        progress.finished = progress.epoch >= self.epochs or step >= self.total_steps or progress.stopped_early
+        self.checkpointer.save(self.engine, step, self._client_state(progress))
 
-    def _log(self, step: int, losses: list, proxes: list, meter: Throughput, p: Progress) -> None:
-        local = [sum(losses), len(losses), sum(proxes), len(proxes)]
-        total_ce, n_ce, total_prox, n_prox = self.strategy.all_reduce_sum(local)
+    def _log(self, step: int, losses: list, proximals: list, meter: Throughput, progress: Progress) -> None:
+        local = [sum(losses), len(losses), sum(proximals), len(proximals)]
+        total_ce, n_ce, total_proximal, n_proximal = self.strategy.all_reduce_sum(local)
         values = {
             "train/loss_ce": total_ce / n_ce if n_ce else math.nan,
             "train/lr": self.engine.get_lr()[0],
             "train/grad_norm": self.engine.get_global_grad_norm(),
-            "train/nonfinite_skipped": p.nonfinite_skipped,
-            "train/samples_seen": p.samples_seen,
-            "train/epoch": p.epoch,
+            "train/nonfinite_skipped": progress.nonfinite_skipped,
+            "train/samples_seen": progress.samples_seen,
+            "train/epoch": progress.epoch,
             "period": self.period,
             **meter.report(self.peak_flops, self.peak_label),
             **memory_stats(self.strategy.cuda),
         }
-        if n_prox:
-            values["train/proximal"] = total_prox / n_prox
+        if n_proximal:
+            values["train/proximal"] = total_proximal / n_proximal
             values["train/loss"] = values["train/loss_ce"] + self.cfg.method.lam * values["train/proximal"]
         else:
             values["train/loss"] = values["train/loss_ce"]
@@ -260,7 +263,7 @@ class Trainer:
         if not self.bar_shown:  # no terminal (a SLURM log): one line per log step instead of a bar
             log.info(
                 f"period {self.period} step {step}/{self.total_steps}: loss {values['train/loss']:.4f}"
-                + (f" (proximal {values['train/proximal']:.3g})" if n_prox else "")
+                + (f" (proximal {values['train/proximal']:.3g})" if n_proximal else "")
                 + f", lr {values['train/lr']:.3g}, {values['perf/input_tokens_per_s_per_rank']:.0f} tokens/s/rank, "
                 + self.pace.summary(step)
             )

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from data_tools.dataset import ITEMS, written_aside
 from data_tools.index.codes import load_item_index
@@ -98,9 +99,39 @@ class SampleEncoder:
         return self.codebook.levels + (1 if self.objective == "response" else 0)
 
 
-def load_vocab(cfg, run, data_root: str, strategy) -> tuple:
-    """(tokenizer, codebook, template) for this run."""
+@dataclass(frozen=True)
+class Vocabulary:
+    """What turns items into tokens for a run: the tokenizer (with the code tokens), the item
+    codebook, the prompt template, and the sample encoder made of them."""
+
+    tokenizer: PreTrainedTokenizerBase
+    codebook: ItemCodebook
+    template: PromptTemplate
+    encoder: SampleEncoder
+
+    @classmethod
+    def of(cls, tokenizer, codebook: ItemCodebook, template: PromptTemplate, *, max_history: int, objective: str):
+        return cls(tokenizer, codebook, template, SampleEncoder(tokenizer, codebook, template, max_history, objective))
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+
+def prompt_template(template: str | None, separator: str) -> PromptTemplate:
+    """`data.template` (None: the default) and `data.separator` as a PromptTemplate."""
+    return PromptTemplate(template or DEFAULT_TEMPLATE, separator)
+
+
+def load_vocab(cfg, run, data_root: str, strategy) -> Vocabulary:
+    """The run's vocabulary (its tokenizer is made once, by rank 0: `prepare_tokenizer`)."""
     index = load_item_index(data_root)
-    template = PromptTemplate(cfg.data.template or DEFAULT_TEMPLATE, cfg.data.separator)
+    template = prompt_template(cfg.data.template, cfg.data.separator)
     tokenizer = prepare_tokenizer(cfg, run, data_root, index, template, strategy)
-    return tokenizer, ItemCodebook(index, tokenizer), template
+    return Vocabulary.of(
+        tokenizer,
+        ItemCodebook(index, tokenizer),
+        template,
+        max_history=cfg.data.max_history,
+        objective=cfg.data.objective,
+    )

@@ -11,7 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from train.config import load_config
 from train.model import apply_lora
-from train.regularizers import attach_frozen_adapters, frozen_adapter_periods, lora_layers
+from train.plan import frozen_adapter_periods
+from train.regularizers import attach_frozen_adapters, lora_layers
 
 NEW_TOKENS = list(range(100, 116))
 

@@ -1,0 +1,280 @@
+"""One period as a recipe (in torchtune's shape): `setup` (distributed set-up, vocabulary, model,
+data, DeepSpeed engine), then `fit` (train, resuming from a checkpoint; the best epoch is
+exported), `evaluate` (the exported weights on windows 0..t) and `finish` (the period's summary,
+state.json), and one `close`. What the period does was decided before any rank trains: its plan
+(train/plan.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+
+from data_tools.dataset import atomic_write_json
+from train.checkpoint import Checkpointer
+from train.config import accumulation_steps
+from train.data import WindowData
+from train.ds_config import fill_ds_config, resolve_dtype
+from train.evaluate import Evaluator
+from train.exit_codes import EXIT_REQUEUE
+from train.export import export_adapter, export_full_model
+from train.flops import FlopCounter, device_peak_flops
+from train.logs import configure_logging
+from train.metrics import MetricsLogger
+from train.model import (
+    apply_lora,
+    build_shape_backbone,
+    hidden_size,
+    load_adapter_weights,
+    load_backbone,
+    load_full_weights,
+    param_groups,
+)
+from train.plan import PeriodPlan
+from train.regularizers import make_regularizer
+from train.schedule import make_optimizer, make_scheduler
+from train.strategy import DeepSpeedStrategy
+from train.trainer import Progress, StopRequested, Trainer
+from train.vocab import load_vocab
+
+log = logging.getLogger(__name__)
+
+
+class PeriodRecipe:
+    """One period of a run folder, as its plan says: `run()` sets up, then trains and evaluates
+    (or, with `plan.eval_only`, evaluates the period's export again) and returns the process's
+    exit code."""
+
+    def __init__(self, cfg, ds_template: dict, manifest: dict, run, plan: PeriodPlan):
+        self.cfg, self.ds_template, self.manifest, self.run_folder, self.plan = cfg, ds_template, manifest, run, plan
+
+    def run(self) -> int:
+        """0, or EXIT_REQUEUE after a checkpoint on a signal."""
+        ended = False
+        try:
+            self.setup()
+            code = self.evaluate_export() if self.plan.eval_only else self.fit_and_evaluate()
+            ended = True
+            return code
+        finally:
+            self.close(ended)
+
+    # ---- set-up ----------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        self._distributed()
+        self.vocab = load_vocab(self.cfg, self.run_folder, self.cfg.data.path, self.strategy)
+        self._model()
+        self._engine()
+        self._bookkeeping()
+
+    def _distributed(self) -> None:
+        """The process group, and the period's start in state.json (after --restart-period's
+        discarded checkpoints)."""
+        cfg, run, plan = self.cfg, self.run_folder, self.plan
+        self.strategy = strategy = DeepSpeedStrategy()
+        configure_logging(strategy.rank)
+        self.accumulation = accumulation_steps(cfg, strategy.world_size)
+        self.dtype = resolve_dtype(cfg, strategy.cuda, strategy.bf16_supported)
+        if strategy.is_rank0 and not plan.eval_only:
+            os.makedirs(run.period_dir(plan.period), exist_ok=True)
+            run.save_state(period=plan.period, phase="training")
+        if plan.restart:
+            if strategy.is_rank0 and os.path.isdir(run.ckpt_dir(plan.period)):
+                shutil.rmtree(run.ckpt_dir(plan.period))
+                log.info(
+                    f"period {plan.period}: --restart-period: its checkpoints are discarded; training it from its start"
+                )
+            strategy.barrier()  # no rank may look for a checkpoint before they are gone
+
+    def _model(self) -> None:
+        """The backbone, in full or with LoRA (from the start adapter), and the method."""
+        cfg, plan, strategy, tokenizer = self.cfg, self.plan, self.strategy, self.vocab.tokenizer
+        if cfg.model.shape and plan.period == 0:
+            build_shape_backbone(cfg, self.run_folder, tokenizer, self.dtype, strategy)
+        self.ds_config = fill_ds_config(
+            self.ds_template, cfg, strategy.world_size, hidden_size(plan.backbone), self.dtype, plan.lr
+        )
+        strategy.use_ds_config(self.ds_config)  # before from_pretrained: ZeRO-3 loads partitioned
+        model = load_backbone(strategy, plan.backbone, cfg, self.dtype, len(tokenizer))
+        if plan.full:
+            model.requires_grad_(True)
+        else:
+            model = apply_lora(model, cfg, self.vocab.codebook.code_token_ids, seed=plan.lora_seed)
+            if plan.start_adapter:
+                load_adapter_weights(strategy, model, plan.start_adapter)
+        self.regularizer = make_regularizer(cfg, plan, self.run_folder, model, strategy)
+        self.model = model
+
+    def _engine(self) -> None:
+        """The rank's data and the DeepSpeed engine."""
+        cfg, plan, strategy = self.cfg, self.plan, self.strategy
+        self.data = WindowData(
+            cfg.data.path,
+            self.manifest,
+            plan.period,
+            cfg=cfg,
+            encoder=self.vocab.encoder,
+            rank=strategy.rank,
+            world_size=strategy.world_size,
+            accumulation=self.accumulation,
+        )
+        self.total_steps = plan.total_steps(self.data.train_plan.steps)
+        groups = param_groups(self.model, cfg.optim.weight_decay)
+        # ds_numel: a parameter's whole size when ZeRO-3 has partitioned it
+        self.trainable = sum(getattr(param, "ds_numel", param.numel()) for g in groups for param in g["params"])
+        self.engine = strategy.initialize(
+            self.model,
+            groups,
+            lambda g: make_optimizer(g, cfg, plan.lr, strategy.cuda),
+            lambda opt: make_scheduler(opt, cfg, self.total_steps),
+        )
+
+    def _bookkeeping(self) -> None:
+        """Checkpoints, TensorBoard, the period's config.json, the trainer and the evaluator."""
+        cfg, plan, run, strategy, engine = self.cfg, self.plan, self.run_folder, self.strategy, self.engine
+        self.step_offset = run.state().get("global_step", 0)
+        checkpointer = Checkpointer(strategy, run.ckpt_dir(plan.period), cfg.checkpoint.keep)
+        # Training writes again from the step after the checkpoint it resumes from (or the period's
+        # first step): whatever a killed run wrote from there on is hidden, not shown twice.
+        # --eval_only writes only evaluation points, at a step that keeps its training points.
+        purge_step = None if plan.eval_only else self.step_offset + checkpointer.latest_step() + 1
+        self.logger = MetricsLogger(run.root, strategy.is_rank0, purge_step=purge_step)
+        if strategy.is_rank0 and not plan.eval_only:
+            self._record_config()
+        self.trainer = Trainer(
+            cfg=cfg,
+            strategy=strategy,
+            engine=engine,
+            data=self.data,
+            checkpointer=checkpointer,
+            export=self._export,
+            logger=self.logger,
+            flops=FlopCounter(
+                engine.module.config,
+                None if plan.full else cfg.lora.r,
+                cfg.lora.targets,
+                plan.full,
+                cfg.model.gradient_checkpointing,
+            ),
+            peak_flops=device_peak_flops(strategy.cuda, self.dtype, cfg.logging.peak_tflops),
+            step_offset=self.step_offset,
+            plan=plan,
+            regularizer=self.regularizer,
+            total_steps=self.total_steps,
+        )
+        self.trainer.install_signal_handlers()
+        self.evaluator = Evaluator(
+            cfg=cfg,
+            strategy=strategy,
+            engine=engine,
+            encoder=self.vocab.encoder,
+            manifest=self.manifest,
+            period=plan.period,
+            run=run,
+            logger=self.logger,
+        )
+
+    def _record_config(self) -> None:
+        """Rank 0: periods/<t>/config.json (what a resume must match), TensorBoard's copy, a log line."""
+        cfg, plan, strategy, train_plan = self.cfg, self.plan, self.strategy, self.data.train_plan
+        atomic_write_json(
+            os.path.join(self.run_folder.period_dir(plan.period), "config.json"),
+            {"config": cfg.to_dict(), "ds_config": self.ds_config, "world_size": strategy.world_size},
+        )
+        self.logger.text(
+            "config", {"period": plan.period, "config": cfg.to_dict(), "ds_config": self.ds_config}, self.step_offset
+        )
+        log.info(
+            f"period {plan.period}: {'full training' if plan.full else f'LoRA r={cfg.lora.r}'} of {plan.backbone}, "
+            f"{self.trainable:,} trainable parameters, {train_plan.samples:,} "
+            f"{'chunks of user sequences' if cfg.data.objective == 'sequence' else 'samples'}, "
+            f"{train_plan.steps} steps/epoch x {plan.epochs} epochs "
+            f"(capped at {self.total_steps}), ZeRO-{strategy.zero_stage}, {strategy.world_size} ranks, {self.dtype}"
+        )
+
+    # ---- the period ------------------------------------------------------------------------------
+
+    def _export(self) -> None:
+        """The trainer's export of a better epoch."""
+        module = self.engine.module
+        if self.plan.full:
+            export_full_model(self.strategy, module, self.vocab.tokenizer, self.plan.export_dir)
+        else:
+            export_adapter(self.strategy, module, self.plan.export_dir, {"period": self.plan.period})
+
+    def evaluate_export(self) -> int:
+        """--eval_only: the period's export evaluated again (a full period's model was loaded from it)."""
+        if not self.plan.full:
+            load_adapter_weights(self.strategy, self.engine.module, self.plan.export_dir)
+        self.evaluator.evaluate(step=self.step_offset)
+        return 0
+
+    def fit_and_evaluate(self) -> int:
+        plan, strategy, engine = self.plan, self.strategy, self.engine
+        try:
+            progress = self.trainer.fit()
+        except StopRequested:
+            log.info(f"period {plan.period}: checkpointed on a signal; rerun to resume")
+            if strategy.is_rank0:
+                self.run_folder.save_state(phase="stopped")  # for a launcher that sees only torchrun's exit code (1)
+            return EXIT_REQUEUE
+        # Evaluate what was exported: the best epoch's weights, not necessarily the last epoch's.
+        if plan.full:
+            load_full_weights(strategy, engine.module, plan.export_dir)
+        else:
+            load_adapter_weights(strategy, engine.module, plan.export_dir)
+        if strategy.is_rank0:
+            self.run_folder.save_state(phase="evaluating")
+        metrics = None
+        if self.cfg.eval.every_period:
+            metrics = self.evaluator.evaluate(step=self.step_offset + engine.global_steps)
+        if strategy.is_rank0:
+            self.finish(progress, metrics)
+        return 0
+
+    def finish(self, progress: Progress, metrics: dict | None) -> None:
+        """Rank 0: periods/<t>/train_summary.json, the period done in state.json, TensorBoard's hparams."""
+        cfg, run, period, steps = self.cfg, self.run_folder, self.plan.period, self.engine.global_steps
+        summary = {
+            "period": period,
+            "steps": steps,
+            "samples_seen": progress.samples_seen,
+            "nonfinite_skipped": progress.nonfinite_skipped,
+            "best_epoch": progress.best_epoch,
+            "epochs_trained": progress.epoch,
+            "stopped_early": progress.stopped_early,
+            "val_losses": progress.val_losses,
+            "world_size": self.strategy.world_size,
+        }
+        atomic_write_json(os.path.join(run.period_dir(period), "train_summary.json"), summary)
+        state = run.state()
+        run.save_state(done=sorted(set(state["done"]) | {period}), phase="done", global_step=self.step_offset + steps)
+        self.logger.hparams(
+            _flat(cfg.to_dict()),
+            {
+                "hparam/best_val_loss": progress.best_val or math.nan,
+                **({f"hparam/{k}": v for k, v in metrics["overall"].items()} if metrics else {}),
+            },
+        )
+
+    def close(self, ended: bool) -> None:
+        """After the period's end, a normal one or a checkpoint on a signal. After an error nothing
+        is closed: the strategy's close is a barrier, which a rank that failed alone would wait in
+        forever; main() reports the error and the process leaves."""
+        if ended:
+            self.logger.close()
+            self.strategy.close()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """A nested dict's leaves under dotted keys."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
