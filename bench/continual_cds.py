@@ -225,7 +225,13 @@ def tables(runs: dict, lam_runs: dict, w0: dict, seeds: list, last: int, cfg: di
         "",
         f"After period 0, on window 0's test users ({w0['users']} of {w0['users_in_window']}): NDCG@10 "
         f"{w0['overall']['ndcg@10']:.4f} against {w0['popularity']['overall']['ndcg@10']:.4f} for the most popular items "
-        f"({ratio:.1f}x); Hit@10 {w0['overall']['hit@10']:.4f} against {w0['popularity']['overall']['hit@10']:.4f}.",
+        f"({ratio:.1f}x); Hit@10 {w0['overall']['hit@10']:.4f} against {w0['popularity']['overall']['hit@10']:.4f}."
+        + (
+            f" The items that followed each user's last items (no model): NDCG@10 "
+            f"{w0['transitions']['overall']['ndcg@10']:.4f}, Hit@10 {w0['transitions']['overall']['hit@10']:.4f}."
+            if "transitions" in w0
+            else ""
+        ),
         "",
         f"Average over windows 1-{last} (each period on its own test window):",
         "",
@@ -253,6 +259,14 @@ def tables(runs: dict, lam_runs: dict, w0: dict, seeds: list, last: int, cfg: di
         "| most popular 10 of each window (reference) | " + " | ".join(f"{pop[k]:.4f}" for k in MAIN_METRICS) + " |"
     )
     result["popularity"] = {k: round(pop[k], 5) for k in MAIN_METRICS}
+    follow = sums[(seeds[0], METHODS[0])]["transitions"]
+    if any(v is not None for v in follow.values()):
+        lines.append(
+            "| items that followed the user's last items (reference, no model) | "
+            + " | ".join(f"{follow[k]:.4f}" for k in MAIN_METRICS)
+            + " |"
+        )
+        result["transitions"] = {k: round(follow[k], 5) for k in MAIN_METRICS}
 
     pop_groups = sums[(seeds[0], METHODS[0])]["popularity_groups"]
     lines += [

@@ -6,7 +6,9 @@ matrix R[i][j] (model after period i, test users of window j) with backward tran
 BWT = mean_j (R[T-1][j] - R[j][j]) and forgetting F = mean_j (max_{i<T-1} R[i][j] - R[T-1][j])
 over j < T-1. Several runs (methods) are compared side by side, with the reference every
 recommender must beat: the most popular items of each window (its most frequent training
-targets), scored by the evaluation on the same test users (metrics.json, "popularity").
+targets), scored by the evaluation on the same test users (metrics.json, "popularity"); and a
+stronger reference without a model, the items that followed the users' last items among the
+window's training targets ("transitions").
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def summarize(periods: dict, metric: str = "ndcg@10") -> dict:
 
     avg, groups = averages(lambda w: w)
     popularity, popularity_groups = averages(lambda w: w.get("popularity"))
+    transitions, transitions_groups = averages(lambda w: w.get("transitions"))
     earlier = [j for j in range(last) if j in R.get(j, {}) and j in R[last]]
     bwt = mean([R[last][j] - R[j][j] for j in earlier])
     forgetting = mean([max(R[i][j] for i in range(j, last) if j in R.get(i, {})) - R[last][j] for j in earlier])
@@ -69,6 +72,8 @@ def summarize(periods: dict, metric: str = "ndcg@10") -> dict:
         "forgetting": forgetting,
         "popularity": popularity,
         "popularity_groups": popularity_groups,
+        "transitions": transitions,
+        "transitions_groups": transitions_groups,
     }
 
 
@@ -100,15 +105,19 @@ def markdown(runs: dict[str, dict], metric: str = "ndcg@10") -> str:
             + " | ".join(_fmt(s["groups"][g].get(metric)) for g in GROUPS)
             + f" | {_fmt(s['bwt'])} | {_fmt(s['forgetting'])} |"
         )
-    reference = next((s for s in sums.values() if s and any(v is not None for v in s["popularity"].values())), None)
-    if reference is not None:
-        lines.append(
-            "| most popular items of each window | reference | "
-            + " | ".join(_fmt(reference["popularity"][k]) for k in MAIN_METRICS)
-            + " | "
-            + " | ".join(_fmt(reference["popularity_groups"][g].get(metric)) for g in GROUPS)
-            + " | - | - |"
-        )
+    for key, label in (
+        ("popularity", "most popular items of each window"),
+        ("transitions", "items that followed the user's last items (no model)"),
+    ):
+        reference = next((s for s in sums.values() if s and any(v is not None for v in s[key].values())), None)
+        if reference is not None:
+            lines.append(
+                f"| {label} | reference | "
+                + " | ".join(_fmt(reference[key][k]) for k in MAIN_METRICS)
+                + " | "
+                + " | ".join(_fmt(reference[f"{key}_groups"][g].get(metric)) for g in GROUPS)
+                + " | - | - |"
+            )
     for name, s in sums.items():
         if not s:
             continue

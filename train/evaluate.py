@@ -1,7 +1,10 @@
 """Evaluation: batched beam search constrained by the prefix trie of real item codes, Hit@K and
 NDCG@K overall and by user group, and the test loss, per window, for the R[i][j] matrix of
-forgetting; beside them, the reference a recommender must beat, scored on the same users: the
-window's most popular items (its most frequent training targets). `eval.max_users` takes a
+forgetting; beside them, two references scored on the same users: the window's most popular
+items (its most frequent training targets), which a recommender must beat, and a stronger one
+that needs no model: the items that followed the user's last items among the window's training
+targets (then the popular ones), which shows how much item-to-item signal the window holds and
+how much of it the model has learned. `eval.max_users` takes a
 seeded random sample of a window's test users, the same for every method, period and rank count.
 
 Decoding: the prompt runs once; its KV cache is repeated for the beams; then one token per code
@@ -20,7 +23,7 @@ import json
 import logging
 import math
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 
 import torch
 from transformers import DynamicCache
@@ -115,6 +118,31 @@ def popular_codes(root: str, manifest: dict, window: int, codebook, k: int) -> l
     return [code for code, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
 
 
+TRANSITION_HISTORY = 3  # the user's last items whose followers the transitions reference counts
+
+
+def following_codes(root: str, manifest: dict, window: int, codebook) -> dict[int, Counter]:
+    """For the transitions reference: item -> how often each code followed it as the next
+    training target of the window (a user's consecutive items)."""
+    following: dict[int, Counter] = defaultdict(Counter)
+    for sample in read_split(root, window, "train", manifest):
+        if sample["history"]:
+            following[sample["history"][-1]][tuple(codebook.item_token_ids(sample["target"]))] += 1
+    return following
+
+
+def transition_top(following: dict[int, Counter], history: list[int], popular: list[tuple], k: int) -> list[tuple]:
+    """The transitions reference's top `k` codes for one user: the codes that followed the last
+    TRANSITION_HISTORY items of `history` (weights 1, 1/2, 1/3, most recent first; ties by code),
+    then the most popular codes not already listed."""
+    score: Counter = Counter()
+    for age, item in enumerate(reversed(history[-TRANSITION_HISTORY:])):
+        for code, count in following.get(item, {}).items():
+            score[code] += count / (age + 1)
+    top = [code for code, _ in sorted(score.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
+    return top + [code for code in popular if code not in top][: k - len(top)]
+
+
 class EvalProgress:
     """How far a window's evaluation is, in users: a bar on a terminal; in a log file (no
     terminal, or logging.progress false), a line every REPORT_EVERY_S seconds, so a long
@@ -167,9 +195,10 @@ class Evaluator:
         codebook = encoder.codebook
         beams = cfg.eval.beams
         popular = popular_codes(cfg.data.path, self.manifest, window, codebook, max(cfg.eval.ks))
+        following = following_codes(cfg.data.path, self.manifest, window, codebook)
         pad_id = encoder.tokenizer.pad_token_id
 
-        ranks, popularity_ranks, groups, invalid, lists = [], [], [], 0, []
+        ranks, popularity_ranks, transition_ranks, groups, invalid, lists = [], [], [], [], 0, []
         loss_sum = loss_count = 0.0
         engine.eval()
         dummy = encoder.prompt([0])
@@ -219,6 +248,8 @@ class Evaluator:
                     }
                 )
                 popularity_ranks.append(popular.index(target) if target in popular else None)
+                followers = transition_top(following, sample["history"], popular, max(cfg.eval.ks))
+                transition_ranks.append(followers.index(target) if target in followers else None)
                 groups.append(sample["group"])
             progress.batch_done(k)
         progress.close()
@@ -226,6 +257,8 @@ class Evaluator:
         out = self._combine(ranks, groups, invalid)
         reference = self._combine(popularity_ranks, groups, 0)
         out["popularity"] = {"overall": reference["overall"], "groups": reference["groups"]}
+        reference = self._combine(transition_ranks, groups, 0)
+        out["transitions"] = {"overall": reference["overall"], "groups": reference["groups"]}
         out["recommendations"] = lists  # this rank's users; `evaluate` gathers the current window's
         out["users_in_window"] = split_size(cfg.data.path, window, "test", self.manifest)
         loss_sum, loss_count = strategy.all_reduce_sum([loss_sum, loss_count])
@@ -308,4 +341,8 @@ class Evaluator:
             log.info(
                 "   most popular items of the window (reference): "
                 + ", ".join(f"{k} {v:.4f}" for k, v in current["popularity"]["overall"].items())
+            )
+            log.info(
+                "   items that followed the users' last items (reference, no model): "
+                + ", ".join(f"{k} {v:.4f}" for k, v in current["transitions"]["overall"].items())
             )

@@ -165,6 +165,9 @@ def test_peso_period_and_evaluation_under_zero3(lora_period):
             g: v["users"] for g, v in w["groups"].items()
         }
         assert 0 <= w["popularity"]["overall"]["hit@5"] <= w["popularity"]["overall"]["hit@20"] <= 1
+        # the transitions reference (the items that followed the users' last items), same users
+        assert w["transitions"]["groups"].keys() == w["groups"].keys()
+        assert 0 <= w["transitions"]["overall"]["hit@5"] <= w["transitions"]["overall"]["hit@20"] <= 1
 
 
 def test_adapter_export_reloads_with_peft_on_a_plain_cpu_model(lora_period):

@@ -147,6 +147,39 @@ def test_max_users_is_a_seeded_sample_not_the_first_users(ml_dataset):
     assert len(test_users(ml_dataset, manifest, 1, None, seed=0)) == len(everyone)
 
 
+def test_transitions_reference_ranks_followers_by_recency_then_popularity():
+    from collections import Counter
+
+    from train.evaluate import transition_top
+
+    following = {1: Counter({(9,): 1, (8,): 5}), 2: Counter({(7,): 2}), 3: Counter({(9,): 4})}
+    popular = [(5,), (7,), (6,)]
+    # history [3, 1, 2]: 2 is the last item (weight 1), 1 the one before (1/2), 3 (1/3)
+    # scores: (7,) 2, (8,) 2.5, (9,) 0.5 + 4/3; then the popular codes not listed yet
+    assert transition_top(following, [4, 3, 1, 2], popular, 5) == [(8,), (7,), (9,), (5,), (6,)]
+    assert transition_top(following, [4, 3, 1, 2], popular, 2) == [(8,), (7,)]
+    assert transition_top(following, [], popular, 2) == [(5,), (7,)]  # no history: popularity
+
+
+def test_following_codes_counts_consecutive_training_targets(ml_dataset):
+    from collections import Counter
+
+    from data_tools.dataset import load_manifest
+    from data_tools.reader import read_split
+    from train.evaluate import following_codes
+
+    class Codes:  # an item's "code" is the item itself, so counts can be checked by hand
+        @staticmethod
+        def item_token_ids(item):
+            return [item]
+
+    train = read_split(ml_dataset, 1, "train", load_manifest(ml_dataset))
+    following = following_codes(ml_dataset, load_manifest(ml_dataset), 1, Codes)
+    expected = Counter((s["history"][-1], s["target"]) for s in train if s["history"])
+    assert {(item, code[0]): n for item, c in following.items() for code, n in c.items()} == expected
+    assert sum(map(sum, (c.values() for c in following.values()))) == sum(1 for s in train if s["history"])
+
+
 def test_generate_with_the_trie_logits_processor_equals_our_beam_search(vocab):
     """For people who call Hugging Face `generate` themselves: beam search with
     TrieLogitsProcessor returns the same items, in the same order, as constrained_beam_search."""

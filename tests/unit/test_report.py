@@ -27,6 +27,10 @@ def _window(ndcg: float, users: int = 10) -> dict:
             "overall": _vals(ndcg / 10),
             "groups": {g: dict(v, **_vals(ndcg / 10)) for g, v in groups.items()},
         },
+        "transitions": {
+            "overall": _vals(ndcg / 4),
+            "groups": {g: dict(v, **_vals(ndcg / 4)) for g, v in groups.items()},
+        },
     }
 
 
@@ -56,12 +60,14 @@ def test_summary_by_hand(run):
     # the popularity reference of the same windows, averaged the same way
     assert s["popularity"]["ndcg@10"] == pytest.approx((0.020 + 0.030) / 2)
     assert s["popularity_groups"]["new"]["ndcg@10"] == pytest.approx(0.025)
+    assert s["transitions"]["ndcg@10"] == pytest.approx((0.05 + 0.075) / 2)
 
 
 def test_markdown_and_plot(run, tmp_path):
     text = markdown({"peso-run": load_run(run)})
     assert "| peso-run | peso | 0.5000 | 0.7500 | 0.1250 | 0.2500 |" in text
     assert "| most popular items of each window | reference | 0.0500 | 0.0750 | 0.0125 | 0.0250 |" in text
+    assert "| items that followed the user's last items (no model) | reference | 0.1250 | 0.1875 |" in text
     assert "| 2 | 0.0900 | 0.1500 | 0.3000 |" in text
     assert "test_loss" not in text and "| 1 | 0.9200 | 0.8000 | - |" in markdown({"r": load_run(run)}, "test_loss")
     png = str(tmp_path / "plot.png")
