@@ -1,6 +1,6 @@
 """What PESO's proximal term and the cumulative baseline cost per training step.
 
-    python bench/peso_overhead.py [--shape small] [--steps 30]
+    python bench/peso_overhead.py [--shape small] [--steps 30] [--device cuda --dtype bf16]
 
 One process, the same model, batch and optimizer; interleaved measurements of
 - single: LoRA (+ the code tokens' rows) trained on cross-entropy;
@@ -37,14 +37,23 @@ from train.shapes import SHAPES, shape_config
 VOCAB, CODES = 1000, 4 * 256
 
 
-def build(shape: str, frozen_dirs: list[str] | None = None):
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def build(shape: str, frozen_dirs: list[str] | None = None, device: str = "cpu", dtype: str = "fp32"):
     torch.manual_seed(0)
-    model = LlamaForCausalLM(shape_config(shape, VOCAB + CODES, 1, 2, 3))
+    model = LlamaForCausalLM(shape_config(shape, VOCAB + CODES, 1, 2, 3)).to(DTYPES[dtype])
     cfg = load_config(None, [f"model.shape={shape}"])
     model = apply_lora(model, cfg, list(range(VOCAB, VOCAB + CODES)), seed=0)
     if frozen_dirs:
         attach_frozen_adapters(model, frozen_dirs)
-    return model
+    return model.to(device)
+
+
+def synchronize(device: str) -> None:
+    """Wait for the GPU's queued work, so a step's wall time is its real time."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def batch(size: int, length: int):
@@ -56,7 +65,9 @@ def batch(size: int, length: int):
 def step_time(model, ids, prox, steps: int, warmup: int = 3) -> float:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     times = []
+    device = str(ids.device)
     for i in range(warmup + steps):
+        synchronize(device)
         t0 = time.perf_counter()
         with prox.collect() if prox else _null():
             logits = model(input_ids=ids, logits_to_keep=6).logits
@@ -66,6 +77,7 @@ def step_time(model, ids, prox, steps: int, warmup: int = 3) -> float:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -85,19 +97,24 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="timed training steps per method")
     ap.add_argument("--batch", type=int, default=16, help="rows per step")
     ap.add_argument("--length", type=int, default=160, help="tokens per row")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (bench/gpu.sh)")
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="the model's weights (bf16 on a GPU)")
     a = ap.parse_args()
-    ids = batch(a.batch, a.length)
+    ids = batch(a.batch, a.length).to(a.device)
     with tempfile.TemporaryDirectory() as tmp:
-        single = build(a.shape)
+        single = build(a.shape, device=a.device, dtype=a.dtype)
         state = {k: p.detach().clone() for k, p in adapter_state_keys(single).items()}
-        anchor = {k: v + 0.01 * torch.randn_like(v) for k, v in lora_factors(state).items()}
+        anchor = {k: v + 0.01 * torch.randn_like(v) for k, v in lora_factors(state).items()}  # on the model's device
         dirs = []
         for k in range(4):
             d = os.path.join(tmp, f"adapter{k}")
             os.makedirs(d)
-            save_file({key: v + 0.01 * k for key, v in state.items()}, os.path.join(d, "adapter_model.safetensors"))
+            save_file(
+                {key: (v + 0.01 * k).cpu().contiguous() for key, v in state.items()},
+                os.path.join(d, "adapter_model.safetensors"),
+            )
             dirs.append(d)
-        peso = build(a.shape)
+        peso = build(a.shape, device=a.device, dtype=a.dtype)
         prox = ProximalTerm(peso, anchor, "kl", "sum")
         # Interleave, three rounds each, to spread drift of the machine over both.
         single_t, peso_t = [], []
@@ -106,9 +123,9 @@ def main() -> None:
             peso_t.append(step_time(peso, ids, prox, a.steps))
         cumulative = {}
         for k in range(1, 5):
-            cumulative[k] = step_time(build(a.shape, dirs[:k]), ids, None, a.steps)
+            cumulative[k] = step_time(build(a.shape, dirs[:k], a.device, a.dtype), ids, None, a.steps)
         adapter_bytes = os.path.getsize(os.path.join(dirs[0], "adapter_model.safetensors"))
-        save_file(anchor, os.path.join(tmp, "anchor.safetensors"))
+        save_file({k: v.cpu().contiguous() for k, v in anchor.items()}, os.path.join(tmp, "anchor.safetensors"))
         anchor_bytes = os.path.getsize(os.path.join(tmp, "anchor.safetensors"))
     s, p = statistics.median(single_t), statistics.median(peso_t)
     print(
@@ -116,6 +133,8 @@ def main() -> None:
             {
                 "bench": "peso_overhead",
                 "shape": a.shape,
+                "device": a.device,
+                "dtype": a.dtype,
                 "batch": a.batch,
                 "tokens_per_sample": a.length,
                 "single_step_s": round(s, 4),
