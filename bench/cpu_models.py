@@ -234,10 +234,10 @@ def run_variant(
     model.load_state_dict(best_state)
     model.eval()
 
-    def forward(ids, mask, position, cache):
+    def forward(ids, mask, position, cache, keep):
         return model(
-            input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True, logits_to_keep=1
-        ).logits[:, -1]
+            input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True, logits_to_keep=keep
+        ).logits
 
     trie = CodeTrie(codes.values())
     ranks = []

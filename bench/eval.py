@@ -3,9 +3,9 @@
     python bench/eval.py [--shape tiny] [--users 256] [--batch 64] [--beams 10] [--repeats 3]
 
 The same model and prompts, three ways, side by side:
-- batched: train/evaluate.py, a batch of users at once, beams folded into the batch, the
-  prompt run once per user and its KV cache repeated for the beams, the trie applied as one
-  mask per step;
+- batched: train/evaluate.py, a batch of users at once, the prompt run once per user and its
+  KV cache shared by the user's beams (each step feeds the beams' newest tokens as one row per
+  user, with a 4D attention mask), the trie applied as one mask per step;
 - one at a time, as the reference implementation decodes: Hugging Face `generate` with beam
   search for one user per call, constrained by a `prefix_allowed_tokens_fn` that asks the trie;
 - one at a time with our own beam search (to separate the two effects).
@@ -77,10 +77,10 @@ def main() -> None:
     n_items = len(index["items"])
     prompts = [template.encode_prompt(tok, book, [rng.randrange(n_items) for _ in range(20)]) for _ in range(a.users)]
 
-    def forward(ids, mask, position, cache):
+    def forward(ids, mask, position, cache, keep):
         return model(
-            input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True, logits_to_keep=1
-        ).logits[:, -1]
+            input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True, logits_to_keep=keep
+        ).logits
 
     def decode(batch: int) -> tuple[float, list]:
         t0 = time.perf_counter()

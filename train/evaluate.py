@@ -7,7 +7,8 @@ targets (then the popular ones), which shows how much item-to-item signal the wi
 how much of it the model has learned. `eval.max_users` takes a
 seeded random sample of a window's test users, the same for every method, period and rank count.
 
-Decoding: the prompt runs once; its KV cache is repeated for the beams; then one token per code
+Decoding: the prompt runs once; its KV cache is shared by the user's beams (a 4D attention mask
+lets each beam see its prompt and its own earlier tokens); then one token per code
 level, each step's candidates restricted to the continuations the trie allows after the beam's
 prefix. So every output is a real item (the count of invalid outputs is reported and must be
 0). Beams that cannot continue (fewer valid continuations than beams, or an empty allowed set)
@@ -61,11 +62,28 @@ def _log_probs(logits: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def constrained_beam_search(
-    forward, prompts: list[list[int]], trie, levels: int, beams: int, pad_id: int, device
+    forward,
+    prompts: list[list[int]],
+    trie,
+    levels: int,
+    beams: int,
+    pad_id: int,
+    device,
+    shared_prompt: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top `beams` code sequences per prompt: (tokens [B, beams, levels], log-prob scores [B, beams]).
 
-    `forward(input_ids, attention_mask, position_ids, cache)` returns last-position logits [N, V]."""
+    `forward(input_ids, attention_mask, position_ids, cache, keep)` returns the logits of the last
+    `keep` input positions, [N, keep, V]; `attention_mask` is 2D [N, seen + new] or, for the
+    decoding steps of the shared-prompt search, an additive float 4D mask [N, 1, new, seen + new].
+
+    `shared_prompt` (the default): the B prompts run once, and their KV cache (B rows, not
+    B*beams) is shared by the beams of each user; each decoding step feeds the beams' newest
+    tokens as one row of `beams` query positions per user, whose 4D mask lets each beam attend
+    to its prompt and to its own ancestors' tokens among the cached generated ones (a tree of
+    beams: no copy of the prompt cache per beam, no reorder). It needs an attention that takes
+    a 4D mask (sdpa, eager). `shared_prompt=False`: the cache is repeated for the beams and
+    reordered at each step (for flash_attention_2), one query position per beam."""
     b = len(prompts)  # B
     width = max(len(prompt) for prompt in prompts)
     ids = torch.full((b, width), pad_id, dtype=torch.long)
@@ -76,27 +94,46 @@ def constrained_beam_search(
     ids, mask = ids.to(device), mask.to(device)
     position = (mask.cumsum(1) - 1).clamp(min=0)
     cache = DynamicCache()
-    logits = forward(ids, mask, position, cache)  # [B, V]
+    logits = forward(ids, mask, position, cache, 1)[:, -1]  # [B, V]
     vocab_size = logits.shape[-1]
     logp = _log_probs(logits)
     logp = logp.masked_fill(~trie.allowed_mask([()] * b, vocab_size).to(device), NEG)
     scores, tokens = logp.topk(beams, dim=-1)  # [B, beams]; -inf when fewer continuations exist
     seqs = tokens.unsqueeze(-1)  # [B, beams, 1]
-    cache.batch_repeat_interleave(beams)
-    mask = mask.repeat_interleave(beams, 0)
-    last_pos = position[:, -1:].repeat_interleave(beams, 0)
+    last_pos = position[:, -1:]  # [B, 1]
+    if shared_prompt:
+        # Bool [B, beams, keys] of what each beam's newest token may attend to: its prompt (the
+        # left padding excluded), then the generated tokens fed so far, one block of `beams` per
+        # step, of which a beam sees its ancestors' (one per block) and its own.
+        layers = getattr(cache, "layers", None)
+        dtype = layers[0].keys.dtype if layers and layers[0].keys is not None else logits.dtype  # the queries'
+        sees = mask.bool().unsqueeze(1).expand(b, beams, width)
+        eye = torch.eye(beams, dtype=torch.bool, device=device).expand(b, beams, beams)
+    else:
+        cache.batch_repeat_interleave(beams)
+        mask = mask.repeat_interleave(beams, 0)
+        last_pos = last_pos.repeat_interleave(beams, 0)
     for step in range(1, levels):
         flat = seqs.reshape(b * beams, step)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        logits = forward(flat[:, -1:], mask, last_pos + step, cache)  # [B*beams, V]
+        if shared_prompt:
+            sees = torch.cat([sees, eye], -1)
+            bias = torch.zeros(sees.shape, dtype=dtype, device=device).masked_fill_(~sees, torch.finfo(dtype).min)
+            position = (last_pos + step).expand(b, beams)
+            logits = forward(seqs[:, :, -1], bias.unsqueeze(1), position, cache, beams).reshape(b * beams, -1)
+        else:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            logits = forward(flat[:, -1:], mask, last_pos + step, cache, 1)[:, -1]  # [B*beams, V]
         logp = _log_probs(logits)
         allowed = trie.allowed_mask([tuple(s) for s in flat.tolist()], vocab_size).to(device)
         cand = (scores.reshape(-1, 1) + logp).masked_fill(~allowed, NEG)  # dead beams stay -inf
         scores, idx = cand.reshape(b, beams * vocab_size).topk(beams, dim=-1)
         parent, token = idx // vocab_size, idx % vocab_size
         seqs = torch.cat([seqs.gather(1, parent.unsqueeze(-1).expand(-1, -1, step)), token.unsqueeze(-1)], -1)
-        if step < levels - 1:  # after the last level the cache is not read again: no reorder (a full copy)
-            cache.reorder_cache((parent + torch.arange(b, device=device).unsqueeze(1) * beams).reshape(-1))
+        if step < levels - 1:  # after the last level the cache is not read again
+            if shared_prompt:  # a new beam sees what its parent saw (its parent's token included)
+                sees = sees.gather(1, parent.unsqueeze(-1).expand(-1, -1, sees.shape[-1]))
+            else:  # a full copy of the cache
+                cache.reorder_cache((parent + torch.arange(b, device=device).unsqueeze(1) * beams).reshape(-1))
     return seqs, scores
 
 
@@ -177,11 +214,11 @@ class Evaluator:
         self.cfg, self.strategy, self.engine, self.encoder = cfg, strategy, engine, encoder
         self.manifest, self.period, self.run, self.logger = manifest, period, run, logger
 
-    def _forward(self, ids, mask, position, cache):
+    def _forward(self, ids, mask, position, cache, keep):
         out = self.engine(
-            input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True, logits_to_keep=1
+            input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True, logits_to_keep=keep
         )
-        return out.logits[:, -1]
+        return out.logits
 
     def evaluate_window(self, window: int) -> dict:
         """One window's test users (all, or the seeded sample of eval.max_users), shared round-robin
@@ -210,7 +247,14 @@ class Evaluator:
             prompts = [encoder.prompt(sample["history"]) for sample in chunk]
             prompts += [dummy] * (batch_size - len(prompts))  # padding for the collective: results ignored
             seqs, scores = constrained_beam_search(
-                self._forward, prompts, codebook.trie, codebook.levels, beams, pad_id, strategy.device
+                self._forward,
+                prompts,
+                codebook.trie,
+                codebook.levels,
+                beams,
+                pad_id,
+                strategy.device,
+                shared_prompt=cfg.model.attn_implementation != "flash_attention_2",  # no 4D masks there
             )
             # The test loss (cross-entropy of the target's tokens, teacher-forced): a finer signal of
             # forgetting than the hit rates.

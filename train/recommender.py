@@ -256,18 +256,26 @@ class Recommender:
         beams = max(k + (max(map(len, histories), default=0) if exclude_seen else 0), self.beams)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
-        def forward(ids, mask, position, cache):
+        def forward(ids, mask, position, cache, keep):
             out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True, logits_to_keep=1
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=keep,
             )
-            return out.logits[:, -1]
+            return out.logits
+
+        # flash_attention_2 takes no 4D mask: the search then repeats the prompt's cache per beam
+        shared = getattr(getattr(self.model, "config", None), "_attn_implementation", None) != "flash_attention_2"
 
         out = []
         for start in range(0, len(histories), batch_size):
             part = histories[start : start + batch_size]
             prompts = [self.encoder.prompt(list(h)) for h in part]
             seqs, scores = constrained_beam_search(
-                forward, prompts, self.codebook.trie, self.codebook.levels, beams, pad_id, self.device
+                forward, prompts, self.codebook.trie, self.codebook.levels, beams, pad_id, self.device, shared
             )
             for i in range(len(part)):
                 seen = set(part[i]) if exclude_seen else set()

@@ -45,12 +45,35 @@ def vocab(tmp_path_factory):
 
 
 def _forward(model):
-    def forward(ids, mask, position, cache):
+    def forward(ids, mask, position, cache, keep):
         return model(
-            input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True, logits_to_keep=1
-        ).logits[:, -1]
+            input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True, logits_to_keep=keep
+        ).logits
 
     return forward
+
+
+def _sharp_gqa_model(tok, attn: str = "sdpa"):
+    """A seeded 2-layer Llama with GQA (4 heads, 2 key-value heads), its logits sharper than a
+    fresh model's near-uniform ones, so ties cannot decide the order of the beams."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            bos_token_id=tok.bos_token_id,
+            attn_implementation=attn,
+        )
+    ).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    return model
 
 
 def test_memorized_dataset_scores_hit_at_1(vocab):
@@ -108,8 +131,8 @@ def test_every_output_is_in_the_catalog_and_dead_beams_are_guarded(vocab):
     g = torch.Generator().manual_seed(0)
     vocab_size = len(tok)
 
-    def random_model(ids, mask, position, cache):
-        out = torch.randn(ids.shape[0], vocab_size, generator=g) * 5
+    def random_model(ids, mask, position, cache, keep):
+        out = torch.randn(ids.shape[0], keep, vocab_size, generator=g) * 5
         out[0] = float("-inf")  # the first prompt's model gives nothing any probability
         return out
 
@@ -186,22 +209,7 @@ def test_generate_with_the_trie_logits_processor_equals_our_beam_search(vocab):
     from train.recommender import TrieLogitsProcessor
 
     tok, book = vocab
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            bos_token_id=tok.bos_token_id,
-        )
-    ).eval()
-    with torch.no_grad():  # sharper than a fresh model's near-uniform logits, so ties cannot decide the order
-        model.lm_head.weight.mul_(20)
+    model = _sharp_gqa_model(tok)
     beams = 6
     for prompt in ([1, 5, 9, 11], [1, 7, 3]):
         ours, scores = constrained_beam_search(_forward(model), [prompt], book.trie, 4, beams, tok.pad_token_id, "cpu")
@@ -224,3 +232,42 @@ def test_generate_with_the_trie_logits_processor_equals_our_beam_search(vocab):
         assert theirs == [tuple(s.tolist()) for s in ours[0]]
         # the same cumulative log-probabilities (generate divides by the length, 4, by default)
         assert torch.allclose(out.sequences_scores * 4, scores[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_search_equals_the_search_with_a_cache_per_beam(vocab, attn):
+    """The default search (one prompt KV cache per user, shared by its beams through a 4D mask)
+    returns the same codes and scores as the search that repeats the cache per beam and reorders
+    it (shared_prompt=False, the algorithm before issue 14): a GQA model with RoPE, left-padded
+    prompts of different lengths, more beams than items (dead beams), and exact ties."""
+    tok, book = vocab
+    model = _sharp_gqa_model(tok, attn)
+    prompts = [[1, 5, 9, 11], [1, 7, 3], [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [1], [4, 4, 4, 4, 4, 4]]
+    forward = _forward(model)
+
+    def both(beams):
+        shared = constrained_beam_search(forward, prompts, book.trie, 4, beams, tok.pad_token_id, "cpu")
+        per_beam = constrained_beam_search(
+            forward, prompts, book.trie, 4, beams, tok.pad_token_id, "cpu", shared_prompt=False
+        )
+        return shared, per_beam
+
+    for beams in (6, 30):  # 30 beams, 24 items: some beams die
+        (seqs, scores), (ref_seqs, ref_scores) = both(beams)
+        assert torch.equal(scores == NEG, ref_scores == NEG)
+        if beams == 30:
+            assert (scores[:, :24] > NEG).all() and (scores[:, 24:] == NEG).all()
+        live = scores > NEG
+        assert torch.equal(seqs[live], ref_seqs[live])
+        assert torch.allclose(scores[live], ref_scores[live], atol=1e-4)
+        for i, prompt in enumerate(prompts):  # left padding changes nothing: each prompt alone
+            alone, alone_scores = constrained_beam_search(
+                forward, [prompt], book.trie, 4, beams, tok.pad_token_id, "cpu"
+            )
+            assert torch.equal(alone[0][live[i]], seqs[i][live[i]])
+            assert torch.allclose(alone_scores[0][live[i]], scores[i][live[i]], atol=1e-4)
+    with torch.no_grad():  # every logit 0: every item ties; both searches break ties the same way
+        model.lm_head.weight.zero_()
+    (seqs, scores), (ref_seqs, ref_scores) = both(10)
+    assert torch.equal(seqs, ref_seqs) and torch.equal(scores, ref_scores)
+    assert (scores == scores[0, 0]).all()
