@@ -137,3 +137,73 @@ def test_launcher_runs_every_period_once_and_reports(ml_indexed, tmp_path):
     assert stamps == {
         t: os.stat(os.path.join(run, "periods", str(t), "train_summary.json")).st_mtime_ns for t in range(5)
     }
+
+
+@pytest.mark.slow
+def test_smollm2_lora_then_peso_under_zero3(smollm2_folder, small_dataset, ds_configs, tmp_path):
+    """A real pretrained backbone (SmolLM2-135M, tied embeddings, its own tokenizer) as
+    `model.path`: period 0 LoRA and period 1 peso on 2 partitioned ranks; the code tokens join its
+    tokenizer, their tied rows train, and each adapter reloads with PeftModel on the plain model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = str(tmp_path / "run")
+    args = [
+        "--ds_config",
+        ds_configs[3],
+        "--config",
+        os.path.join(REPO, "configs", "smollm2.yaml"),
+        "--data",
+        small_dataset,
+        "--run_dir",
+        run,
+        f"model.path={smollm2_folder}",
+        "schedule.max_steps=2",
+        "schedule.epochs=1",
+        "data.max_history=5",
+        "data.micro_batch_size=2",
+        "data.eval_batch_size=16",
+        "schedule.global_batch_size=4",
+        "logging.every_steps=1",
+        "logging.progress=false",
+        "eval.every_period=false",
+        "eval.max_users=4",
+    ]
+    for _ in range(2):
+        train(2, args, timeout=900)
+    with open(os.path.join(run, "state.json")) as f:
+        assert json.load(f)["done"] == [0, 1]
+    assert os.path.isfile(os.path.join(run, "periods", "1", "anchor.safetensors"))
+    tok = AutoTokenizer.from_pretrained(os.path.join(run, "tokenizer"))
+    original = AutoTokenizer.from_pretrained(smollm2_folder)
+    assert len(original) == 49152 and len(tok) == len(original) + 4 * 256
+    assert tok("<a_0><b_1>", add_special_tokens=False).input_ids == [len(original), len(original) + 256 + 1]
+    base = AutoModelForCausalLM.from_pretrained(smollm2_folder)
+    hidden = base.config.hidden_size
+    # The rows the new tokens started from (train/model.py, init_new_token_rows, model.seed 0).
+    old = base.get_input_embeddings().weight.detach()
+    start = torch.randn((4 * 256, hidden), generator=torch.Generator().manual_seed(0)) * float(old.std())
+    base.resize_token_embeddings(len(tok))
+    rows = {}
+    for t in (0, 1):
+        adapter = os.path.join(run, "periods", str(t), "adapter")
+        state = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+        delta = [k for k in state if "trainable_tokens" in k]
+        assert len(delta) == 1 and state[delta[0]].shape == (4 * 256, hidden)  # tied: one shared set of rows
+        rows[t] = state[delta[0]]
+        assert len([k for k in state if "lora_" in k]) == 30 * 7 * 2
+        model = PeftModel.from_pretrained(base, adapter)
+        live = {
+            n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n or "trainable_tokens" in n
+        }
+        for k, v in state.items():
+            assert torch.equal(live[k], v), k
+        assert model.get_output_embeddings() is not None
+        base = model.unload()
+    # The rows of the tokens in the batches moved in both periods, the others did not.
+    moved0 = (rows[0] - start).abs().amax(1) > 0
+    moved1 = (rows[1] - rows[0]).abs().amax(1) > 0
+    assert 0 < int(moved0.sum()) < 4 * 256 and int(moved1.sum()) > 0
+    with open(os.path.join(run, "periods", "1", "train_summary.json")) as f:
+        summary = json.load(f)
+    assert summary
