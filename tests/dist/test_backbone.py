@@ -207,3 +207,20 @@ def test_smollm2_lora_then_peso_under_zero3(smollm2_folder, small_dataset, ds_co
     with open(os.path.join(run, "periods", "1", "train_summary.json")) as f:
         summary = json.load(f)
     assert summary
+
+
+@pytest.mark.slow
+def test_smollm2_proximal_term_and_gradient_exact_under_zero3(smollm2_folder, tmp_path):
+    """peso's term on SmolLM2's 30 layers x 7 projections: 2 partitioned ranks give one plain
+    process's term (within 1e-6) and gradients."""
+    from tests.dist.test_methods import probe
+
+    plain, zero3 = probe(tmp_path, "plain", "kl", smollm2_folder), probe(tmp_path, "zero3", "kl", smollm2_folder)
+    assert plain["term"].item() > 1e-4
+    assert abs(plain["term"].item() - zero3["term"].item()) <= 1e-6
+    grads = [k for k in plain if k != "term"]
+    assert len(grads) == 30 * 7 * 2
+    for k in grads:
+        scale = plain[k].abs().max()
+        assert scale > 0, k
+        assert (plain[k] - zero3[k]).abs().max() <= 1e-5 * scale, f"{k}: {(plain[k] - zero3[k]).abs().max()} of {scale}"
