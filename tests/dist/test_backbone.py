@@ -143,7 +143,8 @@ def test_launcher_runs_every_period_once_and_reports(ml_indexed, tmp_path):
 def test_smollm2_lora_then_peso_under_zero3(smollm2_folder, small_dataset, ds_configs, tmp_path):
     """A real pretrained backbone (SmolLM2-135M, tied embeddings, its own tokenizer) as
     `model.path`: period 0 LoRA and period 1 peso on 2 partitioned ranks; the code tokens join its
-    tokenizer, their tied rows train, and each adapter reloads with PeftModel on the plain model."""
+    tokenizer, their tied rows train, each adapter reloads with PeftModel on the plain model, and the
+    plain CPU model with period 1's adapter gives the engine's evaluation (lists and beam scores)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -169,8 +170,8 @@ def test_smollm2_lora_then_peso_under_zero3(smollm2_folder, small_dataset, ds_co
         "eval.every_period=false",
         "eval.max_users=4",
     ]
-    for _ in range(2):
-        train(2, args, timeout=900)
+    train(2, args, timeout=900)
+    train(2, [*args, "eval.every_period=true"], timeout=900)  # period 1 is evaluated by the engine
     with open(os.path.join(run, "state.json")) as f:
         assert json.load(f)["done"] == [0, 1]
     assert os.path.isfile(os.path.join(run, "periods", "1", "anchor.safetensors"))
@@ -204,9 +205,23 @@ def test_smollm2_lora_then_peso_under_zero3(smollm2_folder, small_dataset, ds_co
     moved0 = (rows[0] - start).abs().amax(1) > 0
     moved1 = (rows[1] - rows[0]).abs().amax(1) > 0
     assert 0 < int(moved0.sum()) < 4 * 256 and int(moved1.sum()) > 0
-    with open(os.path.join(run, "periods", "1", "train_summary.json")) as f:
-        summary = json.load(f)
-    assert summary
+    # The plain CPU model with period 1's adapter (no DeepSpeed) ranks the test users' items as the
+    # engine's evaluation did, with the same beam scores (sums of log-probabilities).
+    from train.recommender import Recommender
+
+    rec = Recommender.from_run(run, 1, device="cpu")
+    metrics, lists = rec.evaluate_window(small_dataset, 1, [5, 10], max_users=4)
+    with open(os.path.join(run, "periods", "1", "metrics.json")) as f:
+        engine_metrics = json.load(f)["windows"]["1"]["overall"]
+    with open(os.path.join(run, "periods", "1", "recommendations.jsonl")) as f:
+        engine_lists = [x for x in map(json.loads, f) if x.get("window", 1) == 1]
+    assert len(lists) == len(engine_lists) == 4
+    for x, y in zip(engine_lists, lists):
+        assert (x["user"], x["target"], x["rank"], x["items"]) == (y["user"], y["target"], y["rank"], y["items"])
+        assert max(abs(a - b) for a, b in zip(x["scores"], y["scores"])) < 1e-4
+    for key, value in engine_metrics.items():
+        if key.startswith(("hit@", "ndcg@")):
+            assert metrics[key] == pytest.approx(value, abs=1e-9), key
 
 
 @pytest.mark.slow
