@@ -1,6 +1,6 @@
 """Users per second of batched, trie-constrained beam search against one user at a time.
 
-    python bench/eval.py [--shape tiny] [--users 256] [--batch 64] [--beams 10] [--repeats 3]
+    python bench/eval.py [--shape tiny] [--users 256] [--batch 64] [--beams 10] [--repeats 3] [--device cpu]
 
 The same model and prompts, three ways, side by side:
 - batched: train/evaluate.py, a batch of users at once, the prompt run once per user and its
@@ -62,7 +62,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="users per batch of the batched way")
     ap.add_argument("--beams", type=int, default=10, help="beams of the beam search")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats of each way (the median counts)")
+    ap.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ...")
     a = ap.parse_args()
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {a.device}: torch sees no CUDA device here")
     index = catalog()
     template = PromptTemplate()
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,6 +77,7 @@ def main() -> None:
     model = LlamaForCausalLM(
         shape_config(a.shape, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     ).eval()
+    model.to(device)
     rng = random.Random(1)
     n_items = len(index["items"])
     prompts = [template.encode_prompt(tok, book, [rng.randrange(n_items) for _ in range(20)]) for _ in range(a.users)]
@@ -82,21 +87,26 @@ def main() -> None:
             input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True, logits_to_keep=keep
         ).logits
 
+    def synced() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     def decode(batch: int) -> tuple[float, list]:
-        t0 = time.perf_counter()
+        t0 = synced()
         tops = []
         for k in range(0, len(prompts), batch):
             seqs, _ = constrained_beam_search(
-                forward, prompts[k : k + batch], book.trie, 4, a.beams, tok.pad_token_id, "cpu"
+                forward, prompts[k : k + batch], book.trie, 4, a.beams, tok.pad_token_id, device
             )
             tops += [tuple(s[0].tolist()) for s in seqs]
-        return time.perf_counter() - t0, tops
+        return synced() - t0, tops
 
     def reference() -> tuple[float, list]:
-        t0 = time.perf_counter()
+        t0 = synced()
         tops = []
         for p in prompts:
-            ids, n = torch.tensor([p]), len(p)
+            ids, n = torch.tensor([p], device=device), len(p)
             allowed = lambda batch_id, sent, n=n: book.trie.allowed(sent[n:].tolist()) or [tok.eos_token_id]
             out = model.generate(
                 ids,
@@ -112,7 +122,7 @@ def main() -> None:
                 length_penalty=0.0,
             )
             tops.append(tuple(out[0, len(p) :].tolist()))
-        return time.perf_counter() - t0, tops
+        return synced() - t0, tops
 
     decode(a.batch)  # warm-up
     # Interleaved repeats, medians: this VM's speed drifts by 20-30% from one minute to the next.
@@ -138,6 +148,7 @@ def main() -> None:
                 "ratio_batched_to_ours_one_at_a_time": round(single_s / batched_s, 2),
                 "same_top1_share_vs_reference": round(agree_ref, 4),
                 "same_top1_share_vs_ours_one_at_a_time": round(agree, 4),
+                "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
                 "threads": torch.get_num_threads(),
                 "machine": f"{platform.machine()} {os.cpu_count()} cores",
                 "date": time.strftime("%Y-%m-%d"),

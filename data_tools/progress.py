@@ -7,6 +7,11 @@ import sys
 
 from tqdm import tqdm
 
+# No monitor thread: it only corrects `miniters`, which the bars here do not set, and a thread in
+# the process makes the forked shard writers of `convert` unsafe (see convert._write_samples).
+# https://github.com/tqdm/tqdm#monitoring-thread-intervals-and-miniters
+tqdm.monitor_interval = 0
+
 
 def progress_bar(iterable=None, *, enabled: bool = True, **kwargs) -> tqdm:
     kwargs.setdefault("mininterval", 1.0)

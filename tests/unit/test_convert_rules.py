@@ -8,6 +8,7 @@ import io
 import itertools
 import os
 import random
+import threading
 
 import pytest
 import torch.utils.data
@@ -94,6 +95,27 @@ def test_same_inputs_give_identical_shard_bytes(tmp_path):
     convert(_options(a, tmp_path / "three", shard_size=50, seed=7))
     three = _tree_digest(tmp_path / "three")
     assert {k for k in one if one[k] != three[k]} and all("train" in k for k in one if one[k] != three[k])
+
+
+def test_a_process_with_threads_writes_the_shards_itself_with_the_same_bytes(tmp_path):
+    """fork() from a process with threads can hang the child: there the writers are not forked."""
+    src = _csv(tmp_path / "r.csv", _stream())
+    convert(_options(src, tmp_path / "forked", shard_size=50, workers=2))
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        log = io.StringIO()
+        convert(
+            ConvertOptions(
+                format="csv", reviews=src, out=str(tmp_path / "here"), progress=False, log=log, shard_size=50, workers=2
+            )
+        )
+    finally:
+        stop.set()
+        other.join()
+    assert "threads: writing the shards in it, not in 2 forked ones" in log.getvalue()
+    assert _tree_digest(tmp_path / "here") == _tree_digest(tmp_path / "forked")
 
 
 def test_rerun_with_same_inputs_does_nothing(tmp_path):
