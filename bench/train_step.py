@@ -5,7 +5,8 @@ training objectives, side by side.
 
 CPU (always): the tiny model trained in full (period 0) on 2 ranks with configs/tiny.yaml
 (objective: sequence), under ZeRO-2 and under ZeRO-3 (its default persistence threshold), and
-under ZeRO-2 with the response objective (one sample per target, same template), each for
+under ZeRO-2 with the response objective (one sample per target, same template) with 0 and with
+2 DataLoader workers per rank (their data-wait shares side by side), each for
 --steps steps of 32 rows, through the real entry point (train/main.py); the figures are
 TensorBoard's, averaged over the log points after the first (start-up excluded). The objectives
 compare by target tokens per second: how many targets' code tokens the model learns from per
@@ -117,7 +118,12 @@ def main() -> None:
     result = {"bench": "train_step", "dataset": os.path.basename(data), "steps": a.steps, "ranks": a.nproc}
     with tempfile.TemporaryDirectory() as tmp:
         cpu = {}
-        variants = {2: ("zero2", []), 3: ("zero3", []), "response": ("zero2", ["data.objective=response"])}
+        variants = {
+            2: ("zero2", []),
+            3: ("zero3", []),
+            "response": ("zero2", ["data.objective=response", "data.num_workers=0"]),
+            "response_2_workers": ("zero2", ["data.objective=response", "data.num_workers=2"]),
+        }
         for key, (stage, extra) in variants.items() if not a.gpu_only else ():
             s = train(
                 data,
@@ -127,7 +133,7 @@ def main() -> None:
                 [f"schedule.max_steps={a.steps}", "logging.every_steps=10", "checkpoint.every_steps=100000", *extra],
             )
             cpu[key] = s
-            result[f"cpu_{stage}" if key != "response" else "cpu_zero2_response"] = {
+            result[f"cpu_{stage}" if isinstance(key, int) else f"cpu_zero2_{key}"] = {
                 "input_tokens_per_s_per_rank": round(s["perf/input_tokens_per_s_per_rank"], 1),
                 "target_tokens_per_s_per_rank": round(s["perf/target_tokens_per_s_per_rank"], 1),
                 "samples_per_s_per_rank": round(s["perf/samples_per_s_per_rank"], 2),
@@ -142,6 +148,11 @@ def main() -> None:
             )
             result["ratio_sequence_to_response_target_tokens_per_s"] = round(
                 cpu[2]["perf/target_tokens_per_s_per_rank"] / cpu["response"]["perf/target_tokens_per_s_per_rank"], 3
+            )
+            result["ratio_response_2_workers_to_0_samples_per_s"] = round(
+                cpu["response_2_workers"]["perf/samples_per_s_per_rank"]
+                / cpu["response"]["perf/samples_per_s_per_rank"],
+                3,
             )
         if torch.cuda.is_available():
             for shape in a.gpu_shapes:

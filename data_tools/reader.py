@@ -7,6 +7,10 @@ ranks' counts differ by at most one. Shards outside a consumer's slice are never
 converter already stored training samples in a seeded random order, so contiguous slices are
 random subsets; a shuffle buffer seeded by (seed, epoch, consumer) reorders them each epoch.
 Everything is deterministic, so a resumed run replays the same order and skips what it has seen.
+
+The trainer (train/data.py) reads by index instead: `epoch_order` gives the order of a rank's
+slice without reading a sample (a shuffle buffer never looks at what it shuffles), and
+`read_samples_at` reads and decodes only the samples a DataLoader worker's batches need.
 """
 
 from __future__ import annotations
@@ -26,20 +30,24 @@ def consumer_slice(n: int, consumer: int, consumers: int) -> tuple[int, int]:
     return consumer * n // consumers, (consumer + 1) * n // consumers
 
 
-def _consumer(rank: int, world_size: int, by_worker: bool) -> tuple[int, int]:
-    info = torch.utils.data.get_worker_info() if by_worker else None
+def _consumer(rank: int, world_size: int) -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
     worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
     return rank * workers + worker, world_size * workers
+
+
+def _shuffle_rng(seed: int, epoch: int, consumer: int) -> random.Random:
+    return random.Random(f"{seed}/{epoch}/{consumer}")
 
 
 class _SliceSource(torch.utils.data.IterableDataset):
     """Yields the raw tar samples of this consumer's slice (resolved inside the worker)."""
 
-    def __init__(self, shards: list[tuple[str, int]], rank: int, world_size: int, by_worker: bool):
-        self.shards, self.rank, self.world_size, self.by_worker = shards, rank, world_size, by_worker
+    def __init__(self, shards: list[tuple[str, int]], rank: int, world_size: int):
+        self.shards, self.rank, self.world_size = shards, rank, world_size
 
     def __iter__(self):
-        consumer, consumers = _consumer(self.rank, self.world_size, self.by_worker)
+        consumer, consumers = _consumer(self.rank, self.world_size)
         lo, hi = consumer_slice(sum(n for _, n in self.shards), consumer, consumers)
         start, urls, first = 0, [], None
         for path, n in self.shards:
@@ -57,14 +65,12 @@ class _SliceSource(torch.utils.data.IterableDataset):
 
 
 class _ConsumerShuffle(wds.PipelineStage):
-    def __init__(self, bufsize: int, seed: int, epoch: int, rank: int, world_size: int, by_worker: bool):
-        self.bufsize, self.seed, self.epoch = bufsize, seed, epoch
-        self.rank, self.world_size, self.by_worker = rank, world_size, by_worker
+    def __init__(self, bufsize: int, seed: int, epoch: int, rank: int, world_size: int):
+        self.bufsize, self.seed, self.epoch, self.rank, self.world_size = bufsize, seed, epoch, rank, world_size
 
     def run(self, src):
-        consumer, _ = _consumer(self.rank, self.world_size, self.by_worker)
-        rng = random.Random(f"{self.seed}/{self.epoch}/{consumer}")
-        return wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(src)
+        consumer, _ = _consumer(self.rank, self.world_size)
+        return wds.shuffle(self.bufsize, initial=self.bufsize, rng=_shuffle_rng(self.seed, self.epoch, consumer))(src)
 
 
 def _decode(sample: dict) -> dict:
@@ -84,19 +90,49 @@ def window_split(
     epoch: int = 0,
     shuffle_buffer: int = 0,
     manifest: dict | None = None,
-    split_by_worker: bool = True,
 ) -> wds.DataPipeline:
     """Samples (`user`, `history`, `target`, `ts`, `group`, `key`) of one window's split for this
-    rank; iterate it directly or wrap it in a torch DataLoader (workers split it further, unless
-    `split_by_worker` is off: then every worker sees the rank's whole slice, in the same order)."""
+    rank; iterate it directly or wrap it in a torch DataLoader (its workers split it further)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     shards = split_shards(root, manifest or load_manifest(root), window, split)
-    stages = [_SliceSource(shards, rank, world_size, split_by_worker)]
+    stages = [_SliceSource(shards, rank, world_size)]
     if shuffle_buffer > 1:
-        stages.append(_ConsumerShuffle(shuffle_buffer, seed, epoch, rank, world_size, split_by_worker))
+        stages.append(_ConsumerShuffle(shuffle_buffer, seed, epoch, rank, world_size))
     stages.append(wds.map(_decode))
     return wds.DataPipeline(*stages)
+
+
+def epoch_order(n: int, *, rank: int, world_size: int, seed: int, epoch: int, shuffle_buffer: int) -> list[int]:
+    """The split's sample indices that `window_split` (iterated without DataLoader workers) gives
+    this rank in this epoch, in its order, computed without reading a sample: the shuffle buffer
+    draws from its own seeded generator and never looks at the samples, so shuffling the indices
+    gives the same order as shuffling the samples."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    lo, hi = consumer_slice(n, rank, world_size)
+    if shuffle_buffer <= 1:
+        return list(range(lo, hi))
+    rng = _shuffle_rng(seed, epoch, rank)
+    return list(wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=rng)(iter(range(lo, hi))))
+
+
+def read_samples_at(root: str, window: int, split: str, wanted: set[int], manifest: dict | None = None):
+    """`(index, sample)` for the split's samples whose index is in `wanted`, in stored order.
+    Shards without a wanted sample are not opened, and only the wanted samples are decoded: a
+    DataLoader worker reads what its own batches need."""
+    if not wanted:
+        return
+    lo, hi = min(wanted), max(wanted) + 1
+    start = 0
+    for path, n in split_shards(root, manifest or load_manifest(root), window, split):
+        if start < hi and start + n > lo and any(g in wanted for g in range(max(start, lo), min(start + n, hi))):
+            for g, (key, payload) in enumerate(read_tar(path), start=start):
+                if g in wanted:
+                    sample = orjson.loads(payload)
+                    sample["key"] = key.decode()
+                    yield g, sample
+        start += n
 
 
 def split_size(root: str, window: int, split: str, manifest: dict | None = None) -> int:

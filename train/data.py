@@ -9,10 +9,12 @@ Two training objectives (`data.objective`) give two kinds of training items:
 Validation and test are one sample per target in both.
 
 A rank's micro-batches in an epoch are a deterministic function of (seed, epoch, rank, world
-size), cut from that order. DataLoader workers do not change that sequence: worker w prepares
-the batches j with (j - start) % workers == w, and the DataLoader hands them out round-robin,
-i.e. in order. So a run resumed at micro-batch `start` (possibly with another number of
-workers) continues with exactly the batches the killed run would have trained on.
+size), cut from that order. DataLoader workers do not change that sequence: the order is known
+before anything is read (a list of item indices), worker w prepares the batches j with
+(j - start) % workers == w, reading and decoding only their items, and the DataLoader hands
+them out round-robin, i.e. in order. So a run resumed at micro-batch `start` (possibly with
+another number of workers) continues with exactly the batches the killed run would have trained
+on, and two workers read and decode half the samples each.
 
 Every rank must take the same number of steps (a rank that runs out first leaves the others
 waiting in a collective), so an epoch has ceil(ceil(N / ranks) / (micro x accumulation)) steps
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.utils.data
 
-from data_tools.reader import consumer_slice, read_split, split_size, window_split
+from data_tools.reader import consumer_slice, epoch_order, read_samples_at, read_split, split_size
 from data_tools.sequences import window_chunks
 from train.loss import IGNORE
 
@@ -77,7 +79,8 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 class ResponseSamples:
-    """The response objective's training items: one sample per target, from the shards."""
+    """The response objective's training items: one sample per target, read from the shards.
+    `order` is the rank's slice through a seeded shuffle buffer, as data_tools.reader streams it."""
 
     def __init__(self, root: str, manifest: dict, window: int, split: str, shuffle_buffer: int):
         self.root, self.manifest, self.window, self.split = root, manifest, window, split
@@ -86,19 +89,14 @@ class ResponseSamples:
     def __len__(self) -> int:
         return split_size(self.root, self.window, self.split, self.manifest)
 
-    def one_pass(self, rank: int, world_size: int, seed: int, epoch: int):
-        return window_split(
-            self.root,
-            self.window,
-            self.split,
-            rank=rank,
-            world_size=world_size,
-            seed=seed,
-            epoch=epoch,
-            shuffle_buffer=self.shuffle_buffer,
-            manifest=self.manifest,
-            split_by_worker=False,
+    def order(self, rank: int, world_size: int, seed: int, epoch: int) -> list[int]:
+        return epoch_order(
+            len(self), rank=rank, world_size=world_size, seed=seed, epoch=epoch, shuffle_buffer=self.shuffle_buffer
         )
+
+    def fetch(self, wanted: set[int]):
+        """`(index, sample)` of the wanted samples, in stored order."""
+        return read_samples_at(self.root, self.window, self.split, wanted, self.manifest)
 
 
 class SequenceChunks:
@@ -111,11 +109,14 @@ class SequenceChunks:
     def __len__(self) -> int:
         return len(self.chunks)
 
-    def one_pass(self, rank: int, world_size: int, seed: int, epoch: int):
+    def order(self, rank: int, world_size: int, seed: int, epoch: int) -> list[int]:
         order = list(range(len(self.chunks)))
         random.Random(f"{seed}/{epoch}").shuffle(order)
         lo, hi = consumer_slice(len(order), rank, world_size)
-        return (self.chunks[k] for k in order[lo:hi])
+        return order[lo:hi]
+
+    def fetch(self, wanted: set[int]):
+        return ((k, self.chunks[k]) for k in sorted(wanted))
 
 
 @dataclass
@@ -138,35 +139,40 @@ class RankEpoch(torch.utils.data.IterableDataset):
     pad_id: int
     pad_with: str
 
-    def _items(self):
-        first = True
-        while True:
-            count = 0
-            for item in self.source.one_pass(self.rank, self.world_size, self.seed, self.epoch):
-                count += 1
-                yield item, first
-            if count == 0:
-                raise ValueError(
-                    f"rank {self.rank} has no {self.split} samples in window {self.window} "
-                    f"(the split has fewer samples than ranks)"
-                )
-            first = False
-
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        stream = self._items()
-        for index in range(self.micro_batches):
-            batch = list(itertools.islice(stream, self.micro_batch_size))
-            if index < self.start or (index - self.start) % workers != worker:
-                continue
+        order = self.source.order(self.rank, self.world_size, self.seed, self.epoch)
+        if not order:
+            raise ValueError(
+                f"rank {self.rank} has no {self.split} samples in window {self.window} "
+                f"(the split has fewer samples than ranks)"
+            )
+        size = self.micro_batch_size
+        mine = [j for j in range(self.start, self.micro_batches) if (j - self.start) % workers == worker]
+        items = self._items_at([p for j in mine for p in range(j * size, (j + 1) * size)], order)
+        for j in mine:
             examples = []
-            for item, fresh in batch:
-                example = self.encode(item)
-                if not fresh and self.pad_with == "mask":
+            for p in range(j * size, (j + 1) * size):
+                example = self.encode(next(items))
+                if p >= len(order) and self.pad_with == "mask":  # a second pass over the slice
                     example = {"input_ids": example["input_ids"], "labels": [IGNORE] * len(example["labels"])}
                 examples.append(example)
             yield collate(examples, self.pad_id)
+
+    def _items_at(self, positions: list[int], order: list[int]):
+        """The items at these (ascending) positions of the epoch: position p is item order[p % n],
+        one pass over the slice per n positions. Each pass reads only its wanted items, in stored
+        order; the shuffle buffer keeps positions near their stored place, so few wait in `ready`."""
+        n = len(order)
+        for _, in_pass in itertools.groupby(positions, key=lambda p: p // n):
+            in_pass = [order[p % n] for p in in_pass]
+            stored, ready = self.source.fetch(set(in_pass)), {}
+            for index in in_pass:
+                while index not in ready:
+                    k, item = next(stored)
+                    ready[k] = item
+                yield ready.pop(index)
 
 
 class WindowData:

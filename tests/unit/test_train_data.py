@@ -1,5 +1,6 @@
 """A rank's micro-batches in both objectives: the same with or without DataLoader workers, and a
-resumed epoch continues with exactly the batches it would have trained on."""
+resumed epoch continues with exactly the batches it would have trained on; each worker reads and
+decodes only the samples of its own batches."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from data_tools.dataset import load_manifest
 from data_tools.index.codes import load_item_index
 from data_tools.index.prompt import PromptTemplate
 from data_tools.index.tokenizer import ItemCodebook, add_code_tokens, train_sentencepiece_tokenizer
+from data_tools.reader import epoch_order, read_split, window_split
 from train.config import load_config
-from train.data import WindowData
+from train.data import RankEpoch, ResponseSamples, WindowData
 from train.vocab import SampleEncoder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -50,3 +52,48 @@ def test_batches_do_not_depend_on_workers_and_resume_where_they_stopped(small_da
     assert not same(batches(0, rank=1)[0], plain)  # the other rank has its own slice
     labelled = sum(int((t != -100).sum()) for _, t in plain)
     assert labelled % encoder.response_len == 0 and labelled > 0  # whole targets: codes (and EOS)
+
+
+class _RecordedSamples(ResponseSamples):
+    """Real shards, real reads; each fetch also records which samples it decoded (one file per
+    DataLoader worker process)."""
+
+    def __init__(self, log_dir, *args):
+        super().__init__(*args)
+        self.log_dir = log_dir
+
+    def fetch(self, wanted):
+        info = torch.utils.data.get_worker_info()
+        with open(os.path.join(self.log_dir, f"worker-{info.id if info else 'main'}"), "a") as f:
+            for index, sample in super().fetch(wanted):
+                f.write(f"{index}\n")
+                yield index, sample
+
+
+def test_each_worker_reads_and_decodes_only_its_own_batches(small_dataset, vocab, tmp_path):
+    tok, book = vocab
+    encoder = SampleEncoder(tok, book, PromptTemplate(), 20, "response")
+    source = _RecordedSamples(str(tmp_path), small_dataset, load_manifest(small_dataset), 0, "train", 50)
+    order = source.order(0, 1, 0, 1)
+    epoch = RankEpoch(
+        source=source, window=0, split="train", rank=0, world_size=1, seed=0, epoch=1, micro_batch_size=4,
+        micro_batches=len(order) // 4, start=0, encode=encoder, pad_id=tok.pad_token_id, pad_with="wrap",
+    )  # fmt: skip
+    batches = list(torch.utils.data.DataLoader(epoch, batch_size=None, num_workers=2))
+    assert len(batches) == len(order) // 4 > 10
+    read = {w: [int(x) for x in (tmp_path / f"worker-{w}").read_text().split()] for w in (0, 1)}
+    for w in (0, 1):  # worker w makes batches w, w + 2, ...: exactly their samples, each once
+        assert sorted(read[w]) == sorted(order[p] for j in range(w, len(batches), 2) for p in range(4 * j, 4 * j + 4))
+        assert read[w] == sorted(read[w])  # in stored order, one pass
+    assert not (tmp_path / "worker-main").exists()
+
+
+def test_the_epoch_order_is_the_streamed_order(small_dataset):
+    """The trainer's indices without reading give the same samples as the streaming reader."""
+    everything = read_split(small_dataset, 0, "train")
+    for rank, epoch in [(0, 0), (1, 3)]:
+        streamed = [s["key"] for s in window_split(small_dataset, 0, "train", rank=rank, world_size=2, seed=5,
+                                                   epoch=epoch, shuffle_buffer=16)]  # fmt: skip
+        order = epoch_order(len(everything), rank=rank, world_size=2, seed=5, epoch=epoch, shuffle_buffer=16)
+        assert [everything[k]["key"] for k in order] == streamed
+        assert streamed != sorted(streamed, key=[s["key"] for s in everything].index)  # it did shuffle
