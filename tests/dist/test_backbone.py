@@ -140,9 +140,10 @@ def test_launcher_runs_every_period_once_and_reports(ml_indexed, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_lora_then_peso_under_zero3(smollm2_folder, small_dataset, ds_configs, tmp_path):
+def test_smollm2_lora_then_peso_under_zero3(smollm2_folder, cds_slice, ds_configs, tmp_path):
     """A real pretrained backbone (SmolLM2-135M, tied embeddings, its own tokenizer) as
-    `model.path`: period 0 LoRA and period 1 peso on 2 partitioned ranks; the code tokens join its
+    `model.path`, on a small slice of the real CDs blocks with the paper's semantic IDs: period 0
+    LoRA and period 1 peso on 2 partitioned ranks; the code tokens join its
     tokenizer, their tied rows train, each adapter reloads with PeftModel on the plain model, and the
     plain CPU model with period 1's adapter gives the engine's evaluation (lists and beam scores)."""
     from peft import PeftModel
@@ -155,7 +156,7 @@ def test_smollm2_lora_then_peso_under_zero3(smollm2_folder, small_dataset, ds_co
         "--config",
         os.path.join(REPO, "configs", "smollm2.yaml"),
         "--data",
-        small_dataset,
+        cds_slice,
         "--run_dir",
         run,
         f"model.path={smollm2_folder}",
@@ -210,7 +211,7 @@ def test_smollm2_lora_then_peso_under_zero3(smollm2_folder, small_dataset, ds_co
     from train.recommender import Recommender
 
     rec = Recommender.from_run(run, 1, device="cpu")
-    metrics, lists = rec.evaluate_window(small_dataset, 1, [5, 10], max_users=4)
+    metrics, lists = rec.evaluate_window(cds_slice, 1, [5, 10], max_users=4)
     with open(os.path.join(run, "periods", "1", "metrics.json")) as f:
         engine_metrics = json.load(f)["windows"]["1"]["overall"]
     with open(os.path.join(run, "periods", "1", "recommendations.jsonl")) as f:
