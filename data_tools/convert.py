@@ -268,14 +268,6 @@ def _write_shard(job: _Shard) -> dict:
     return write_tar(os.path.join(window_dir(folder, t), f"{job.split}-{job.index:06d}.tar"), members)
 
 
-def _thread_count() -> int:
-    """Threads of this process, native ones (OpenMP, gloo, ...) included where /proc shows them."""
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:
-        return threading.active_count()
-
-
 @contextmanager
 def _shard_writers(workers: int):
     """`imap` over `workers` forked processes (the plain `map` for one). Leaving stops them, so
@@ -307,11 +299,12 @@ def _write_samples(folder: str, by_user: UserMajor, plans: list, opts: ConvertOp
     shards = [{split: [] for split in SPLITS} for _ in plans]
     total = sum(j.hi - j.lo for j in jobs)
     workers = max(1, min(opts.workers or os.cpu_count() or 1, len(jobs)))
-    if workers > 1 and (threads := _thread_count()) > 1:
-        # fork() copies only the calling thread: a lock that another thread holds at that moment
-        # stays held forever in the child, which then hangs (https://github.com/python/cpython/issues/84559).
-        # The CLI is single-threaded; a caller with threads (a notebook, a test session) gets the
-        # same bytes written here, by one process.
+    if workers > 1 and (threads := threading.active_count()) > 1:
+        # fork() copies only the calling thread: a lock that another Python thread holds at that
+        # moment (tqdm's, logging's, the import lock) stays held forever in the child, which then
+        # hangs (https://github.com/python/cpython/issues/84559). The CLI runs one Python thread
+        # (native pools such as OpenBLAS's handle fork themselves); a caller with Python threads
+        # (a notebook, a test session) gets the same bytes written here, by one process.
         _say(opts, f"this process runs {threads} threads: writing the shards in it, not in {workers} forked ones")
         workers = 1
     try:

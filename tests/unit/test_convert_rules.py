@@ -8,6 +8,8 @@ import io
 import itertools
 import os
 import random
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -17,6 +19,8 @@ from data_tools.convert import ConvertOptions, convert
 from data_tools.dataset import load_manifest
 from data_tools.reader import window_split
 from data_tools.windows import paper_boundaries
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _csv(path, rows):
@@ -98,9 +102,16 @@ def test_same_inputs_give_identical_shard_bytes(tmp_path):
 
 
 def test_a_process_with_threads_writes_the_shards_itself_with_the_same_bytes(tmp_path):
-    """fork() from a process with threads can hang the child: there the writers are not forked."""
+    """fork() from a process with threads can hang the child: there the writers are not forked.
+    The command line (a fresh, single-threaded process) forks its 2 writers; this test session,
+    given a thread of its own, writes the same bytes itself."""
     src = _csv(tmp_path / "r.csv", _stream())
-    convert(_options(src, tmp_path / "forked", shard_size=50, workers=2))
+    cli = subprocess.run(
+        [sys.executable, "-m", "data_tools", "convert", "--format", "csv", "--reviews", src,
+         "--out", str(tmp_path / "forked"), "--shard-size", "50", "--workers", "2", "--no-progress"],
+        capture_output=True, text=True, check=True, cwd=REPO,
+    )  # fmt: skip
+    assert "forked ones" not in cli.stdout + cli.stderr
     stop = threading.Event()
     other = threading.Thread(target=stop.wait)
     other.start()
@@ -108,7 +119,13 @@ def test_a_process_with_threads_writes_the_shards_itself_with_the_same_bytes(tmp
         log = io.StringIO()
         convert(
             ConvertOptions(
-                format="csv", reviews=src, out=str(tmp_path / "here"), progress=False, log=log, shard_size=50, workers=2
+                format="csv",
+                reviews=src,
+                out=str(tmp_path / "here"),
+                progress=False,
+                log=log,
+                shard_size=50,
+                workers=2,
             )
         )
     finally:
