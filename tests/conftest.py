@@ -46,30 +46,17 @@ def cds_slice(tmp_path_factory, cds_blocks) -> str:
     """A small real slice of the CDs blocks as a dataset folder (about 12 users and 60 training
     targets per window): in each block its first 12 users, plus up to 12 of the slice's users of
     earlier blocks who are back (dormant and continuing users), with the paper's semantic IDs."""
-    import json
-
+    from data_tools.blocks import slice_blocks
     from data_tools.convert import ConvertOptions, convert
 
     folder = tmp_path_factory.mktemp("cds-slice")
-    blocks, kept = folder / "blocks", set()
-    blocks.mkdir()
-    for k in range(5):
-        with open(os.path.join(cds_blocks, f"block_{k}.json")) as f:
-            block = json.load(f)
-        users = list(block)[:12] + [u for u in block if u in kept][:12]
-        kept.update(users)
-        (blocks / f"block_{k}.json").write_text(json.dumps({u: block[u] for u in users}))
-    with open(os.path.join(cds_blocks, "semantic_ids.json")) as f:
-        codes = json.load(f)
-    items = {i for k in range(5) for u in json.loads((blocks / f"block_{k}.json").read_text()).values() for i in
-             u["previous_block"] + u["current_block"]}  # fmt: skip
-    (blocks / "semantic_ids.json").write_text(json.dumps({i: codes[i] for i in sorted(items, key=int)}))
+    blocks = slice_blocks(cds_blocks, str(folder / "blocks"), 12, os.path.join(cds_blocks, "semantic_ids.json"))
     out = str(folder / "ds")
     convert(
         ConvertOptions(
             format="blocks",
-            reviews=str(blocks),
-            index=str(blocks / "semantic_ids.json"),
+            reviews=blocks,
+            index=os.path.join(blocks, "semantic_ids.json"),
             out=out,
             progress=False,
             log=sys.stdout,
