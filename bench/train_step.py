@@ -40,18 +40,22 @@ sys.path.insert(0, REPO)
 CDS = os.path.join(os.path.dirname(REPO), "shared", "data", "amazon-cds-blocks")
 
 
+def blocks_dataset(blocks: str, out: str) -> str:
+    """A blocks folder with its semantic_ids.json, converted at `out` (once: reruns do nothing)."""
+    from data_tools.convert import ConvertOptions, convert
+
+    index = os.path.join(blocks, "semantic_ids.json")
+    convert(ConvertOptions(format="blocks", reviews=blocks, index=index, out=out, progress=False))
+    return out
+
+
 def dataset(cache: str) -> str:
     """The paper's CDs blocks (real codes) when present, else MovieLens-100K with random codes."""
     from data_tools.convert import ConvertOptions, convert
 
     out = os.path.join(cache, "cds" if os.path.isdir(CDS) else "ml")
     if os.path.isdir(CDS):
-        convert(
-            ConvertOptions(
-                format="blocks", reviews=CDS, index=os.path.join(CDS, "semantic_ids.json"), out=out, progress=False
-            )
-        )
-        return out
+        return blocks_dataset(CDS, out)
     import random
 
     from data_tools.examples import movielens_100k

@@ -36,8 +36,10 @@ def _consumer(rank: int, world_size: int) -> tuple[int, int]:
     return rank * workers + worker, world_size * workers
 
 
-def _shuffle_rng(seed: int, epoch: int, consumer: int) -> random.Random:
-    return random.Random(f"{seed}/{epoch}/{consumer}")
+def _shuffled(src, bufsize: int, seed: int, epoch: int, consumer: int):
+    """The consumer's seeded shuffle buffer over `src` (samples, or their indices: the same order)."""
+    rng = random.Random(f"{seed}/{epoch}/{consumer}")
+    return wds.shuffle(bufsize, initial=bufsize, rng=rng)(src)
 
 
 class _SliceSource(torch.utils.data.IterableDataset):
@@ -70,7 +72,7 @@ class _ConsumerShuffle(wds.PipelineStage):
 
     def run(self, src):
         consumer, _ = _consumer(self.rank, self.world_size)
-        return wds.shuffle(self.bufsize, initial=self.bufsize, rng=_shuffle_rng(self.seed, self.epoch, consumer))(src)
+        return _shuffled(src, self.bufsize, self.seed, self.epoch, consumer)
 
 
 def _decode(sample: dict) -> dict:
@@ -113,8 +115,7 @@ def epoch_order(n: int, *, rank: int, world_size: int, seed: int, epoch: int, sh
     lo, hi = consumer_slice(n, rank, world_size)
     if shuffle_buffer <= 1:
         return list(range(lo, hi))
-    rng = _shuffle_rng(seed, epoch, rank)
-    return list(wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=rng)(iter(range(lo, hi))))
+    return list(_shuffled(iter(range(lo, hi)), shuffle_buffer, seed, epoch, rank))
 
 
 def read_samples_at(root: str, window: int, split: str, wanted: set[int], manifest: dict | None = None):
