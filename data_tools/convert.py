@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
@@ -268,6 +269,10 @@ def _write_shard(job: _Shard) -> dict:
     return write_tar(os.path.join(window_dir(folder, t), f"{job.split}-{job.index:06d}.tar"), members)
 
 
+def _default_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @contextmanager
 def _shard_writers(workers: int):
     """`imap` over `workers` forked processes (the plain `map` for one). Leaving stops them, so
@@ -275,7 +280,10 @@ def _shard_writers(workers: int):
     if workers == 1:
         yield map
         return
-    with multiprocessing.get_context("fork").Pool(workers) as pool:  # leaving terminates it
+    # Leaving terminates the pool, which stops its workers with SIGTERM: they must not inherit a
+    # caller's Python SIGTERM handler (a test session's, a trainer's), or a worker can outlive it
+    # and `terminate` waits for it forever.
+    with multiprocessing.get_context("fork").Pool(workers, initializer=_default_sigterm) as pool:
         yield pool.imap
 
 

@@ -202,3 +202,22 @@ def test_reading_a_whole_split_at_once_gives_the_stream_readers_samples(tmp_path
         tf.add(str(tmp_path), arcname="folder", recursive=False)
     with pytest.raises(ValueError, match="not a sample"):
         read_split(out, 1, "test")
+
+
+def test_forked_writers_take_sigterm_by_default_whatever_the_caller_installed():
+    """Leaving the writers' pool stops them with SIGTERM. A caller with a Python SIGTERM handler
+    (the SLURM test fixture's turns it into KeyboardInterrupt) must not pass it to the workers:
+    one of them outlived the pool's terminate and the test session waited for it forever."""
+    script = (
+        "import signal\n"
+        "from data_tools.convert import _shard_writers\n"
+        "def handler(signum, frame):\n"
+        "    raise KeyboardInterrupt\n"
+        "signal.signal(signal.SIGTERM, handler)\n"
+        "with _shard_writers(2) as imap:\n"
+        "    seen = list(imap(signal.getsignal, [signal.SIGTERM] * 8))\n"
+        "print(sorted({h == signal.SIG_DFL for h in seen}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[True]"
