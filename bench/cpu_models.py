@@ -11,7 +11,10 @@ it measures how fast each variant learns, not the framework. Prints one JSON lin
 
 The variants (VARIANTS): the `tiny` shape (hidden 64, 2 layers) untied and tied, with more
 regularization, and with the response objective (one sample per target) instead of the sequence
-objective; the `mini` shape (hidden 128) at two learning rates.
+objective; the `mini` shape (hidden 128) at several learning rates and schedules, with level
+weights in the loss, wider, and with item-level inputs (the item's summed code embeddings, or a
+hashed per-item table, at its last code token). Beside each variant's metrics: the same beams
+without the user's own items (`excluding_history`), popularity and a transitions reference.
 """
 
 from __future__ import annotations
@@ -75,6 +78,24 @@ VARIANTS = {  # a shape of train/shapes.py, its embeddings tied or not, the opti
         cosine=True,
         dims=dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2),
     ),
+    # Item-level input: at each item's last code token (where the whole item is known, and which
+    # predicts the next item's first code) the input embedding also gets the item's summed code
+    # embeddings, or a hashed embedding of the item's full code tuple (memorization capacity).
+    "mini, lr 1e-3, weight decay 0.1, cosine, item input = summed code embeddings (sequence)": dict(
+        shape="mini", lr=1e-3, weight_decay=0.1, cosine=True, item_input="sum"
+    ),
+    "mini, lr 1e-3, weight decay 0.1, cosine, item input = hashed item embedding (sequence)": dict(
+        shape="mini", lr=1e-3, weight_decay=0.1, cosine=True, item_input="hash"
+    ),
+    # The hashed table overfits (each user's sequence memorized): drop an item's whole vector
+    # with probability 0.5 in training, no weight decay on the table; or give a row only to items
+    # seen at least 3 times in the window's training sequences.
+    "mini, lr 1e-3, weight decay 0.1, cosine, hashed item embedding, row dropout 0.5 (sequence)": dict(
+        shape="mini", lr=1e-3, weight_decay=0.1, cosine=True, item_input="hash", item_dropout=0.5
+    ),
+    "mini, lr 1e-3, weight decay 0.1, cosine, hashed item embedding for items seen 3+ times, row dropout 0.3 (sequence)": dict(
+        shape="mini", lr=1e-3, weight_decay=0.1, cosine=True, item_input="hash", item_dropout=0.3, item_min_count=3
+    ),
 }
 PAD, BOS, EOS, FIRST_CODE = 0, 1, 2, 3
 
@@ -91,6 +112,62 @@ def add_residual_dropout(model, p: float) -> None:
     for layer in model.model.layers:
         layer.self_attn.register_forward_hook(drop)
         layer.mlp.register_forward_hook(drop)
+
+
+ITEM_TABLE_ROWS = 65536  # the hashed item table of the item-input variants
+
+
+def item_key(ids, levels: int, per_level: int):
+    """For every position: the codes of the item that ends there, as one integer (meaningful only
+    at an item's last code token, whose `levels - 1` predecessors are its other codes)."""
+    return sum(((ids.roll(k, 1) - FIRST_CODE) % per_level) * per_level ** (levels - 1 - k) for k in range(levels))
+
+
+def item_input_embedder(model, spec: dict, train: list, codes: dict, levels: int, per_level: int):
+    """The input embedding of the variant: the token embeddings, plus (`item_input`) at each
+    item's last code token, where the whole item is known and the next item's first code is
+    predicted, its summed code embeddings ("sum") or a row of a hashed per-item table ("hash":
+    memorization capacity), optionally dropped per position in training (`item_dropout`) or
+    given only to items seen `item_min_count` times in the window's training sequences.
+    Returns (embed(ids), the table or None)."""
+    import torch
+
+    from data_tools.sequences import window_chunks
+
+    kind = spec.get("item_input")
+    last_level = FIRST_CODE + (levels - 1) * per_level
+    table = None
+    if kind == "hash":
+        table = torch.nn.Embedding(ITEM_TABLE_ROWS, model.config.hidden_size)
+        torch.nn.init.normal_(table.weight, std=0.02)
+        model.item_table = table  # registered, so the optimizer and the saved best state see it
+    frequent = None
+    if spec.get("item_min_count"):
+        seen: dict = {}
+        for c in window_chunks(train, 20):
+            for item in c["items"]:
+                seen[item] = seen.get(item, 0) + 1
+        ids = torch.tensor([codes[i] for i, n in seen.items() if n >= spec["item_min_count"]])
+        frequent = item_key(ids, levels, per_level)[:, -1]
+
+    def embed(ids):
+        e = model.model.embed_tokens(ids)
+        if not kind:
+            return e
+        if kind == "sum":
+            extra = sum(e.roll(k, 1) for k in range(levels))
+        else:
+            key = item_key(ids, levels, per_level)
+            extra = table(((key % 2**31) * 2654435761) % ITEM_TABLE_ROWS)  # Knuth's multiplicative hash
+            keep = torch.ones_like(ids, dtype=torch.bool)
+            if frequent is not None:
+                keep &= torch.isin(key, frequent)
+            if model.training and spec.get("item_dropout"):
+                keep &= torch.rand(ids.shape) >= spec["item_dropout"]
+            extra = extra * keep.unsqueeze(-1)
+        return e + torch.where((ids >= last_level).unsqueeze(-1), extra, torch.zeros_like(extra))
+
+    return embed, table
 
 
 def run_variant(
@@ -178,12 +255,19 @@ def run_variant(
         "residual_dropout"
     ):  # SASRec-style dropout, which Llama lacks: on the embeddings and each block's outputs
         add_residual_dropout(model, spec["residual_dropout"])
+    embed, item_table = item_input_embedder(model, spec, train, codes, levels, per_level)
     params = sum(p.numel() for p in model.parameters())
     decay = spec.get("weight_decay", 0.01)
     # The framework (train/model.py) exempts embeddings and norms from weight decay; this loop
     # decays everything unless the variant asks for the framework's groups.
+    groups = param_groups(model, decay) if spec.get("framework_groups") else model.parameters()
+    if item_table is not None and spec.get("item_dropout"):
+        groups = [
+            {"params": [p for n, p in model.named_parameters() if not n.startswith("item_table")]},
+            {"params": list(item_table.parameters()), "weight_decay": 0.0},
+        ]
     opt = torch.optim.AdamW(
-        param_groups(model, decay) if spec.get("framework_groups") else model.parameters(),
+        groups,
         lr=spec["lr"],
         weight_decay=decay,
     )
@@ -207,7 +291,7 @@ def run_variant(
     level_weights = torch.tensor(spec.get("level_weights", [1.0] * levels))
 
     def loss_of(ids, labels, mask, pos, weighted=False):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1]
+        logits = model(inputs_embeds=embed(ids), attention_mask=mask, position_ids=pos).logits[:, :-1]
         target = labels[:, 1:].reshape(-1)
         per_token = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), target, ignore_index=-100, reduction="none"
@@ -252,11 +336,16 @@ def run_variant(
 
     def forward(ids, mask, position, cache, keep):
         return model(
-            input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True, logits_to_keep=keep
+            inputs_embeds=embed(ids),
+            attention_mask=mask,
+            position_ids=position,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=keep,
         ).logits
 
     trie = CodeTrie(codes.values())
-    ranks = []
+    ranks, fresh_ranks, history_in_top10 = [], [], []
     with torch.no_grad():
         for k in range(0, len(users), 64):
             part = users[k : k + 64]
@@ -265,11 +354,26 @@ def run_variant(
             for i, s in enumerate(part):
                 found = [j for j in range(beams) if seqs[i, j].tolist() == codes[s["target"]]]
                 ranks.append(found[0] if found else None)
+                # The same beams without the user's own items (a recommender does not offer what
+                # the user already has; in these blocks no user ever reviews an item twice).
+                had = {tuple(codes[h]) for h in s["history"]}
+                fresh = [tuple(seqs[i, j].tolist()) for j in range(beams)]
+                fresh = [c for c in fresh if c not in had]
+                target = tuple(codes[s["target"]])
+                fresh_ranks.append(fresh.index(target) if target in fresh[:10] else None)
+                history_in_top10.append(sum(tuple(seqs[i, j].tolist()) in had for j in range(min(10, beams))))
     counts: dict = {}
     for s in train:
         counts[tuple(codes[s["target"]])] = counts.get(tuple(codes[s["target"]]), 0) + 1
     top = [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:10]]
     popular = [top.index(tuple(codes[s["target"]])) if tuple(codes[s["target"]]) in top else None for s in users]
+    top_more = [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:40]]
+    popular_fresh = []
+    for s in users:
+        had = {tuple(codes[h]) for h in s["history"]}
+        mine = [c for c in top_more if c not in had][:10]
+        target = tuple(codes[s["target"]])
+        popular_fresh.append(mine.index(target) if target in mine else None)
     transitions = transition_ranks(train, users, codes, top)
     m, p, t = rank_metrics(ranks, [10]), rank_metrics(popular, [10]), rank_metrics(transitions, [10])
     return {
@@ -282,6 +386,12 @@ def run_variant(
         "best_val_loss_per_code_token": round(best, 4),
         "ndcg@10": round(m["ndcg@10"], 4),
         "hit@10": round(m["hit@10"], 4),
+        "excluding_history": {
+            "ndcg@10": round(rank_metrics(fresh_ranks, [10])["ndcg@10"], 4),
+            "hit@10": round(rank_metrics(fresh_ranks, [10])["hit@10"], 4),
+            "popularity_ndcg@10": round(rank_metrics(popular_fresh, [10])["ndcg@10"], 4),
+            "history_items_in_top10_per_user": round(sum(history_in_top10) / len(users), 3),
+        },
         "popularity_ndcg@10": round(p["ndcg@10"], 4),
         "popularity_hit@10": round(p["hit@10"], 4),
         "transitions_ndcg@10": round(t["ndcg@10"], 4),
