@@ -179,6 +179,7 @@ def run_variant(
     users: int | None = None,
     beams: int = 10,
     epochs: int | None = None,
+    eval_epochs: list[int] | None = None,
 ) -> dict:
     import torch
     import torch.nn.functional as F
@@ -301,7 +302,40 @@ def run_variant(
             per_token = per_token * torch.where(target >= FIRST_CODE, level_weights[level], 1.0)
         return per_token.sum(), (target != -100).sum()
 
+    def forward(ids, mask, position, cache, keep):
+        return model(
+            inputs_embeds=embed(ids),
+            attention_mask=mask,
+            position_ids=position,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=keep,
+        ).logits
+
+    trie = CodeTrie(codes.values())
+
+    def score() -> tuple[list, list, list]:
+        """Each test user's rank of the target in the beams, in the beams without the user's
+        own items (a recommender does not offer what the user already has; in these blocks no
+        user ever reviews an item twice), and how many own items the top 10 held."""
+        ranks, fresh_ranks, history_in_top10 = [], [], []
+        with torch.no_grad():
+            for k in range(0, len(users), 64):
+                part = users[k : k + 64]
+                prompts = [prompt(s["history"]) + ([] if objective == "sequence" else [EOS]) for s in part]
+                seqs, _ = constrained_beam_search(forward, prompts, trie, levels, beams, PAD, "cpu")
+                for i, s in enumerate(part):
+                    found = [tuple(seqs[i, j].tolist()) for j in range(beams)]
+                    had = {tuple(codes[h]) for h in s["history"]}
+                    fresh = [c for c in found if c not in had]
+                    target = tuple(codes[s["target"]])
+                    ranks.append(found.index(target) if target in found else None)
+                    fresh_ranks.append(fresh.index(target) if target in fresh[:10] else None)
+                    history_in_top10.append(sum(c in had for c in found[:10]))
+        return ranks, fresh_ranks, history_in_top10
+
     epoch, best, best_state, targets = 0, math.inf, None, 0
+    by_epoch = {}
     while (epoch < epochs) if epochs else (time.time() - t0 < minutes * 60):
         model.train()
         order = list(range(len(examples)))
@@ -330,38 +364,14 @@ def run_variant(
         if val < best:
             best, best_state = val, {k: v.clone() for k, v in model.state_dict().items()}
         epoch += 1
+        if epoch in (eval_epochs or ()):  # does ranking follow the validation loss?
+            ranked = rank_metrics(score()[0], [10])
+            by_epoch[epoch] = {"val_loss": round(val, 4), "ndcg@10": round(ranked["ndcg@10"], 4)}
     train_minutes = (time.time() - t0) / 60
     model.load_state_dict(best_state)
     model.eval()
+    ranks, fresh_ranks, history_in_top10 = score()
 
-    def forward(ids, mask, position, cache, keep):
-        return model(
-            inputs_embeds=embed(ids),
-            attention_mask=mask,
-            position_ids=position,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=keep,
-        ).logits
-
-    trie = CodeTrie(codes.values())
-    ranks, fresh_ranks, history_in_top10 = [], [], []
-    with torch.no_grad():
-        for k in range(0, len(users), 64):
-            part = users[k : k + 64]
-            prompts = [prompt(s["history"]) + ([] if objective == "sequence" else [EOS]) for s in part]
-            seqs, _ = constrained_beam_search(forward, prompts, trie, levels, beams, PAD, "cpu")
-            for i, s in enumerate(part):
-                found = [j for j in range(beams) if seqs[i, j].tolist() == codes[s["target"]]]
-                ranks.append(found[0] if found else None)
-                # The same beams without the user's own items (a recommender does not offer what
-                # the user already has; in these blocks no user ever reviews an item twice).
-                had = {tuple(codes[h]) for h in s["history"]}
-                fresh = [tuple(seqs[i, j].tolist()) for j in range(beams)]
-                fresh = [c for c in fresh if c not in had]
-                target = tuple(codes[s["target"]])
-                fresh_ranks.append(fresh.index(target) if target in fresh[:10] else None)
-                history_in_top10.append(sum(tuple(seqs[i, j].tolist()) in had for j in range(min(10, beams))))
     counts: dict = {}
     for s in train:
         counts[tuple(codes[s["target"]])] = counts.get(tuple(codes[s["target"]]), 0) + 1
@@ -392,6 +402,7 @@ def run_variant(
             "popularity_ndcg@10": round(rank_metrics(popular_fresh, [10])["ndcg@10"], 4),
             "history_items_in_top10_per_user": round(sum(history_in_top10) / len(users), 3),
         },
+        "by_epoch": by_epoch,
         "popularity_ndcg@10": round(p["ndcg@10"], 4),
         "popularity_hit@10": round(p["hit@10"], 4),
         "transitions_ndcg@10": round(t["ndcg@10"], 4),
@@ -432,6 +443,13 @@ def main() -> None:
         help="train this many epochs instead of --minutes (figures that other "
         "load on the cores cannot bias; cosine variants decay over them)",
     )
+    ap.add_argument(
+        "--eval-epochs",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also score the test users after these epochs (ranking against validation loss)",
+    )
     ap.add_argument("--data", help="a dataset folder with an item index (default: the CDs blocks, converted here)")
     ap.add_argument("--window", type=int, default=0, help="the window trained on and evaluated")
     ap.add_argument("--users", type=int, default=None, help="a seeded sample of the test users (default: all)")
@@ -469,6 +487,7 @@ def main() -> None:
                 [a.users] * n,
                 [a.beams] * n,
                 [a.epochs] * n,
+                [a.eval_epochs] * n,
             )
         )
     print(
