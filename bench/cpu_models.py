@@ -93,6 +93,13 @@ VARIANTS = {  # a shape of train/shapes.py, its embeddings tied or not, the opti
     "mini, lr 1e-3, weight decay 0.1, cosine, hashed item embedding, row dropout 0.5 (sequence)": dict(
         shape="mini", lr=1e-3, weight_decay=0.1, cosine=True, item_input="hash", item_dropout=0.5
     ),
+    # Collaborative item vectors (as LLaRA and CoLLM give an LLM a sequential recommender's item
+    # embeddings): a truncated SVD of the positive PMI of items co-occurring within 3 positions in
+    # the window's training sequences, fixed, through a learned projection, at the last code token.
+    "mini, lr 1e-3, weight decay 0.1, cosine, item input = co-occurrence SVD vectors (sequence)": dict(
+        shape="mini", lr=1e-3, weight_decay=0.1, cosine=True, item_input="cooc"
+    ),
+    "tiny, item input = co-occurrence SVD vectors (sequence)": dict(shape="tiny", lr=3e-3, item_input="cooc"),
     "mini, lr 1e-3, weight decay 0.1, cosine, hashed item embedding for items seen 3+ times, row dropout 0.3 (sequence)": dict(
         shape="mini", lr=1e-3, weight_decay=0.1, cosine=True, item_input="hash", item_dropout=0.3, item_min_count=3
     ),
@@ -123,6 +130,44 @@ def item_key(ids, levels: int, per_level: int):
     return sum(((ids.roll(k, 1) - FIRST_CODE) % per_level) * per_level ** (levels - 1 - k) for k in range(levels))
 
 
+def cooccurrence_vectors(train: list, codes: dict, levels: int, per_level: int, dim: int = 64, reach: int = 3):
+    """(sorted item keys, unit vectors [items, dim]): a truncated SVD of the positive PMI of items
+    co-occurring within `reach` positions (weight 1/distance) in the users' training sequences."""
+    import numpy as np
+    import scipy.sparse
+    import scipy.sparse.linalg
+    import torch
+
+    from data_tools.sequences import user_sequences
+
+    pairs: dict = {}
+    for seq in user_sequences(train):
+        items = seq["context"] + seq["targets"]
+        for i, a in enumerate(items):
+            for d in range(1, reach + 1):
+                if i + d < len(items):
+                    b = items[i + d]
+                    pairs[(a, b)] = pairs.get((a, b), 0.0) + 1 / d
+                    pairs[(b, a)] = pairs.get((b, a), 0.0) + 1 / d
+    items = sorted(
+        {a for a, _ in pairs}, key=lambda i: int(item_key(torch.tensor([codes[i]]), levels, per_level)[0, -1])
+    )
+    row = {item: k for k, item in enumerate(items)}
+    a, b = zip(*pairs)
+    counts = scipy.sparse.csr_matrix(
+        (list(pairs.values()), ([row[i] for i in a], [row[i] for i in b])), shape=(len(items), len(items))
+    )
+    total, rows = counts.sum(), np.asarray(counts.sum(1)).ravel()
+    coo = counts.tocoo()
+    pmi = np.log(coo.data * total / (rows[coo.row] * rows[coo.col]))
+    ppmi = scipy.sparse.csr_matrix((np.maximum(pmi, 0), (coo.row, coo.col)), shape=counts.shape)
+    u, sigma, _ = scipy.sparse.linalg.svds(ppmi, k=dim, random_state=0)
+    vectors = torch.tensor(u * np.sqrt(sigma), dtype=torch.float32)
+    vectors = vectors / vectors.norm(dim=1, keepdim=True).clamp(min=1e-8)
+    keys = item_key(torch.tensor([codes[i] for i in items]), levels, per_level)[:, -1].contiguous()
+    return keys, vectors
+
+
 def item_input_embedder(model, spec: dict, train: list, codes: dict, levels: int, per_level: int):
     """The input embedding of the variant: the token embeddings, plus (`item_input`) at each
     item's last code token, where the whole item is known and the next item's first code is
@@ -137,6 +182,9 @@ def item_input_embedder(model, spec: dict, train: list, codes: dict, levels: int
     kind = spec.get("item_input")
     last_level = FIRST_CODE + (levels - 1) * per_level
     table = None
+    if kind == "cooc":
+        keys, vectors = cooccurrence_vectors(train, codes, levels, per_level)
+        model.cooc_proj = table = torch.nn.Linear(vectors.shape[1], model.config.hidden_size, bias=False)
     if kind == "hash":
         table = torch.nn.Embedding(ITEM_TABLE_ROWS, model.config.hidden_size)
         torch.nn.init.normal_(table.weight, std=0.02)
@@ -156,6 +204,11 @@ def item_input_embedder(model, spec: dict, train: list, codes: dict, levels: int
             return e
         if kind == "sum":
             extra = sum(e.roll(k, 1) for k in range(levels))
+        elif kind == "cooc":
+            key = item_key(ids, levels, per_level)
+            row = torch.searchsorted(keys, key).clamp(max=len(keys) - 1)
+            known = (keys[row] == key).unsqueeze(-1)  # items outside the window's training sequences: none
+            extra = table(vectors[row]) * known
         else:
             key = item_key(ids, levels, per_level)
             extra = table(((key % 2**31) * 2654435761) % ITEM_TABLE_ROWS)  # Knuth's multiplicative hash
