@@ -233,6 +233,7 @@ def run_variant(
     beams: int = 10,
     epochs: int | None = None,
     eval_epochs: list[int] | None = None,
+    seed: int = 0,
 ) -> dict:
     import torch
     import torch.nn.functional as F
@@ -247,7 +248,7 @@ def run_variant(
     from train.shapes import SHAPES
 
     torch.set_num_threads(1)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     index = load_item_index(data)
     levels, per_level = index["levels"], index["codes_per_level"]
     codes = {
@@ -392,7 +393,7 @@ def run_variant(
     while (epoch < epochs) if epochs else (time.time() - t0 < minutes * 60):
         model.train()
         order = list(range(len(examples)))
-        random.Random(epoch).shuffle(order)
+        random.Random(epoch if seed == 0 else f"{seed}/{epoch}").shuffle(order)
         for k in range(0, len(order), 32):
             total, count = loss_of(*batch([examples[j] for j in order[k : k + 32]]), weighted=True)
             opt.zero_grad()
@@ -503,6 +504,7 @@ def main() -> None:
         default=[],
         help="also score the test users after these epochs (ranking against validation loss)",
     )
+    ap.add_argument("--seed", type=int, default=0, help="initial weights and batch order")
     ap.add_argument("--data", help="a dataset folder with an item index (default: the CDs blocks, converted here)")
     ap.add_argument("--window", type=int, default=0, help="the window trained on and evaluated")
     ap.add_argument("--users", type=int, default=None, help="a seeded sample of the test users (default: all)")
@@ -541,6 +543,7 @@ def main() -> None:
                 [a.beams] * n,
                 [a.epochs] * n,
                 [a.eval_epochs] * n,
+                [a.seed] * n,
             )
         )
     print(
@@ -551,6 +554,7 @@ def main() -> None:
                 "epochs": a.epochs,
                 "window": a.window,
                 "beams": a.beams,
+                "seed": a.seed,
                 "results": results,
                 "machine": f"{platform.machine()} {os.cpu_count()} cores",
                 "date": time.strftime("%Y-%m-%d"),
