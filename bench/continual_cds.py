@@ -39,7 +39,7 @@ import yaml
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from data_tools.convert import ConvertOptions, convert  # noqa: E402
+from data_tools.convert import ConvertOptions, convert, convert_blocks  # noqa: E402
 from data_tools.dataset import ITEM_INDEX, load_manifest  # noqa: E402
 from data_tools.help_format import HelpFormatter  # noqa: E402
 from data_tools.windows import GROUPS  # noqa: E402
@@ -81,16 +81,7 @@ def prepare_data(a, work: str) -> str:
         return data
     if not os.path.isdir(a.blocks):
         raise SystemExit(f"no blocks folder at {a.blocks} (pass --blocks DIR, --movielens or --data DIR)")
-    convert(
-        ConvertOptions(
-            format="blocks",
-            reviews=a.blocks,
-            index=os.path.join(a.blocks, "semantic_ids.json"),
-            out=data,
-            progress=False,
-        )
-    )
-    return data
+    return convert_blocks(a.blocks, data)
 
 
 def evaluate_on_every_user(a, data: str, period0: str, env: dict) -> dict:

@@ -429,13 +429,13 @@ def run_variant(
     counts: dict = {}
     for s in train:
         counts[tuple(codes[s["target"]])] = counts.get(tuple(codes[s["target"]]), 0) + 1
-    top = [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:10]]
+    by_count = [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    top = by_count[:10]
     popular = [top.index(tuple(codes[s["target"]])) if tuple(codes[s["target"]]) in top else None for s in users]
-    top_more = [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:40]]
     popular_fresh = []
     for s in users:
         had = {tuple(codes[h]) for h in s["history"]}
-        mine = [c for c in top_more if c not in had][:10]
+        mine = [c for c in by_count[:40] if c not in had][:10]
         target = tuple(codes[s["target"]])
         popular_fresh.append(mine.index(target) if target in mine else None)
     transitions = transition_ranks(train, users, codes, top)
@@ -521,14 +521,9 @@ def main() -> None:
     a = ap.parse_args()
     data = a.data
     if data is None:
-        from data_tools.convert import ConvertOptions, convert
+        from data_tools.convert import convert_blocks
 
-        data = os.path.join(a.work, "cds")
-        convert(
-            ConvertOptions(
-                format="blocks", reviews=CDS, index=os.path.join(CDS, "semantic_ids.json"), out=data, progress=False
-            )
-        )
+        data = convert_blocks(CDS, os.path.join(a.work, "cds"))
     with ProcessPoolExecutor(2) as pool:
         n = len(a.variants)
         results = list(

@@ -40,22 +40,15 @@ sys.path.insert(0, REPO)
 CDS = os.path.join(os.path.dirname(REPO), "shared", "data", "amazon-cds-blocks")
 
 
-def blocks_dataset(blocks: str, out: str) -> str:
-    """A blocks folder with its semantic_ids.json, converted at `out` (once: reruns do nothing)."""
-    from data_tools.convert import ConvertOptions, convert
-
-    index = os.path.join(blocks, "semantic_ids.json")
-    convert(ConvertOptions(format="blocks", reviews=blocks, index=index, out=out, progress=False))
-    return out
-
-
 def dataset(cache: str) -> str:
     """The paper's CDs blocks (real codes) when present, else MovieLens-100K with random codes."""
     from data_tools.convert import ConvertOptions, convert
 
     out = os.path.join(cache, "cds" if os.path.isdir(CDS) else "ml")
     if os.path.isdir(CDS):
-        return blocks_dataset(CDS, out)
+        from data_tools.convert import convert_blocks
+
+        return convert_blocks(CDS, out)
     import random
 
     from data_tools.examples import movielens_100k
@@ -109,18 +102,12 @@ def sliced(data: str, cache: str, users: int = 200) -> str:
     if not os.path.isdir(CDS):
         return data
     from data_tools.blocks import slice_blocks
-    from data_tools.convert import ConvertOptions, convert
+    from data_tools.convert import convert_blocks
 
     blocks = slice_blocks(
         CDS, os.path.join(cache, f"cds-{users}-blocks"), users, os.path.join(CDS, "semantic_ids.json")
     )
-    out = os.path.join(cache, f"cds-{users}")
-    convert(
-        ConvertOptions(
-            format="blocks", reviews=blocks, index=os.path.join(blocks, "semantic_ids.json"), out=out, progress=False
-        )
-    )
-    return out
+    return convert_blocks(blocks, os.path.join(cache, f"cds-{users}"))
 
 
 def backbone_vs_tiny(data: str, backbone: str, tmp: str, nproc: int, steps: int) -> dict:

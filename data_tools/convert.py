@@ -341,6 +341,15 @@ def convert(opts: ConvertOptions) -> dict:
         return _build(opts, rule, staging, time.time())
 
 
+def convert_blocks(blocks: str, out: str, log=sys.stderr) -> str:
+    """A folder of PESO-format blocks with its `semantic_ids.json` (the paper's CDs blocks, or a
+    slice of them) as a dataset folder at `out`; nothing is redone when `out` is up to date.
+    Returns `out`."""
+    index = os.path.join(blocks, "semantic_ids.json")
+    convert(ConvertOptions(format="blocks", reviews=blocks, index=index, out=out, progress=False, log=log))
+    return out
+
+
 def _build(opts: ConvertOptions, rule: SplitRule, folder: str, t0: float) -> dict:
     max_seconds = default_max_seconds()
     reviews = Ledger("reviews" if opts.format != "blocks" else "block interactions", strict=opts.strict)

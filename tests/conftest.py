@@ -41,25 +41,17 @@ def cds_blocks():
     return CDS_BLOCKS
 
 
-def convert_blocks(blocks: str, out: str) -> str:
-    """A blocks folder (block_<k>.json and its semantic_ids.json) as a dataset folder at `out`."""
-    from data_tools.convert import ConvertOptions, convert
-
-    index = os.path.join(blocks, "semantic_ids.json")
-    convert(ConvertOptions(format="blocks", reviews=blocks, index=index, out=out, progress=False, log=sys.stdout))
-    return out
-
-
 @pytest.fixture(scope="session")
 def cds_slice(tmp_path_factory, cds_blocks) -> str:
     """A small real slice of the CDs blocks as a dataset folder (about 12 users and 60 training
     targets per window): in each block its first 12 users, plus up to 12 of the slice's users of
     earlier blocks who are back (dormant and continuing users), with the paper's semantic IDs."""
     from data_tools.blocks import slice_blocks
+    from data_tools.convert import convert_blocks
 
     folder = tmp_path_factory.mktemp("cds-slice")
     blocks = slice_blocks(cds_blocks, str(folder / "blocks"), 12, os.path.join(cds_blocks, "semantic_ids.json"))
-    return convert_blocks(blocks, str(folder / "ds"))
+    return convert_blocks(blocks, str(folder / "ds"), log=sys.stdout)
 
 
 @pytest.fixture(scope="session")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
+from data_tools.convert import convert_blocks
 from launcher.periods import local_command
-from tests.conftest import convert_blocks
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -77,7 +78,7 @@ def ds_configs(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def cds_data(tmp_path_factory, cds_blocks) -> str:
     """The paper's CDs blocks with their semantic IDs, as a dataset folder."""
-    return convert_blocks(cds_blocks, str(tmp_path_factory.mktemp("cds") / "ds"))
+    return convert_blocks(cds_blocks, str(tmp_path_factory.mktemp("cds") / "ds"), log=sys.stdout)
 
 
 # The paper's objective and prompt (one sample per target, the instruction template), over a
