@@ -1,7 +1,7 @@
 """The continual study: peso against single and cumulative LoRA on real data, with seeds, the
 popularity reference, user groups, the R matrix and a lambda sweep.
 
-    python bench/continual_cds.py                       # the paper's Amazon CDs blocks (about 30 minutes on 2 cores)
+    python bench/continual_cds.py                       # the paper's Amazon CDs blocks (about 50 minutes on 2 cores)
     python bench/continual_cds.py --blocks DIR          # another folder of block_<k>.json (+ semantic_ids.json)
     python bench/continual_cds.py --movielens           # MovieLens-100K from the recbole wheel (converted, indexed)
     python bench/continual_cds.py --data DIR            # any dataset folder that has an item index

@@ -130,42 +130,19 @@ def item_key(ids, levels: int, per_level: int):
     return sum(((ids.roll(k, 1) - FIRST_CODE) % per_level) * per_level ** (levels - 1 - k) for k in range(levels))
 
 
-def cooccurrence_vectors(train: list, codes: dict, levels: int, per_level: int, dim: int = 64, reach: int = 3):
-    """(sorted item keys, unit vectors [items, dim]): a truncated SVD of the positive PMI of items
-    co-occurring within `reach` positions (weight 1/distance) in the users' training sequences."""
-    import numpy as np
-    import scipy.sparse
-    import scipy.sparse.linalg
+def cooccurrence_vectors(train: list, codes: dict, levels: int, per_level: int, dim: int = 64):
+    """(sorted item keys, unit vectors [items, dim]): the framework's builder
+    (data_tools/cooccurrence.py, `model.item_vectors`) on the users' training sequences."""
     import torch
 
+    from data_tools.cooccurrence import cooccurrence_counts, ppmi_svd_vectors
     from data_tools.sequences import user_sequences
 
-    pairs: dict = {}
-    for seq in user_sequences(train):
-        items = seq["context"] + seq["targets"]
-        for i, a in enumerate(items):
-            for d in range(1, reach + 1):
-                if i + d < len(items):
-                    b = items[i + d]
-                    pairs[(a, b)] = pairs.get((a, b), 0.0) + 1 / d
-                    pairs[(b, a)] = pairs.get((b, a), 0.0) + 1 / d
-    items = sorted(
-        {a for a, _ in pairs}, key=lambda i: int(item_key(torch.tensor([codes[i]]), levels, per_level)[0, -1])
-    )
-    row = {item: k for k, item in enumerate(items)}
-    a, b = zip(*pairs)
-    counts = scipy.sparse.csr_matrix(
-        (list(pairs.values()), ([row[i] for i in a], [row[i] for i in b])), shape=(len(items), len(items))
-    )
-    total, rows = counts.sum(), np.asarray(counts.sum(1)).ravel()
-    coo = counts.tocoo()
-    pmi = np.log(coo.data * total / (rows[coo.row] * rows[coo.col]))
-    ppmi = scipy.sparse.csr_matrix((np.maximum(pmi, 0), (coo.row, coo.col)), shape=counts.shape)
-    u, sigma, _ = scipy.sparse.linalg.svds(ppmi, k=dim, random_state=0)
-    vectors = torch.tensor(u * np.sqrt(sigma), dtype=torch.float32)
-    vectors = vectors / vectors.norm(dim=1, keepdim=True).clamp(min=1e-8)
-    keys = item_key(torch.tensor([codes[i] for i in items]), levels, per_level)[:, -1].contiguous()
-    return keys, vectors
+    counts = cooccurrence_counts(s["context"] + s["targets"] for s in user_sequences(train))
+    items, vectors = ppmi_svd_vectors(counts, dim)
+    keys = item_key(torch.tensor([codes[i] for i in items]), levels, per_level)[:, -1]
+    order = torch.argsort(keys, stable=True)  # items sharing every code: the first keeps the row
+    return keys[order].contiguous(), torch.from_numpy(vectors)[order]
 
 
 def item_input_embedder(model, spec: dict, train: list, codes: dict, levels: int, per_level: int):

@@ -45,6 +45,11 @@ class ModelConfig:
     )
     period0: str = setting("lora", "lora or full: a random-weight backbone must first learn the task in full")
     seed: int = setting(0, "initial weights of a shape, LoRA init")
+    item_vectors: int = setting(
+        0,
+        "dimension of the collaborative item vectors added at each item's last code token "
+        "(train/item_vectors.py); 0: none",
+    )
 
 
 @dataclass
@@ -271,6 +276,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.period0 must be lora or full, not {m.period0!r}")
     if m.dtype not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"model.dtype must be auto, fp32, bf16 or fp16, not {m.dtype!r}")
+    if m.item_vectors < 0:
+        raise ConfigError(f"model.item_vectors must be 0 (off) or a dimension, got {m.item_vectors}")
     if cfg.method.name not in METHODS:
         raise ConfigError(f"method.name must be one of {', '.join(METHODS)}, not {cfg.method.name!r}")
     if cfg.data.objective not in ("response", "sequence"):

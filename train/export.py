@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from data_tools.dataset import written_aside
+from train.item_vectors import gather_item_input, is_item_input_param, write_item_vectors
 from train.model import adapter_state_keys
 
 
@@ -37,8 +38,10 @@ def gather_adapter_state(strategy, model) -> dict[str, torch.Tensor] | None:
 
 
 def export_adapter(strategy, model, out_dir: str, metadata: dict | None = None) -> None:
-    """Write the adapter in PEFT format (adapter_config.json + adapter_model.safetensors)."""
+    """Write the adapter in PEFT format (adapter_config.json + adapter_model.safetensors), and
+    the item vectors with their trained projection (train/item_vectors.py) if the model has them."""
     state = gather_adapter_state(strategy, model)
+    item_vectors = gather_item_input(strategy, model)
     if strategy.is_rank0:
         _check_nonempty(state, out_dir)
         with written_aside("cannot export the period's adapter", out_dir) as tmp:
@@ -48,24 +51,30 @@ def export_adapter(strategy, model, out_dir: str, metadata: dict | None = None) 
                 os.path.join(tmp, "adapter_model.safetensors"),
                 metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}},
             )
+            if item_vectors is not None:
+                write_item_vectors(item_vectors, tmp)
     strategy.barrier()
 
 
 def export_full_model(strategy, model, tokenizer, out_dir: str) -> None:
     """Write the whole model (Hugging Face format), gathering one module at a time so no rank
-    holds more than one layer's parameters beyond its partition."""
+    holds more than one layer's parameters beyond its partition. The item-vector input has its own
+    file (train/item_vectors.py): a plain `from_pretrained` would not know its keys."""
     state = {}
     for prefix, module in model.named_modules():
         params = dict(module.named_parameters(recurse=False))
-        if not params:
+        if not params or is_item_input_param(prefix + "."):
             continue
         with strategy.gathered(list(params.values())):
             if strategy.is_rank0:
                 for name, p in params.items():
                     state[f"{prefix}.{name}" if prefix else name] = p.detach().to("cpu", copy=True)
+    item_vectors = gather_item_input(strategy, model)
     if strategy.is_rank0:
         _check_nonempty(state, out_dir)
         with written_aside("cannot export the period's model", out_dir) as tmp:
             model.save_pretrained(tmp, state_dict=state)
             tokenizer.save_pretrained(tmp)
+            if item_vectors is not None:
+                write_item_vectors(item_vectors, tmp)
     strategy.barrier()

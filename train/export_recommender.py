@@ -8,6 +8,8 @@
     adapter (the default):
     <out>/base/                   the backbone (code-token rows included)
     <out>/adapter/                the period's adapter (PEFT format)
+    <out>/item_vectors.safetensors  with `model.item_vectors`: the item vectors and their trained
+                                  projection (train/item_vectors.py)
 
 So `AutoModelForCausalLM.from_pretrained(out)` (merged), or `PeftModel.from_pretrained(
 AutoModelForCausalLM.from_pretrained(out/base), out/adapter)`, with the saved index, computes
@@ -15,7 +17,10 @@ the model the period was evaluated with: for `cumulative` and `cumulative_all` t
 of earlier adapters is folded into the exported adapter. A LoRA's output is
 scaling * B A x, and the frozen sum adds scaling * B_i' A_i' x (normalized factors), so the
 two together are one LoRA of rank r * (1 + n) with A stacked over the A_i' and B beside the B_i',
-and lora_alpha chosen to keep the same scaling. The folder appears atomically.
+and lora_alpha chosen to keep the same scaling. A model trained with `model.item_vectors` also
+needs its vectors on the input: `Recommender.from_export(out)` (train/recommender.py) attaches
+them (`attach_item_input`); a plain `from_pretrained` alone would decode without them. The folder
+appears atomically.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from data_tools.dataset import ITEM_INDEX, ITEMS, written_aside
-from train.plan import backbone_dir, frozen_adapter_periods, trains_in_full
+from train.item_vectors import FILE as ITEM_VECTORS
+from train.plan import backbone_dir, export_dir, frozen_adapter_periods, trains_in_full
 from train.recommender import EXPORT_INFO, last_done_period, load_period_model, plain_backbone, saved_config
 from train.regularizers import normalized
 from train.run_folder import RunFolder
@@ -94,7 +100,7 @@ def export_recommender(
     full = trains_in_full(cfg, period)
     kind = "merged" if merged or full else "adapter"
     if full:  # no adapter: period 0's model is the recommender
-        model = load_period_model(run, cfg, period, len(tokenizer))
+        model = load_period_model(run, cfg, period, len(tokenizer), item_vectors=False)
     else:
         adapter = folded_adapter(run, cfg, period)
         base = plain_backbone(backbone_dir(cfg, run, period), len(tokenizer))
@@ -135,6 +141,8 @@ def export_recommender(
         tokenizer.save_pretrained(tmp)
         for name in (ITEM_INDEX, ITEMS):
             shutil.copyfile(os.path.join(data_root, name), os.path.join(tmp, name))
+        if cfg.model.item_vectors:  # the vectors and their trained projection (train/item_vectors.py)
+            shutil.copyfile(os.path.join(export_dir(cfg, run, period), ITEM_VECTORS), os.path.join(tmp, ITEM_VECTORS))
         with open(os.path.join(tmp, EXPORT_INFO), "w") as f:
             json.dump(info, f, indent=1)
     return info

@@ -129,6 +129,14 @@ def check_inputs(args):
         raise ConfigError(f"model.path {cfg.model.path} is not a Hugging Face model folder (no config.json)")
     if period > 0 and trains_in_full(cfg, 0) and not os.path.isdir(run.model_dir(0)):
         raise ConfigError(f"period {period} needs period 0's model ({run.model_dir(0)}); train period 0 first")
+    if cfg.model.item_vectors and period > 0:
+        from train.item_vectors import vectors_path
+
+        if not os.path.isfile(vectors_path(run, period - 1)):
+            raise ConfigError(
+                f"model.item_vectors: period {period - 1} has no item vectors ({vectors_path(run, period - 1)}); "
+                "a run adds them from period 0 on, or never (set model.item_vectors=0)"
+            )
     accumulation_steps(cfg, int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1))
     if not args.eval_only and not args.restart_period:
         check_resume(run, period, cfg)

@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
 from data_tools.dataset import written_aside
 from train.config import Config
+from train.item_vectors import is_item_input_param
 from train.run_folder import RunFolder
 from train.shapes import shape_config
 
@@ -146,7 +147,7 @@ def adapter_state_keys(model: peft.PeftModel) -> dict[str, torch.nn.Parameter]:
     """Saved-key -> live parameter for everything an adapter export holds (peft's key names)."""
     out = {}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
+        if not param.requires_grad or is_item_input_param(name):  # it has its own file
             continue
         key = name.replace(".default.", ".").replace(".default", "")
         out[key] = param

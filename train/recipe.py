@@ -21,6 +21,14 @@ from train.evaluate import Evaluator
 from train.exit_codes import EXIT_REQUEUE
 from train.export import export_adapter, export_full_model
 from train.flops import FlopCounter, device_peak_flops
+from train.item_vectors import (
+    attach_item_input,
+    has_item_vectors,
+    item_input_of,
+    load_item_input_weights,
+    load_item_vectors,
+    prepare_item_vectors,
+)
 from train.logs import configure_logging
 from train.metrics import MetricsLogger
 from train.model import (
@@ -99,14 +107,30 @@ class PeriodRecipe:
         )
         strategy.use_ds_config(self.ds_config)  # before from_pretrained: ZeRO-3 loads partitioned
         model = load_backbone(strategy, plan.backbone, cfg, self.dtype, len(tokenizer))
+        if cfg.model.item_vectors:
+            self._attach_item_vectors(model)
         if plan.full:
             model.requires_grad_(True)
         else:
             model = apply_lora(model, cfg, self.vocab.codebook.code_token_ids, seed=plan.lora_seed)
+            if cfg.model.item_vectors:
+                item_input_of(model).proj.requires_grad_(True)  # trains every period, like the code rows
             if plan.start_adapter:
                 load_adapter_weights(strategy, model, plan.start_adapter)
         self.regularizer = make_regularizer(cfg, plan, self.run_folder, model, strategy)
         self.model = model
+
+    def _attach_item_vectors(self, model) -> None:
+        """The period's item vectors (built once, by rank 0), with the projection the period
+        starts from: its start adapter's, else its backbone's (a full period 0's export), else new."""
+        plan = self.plan
+        tensors = prepare_item_vectors(
+            self.cfg, self.run_folder, self.manifest, plan.period, self.vocab.codebook, self.strategy
+        )
+        start = next((f for f in (plan.start_adapter, plan.backbone) if f and has_item_vectors(f)), None)
+        if start:
+            tensors["proj"] = load_item_vectors(start)["proj"]
+        attach_item_input(model, tensors, seed=self.cfg.model.seed + plan.period)
 
     def _engine(self) -> None:
         """The rank's data and the DeepSpeed engine."""
@@ -209,6 +233,7 @@ class PeriodRecipe:
         """--eval_only: the period's export evaluated again (a full period's model was loaded from it)."""
         if not self.plan.full:
             load_adapter_weights(self.strategy, self.engine.module, self.plan.export_dir)
+        load_item_input_weights(self.strategy, self.engine.module, self.plan.export_dir)
         self.evaluator.evaluate(step=self.step_offset)
         return 0
 
@@ -226,6 +251,7 @@ class PeriodRecipe:
             load_full_weights(strategy, engine.module, plan.export_dir)
         else:
             load_adapter_weights(strategy, engine.module, plan.export_dir)
+        load_item_input_weights(strategy, engine.module, plan.export_dir)
         if strategy.is_rank0:
             self.run_folder.save_state(phase="evaluating")
         metrics = None

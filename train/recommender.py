@@ -36,7 +36,8 @@ from data_tools.index.tokenizer import ItemCodebook
 from data_tools.reader import read_split
 from train.config import Config, config_from_dict
 from train.evaluate import NEG, constrained_beam_search
-from train.plan import evaluated_model_dir, frozen_adapter_periods, trains_in_full
+from train.item_vectors import attach_item_input, has_item_vectors, load_item_vectors
+from train.plan import evaluated_model_dir, export_dir, frozen_adapter_periods, trains_in_full
 from train.run_folder import RunFolder
 from train.vocab import Vocabulary, prompt_template
 
@@ -107,8 +108,11 @@ def plain_backbone(source: str, vocab_size: int, dtype="auto") -> torch.nn.Modul
     return model
 
 
-def load_period_model(run: RunFolder, cfg: Config, period: int, vocab_size: int, dtype="auto") -> torch.nn.Module:
-    """A plain (no DeepSpeed) model that computes what period `period` was evaluated with."""
+def load_period_model(
+    run: RunFolder, cfg: Config, period: int, vocab_size: int, dtype="auto", item_vectors: bool = True
+) -> torch.nn.Module:
+    """A plain (no DeepSpeed) model that computes what period `period` was evaluated with
+    (without its item-vector input if not `item_vectors`: for a plain Hugging Face save)."""
     from peft import PeftModel
 
     from train.regularizers import attach_frozen_adapters
@@ -124,6 +128,8 @@ def load_period_model(run: RunFolder, cfg: Config, period: int, vocab_size: int,
         earlier = frozen_adapter_periods(cfg, cfg.method.name, period)
         if earlier:
             attach_frozen_adapters(model, [run.adapter_dir(t) for t in earlier])
+    if cfg.model.item_vectors and item_vectors:
+        attach_item_input(model, load_item_vectors(export_dir(cfg, run, period)), seed=cfg.model.seed)
     return model.eval()
 
 
@@ -224,6 +230,8 @@ class Recommender:
                 model = PeftModel.from_pretrained(base, os.path.join(folder, "adapter"))
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+        if has_item_vectors(folder):
+            attach_item_input(model, load_item_vectors(folder), seed=0)
         prompt = info["prompt"]
         vocab = Vocabulary.of(
             tokenizer,

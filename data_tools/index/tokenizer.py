@@ -166,6 +166,8 @@ class ItemCodebook:
             self._tokens[item] = toks
             self._item_of.setdefault(tuple(ids), item)
         self.code_token_ids: list[int] = sorted(token_ids)
+        # [level][code] -> token id
+        self.code_token_table = np.asarray(token_ids, dtype=np.int64).reshape(self.levels, self.codes_per_level)
         self.trie = CodeTrie(self._item_of)
 
     def __len__(self) -> int:

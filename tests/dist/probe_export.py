@@ -33,8 +33,11 @@ def main() -> None:
         from transformers import AutoModelForCausalLM
 
         from data_tools.dataset import load_manifest
+        from train.item_vectors import attach_item_input, has_item_vectors, load_item_vectors
 
         model = AutoModelForCausalLM.from_pretrained(export).eval()  # the folder alone, as a serving stack loads it
+        if has_item_vectors(export):  # plus its item vectors on the input (train/item_vectors.py)
+            attach_item_input(model, load_item_vectors(export), seed=0)
         users = test_users(data, load_manifest(data), window, max_users, 0)[:8]
         top = []
         for u in users:

@@ -10,7 +10,10 @@ or as a single plain process (the reference). Computes, with the project's own c
 
 and saves them (rank 0) to OUT for the test to compare.
 
-    python probe_methods.py {zero3|plain} {kl|l2|cumulative|sequence} OUT [BASE]
+- vectors: the same as sequence, on a model with item vectors (train/item_vectors.py), whose
+  projection's gradient is compared too.
+
+    python probe_methods.py {zero3|plain} {kl|l2|cumulative|sequence|vectors} OUT [BASE]
 
 BASE: a Hugging Face folder to use instead of the tiny random model (a real backbone such as
 SmolLM2-135M; its vocabulary holds the token ids used here).
@@ -30,6 +33,7 @@ sys.path.insert(0, REPO)
 
 from train.config import load_config  # noqa: E402
 from train.data import collate  # noqa: E402
+from train.item_vectors import attach_item_input, item_input_of  # noqa: E402
 from train.loss import lm_loss  # noqa: E402
 from train.model import apply_lora  # noqa: E402
 from train.regularizers import ProximalTerm, attach_frozen_adapters, lora_layers  # noqa: E402
@@ -55,9 +59,27 @@ def build(tmp: str):
     return base
 
 
-def lora_model(base: str, cfg):
+# 12 items; the last 2 have no vector
+ITEM_CODES = [torch.randint(0, 8, (4,), generator=torch.Generator().manual_seed(20 + i)).tolist() for i in range(12)]
+
+
+def item_vectors() -> dict:
+    """A table of 10 items (4 levels of 8 codes: token 200 + 8 x level + code) with random vectors."""
+    g = torch.Generator().manual_seed(5)
+    return {
+        "codes": torch.tensor([ITEM_CODES[i] for i in range(10)]),
+        "vectors": torch.randn(10, 6, generator=g),
+        "code_token_ids": torch.tensor(NEW_TOKENS).reshape(4, 8),
+    }
+
+
+def lora_model(base: str, cfg, with_item_vectors: bool = False):
     model = LlamaForCausalLM.from_pretrained(base)
+    if with_item_vectors:
+        attach_item_input(model, item_vectors(), seed=7)
     model = apply_lora(model, cfg, NEW_TOKENS, seed=1)
+    if with_item_vectors:
+        item_input_of(model).proj.requires_grad_(True)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for layer in lora_layers(model).values():
@@ -76,15 +98,20 @@ def anchor_of(model) -> dict:
     return out
 
 
-def sequence_batch(half: int) -> dict:
+def sequence_batch(half: int, items: bool = False) -> dict:
     """One rank's micro-batch of the sequence objective: chunks of items (4 code tokens each)
-    after a BOS, the codes of the items from `first` on labelled."""
+    after a BOS, the codes of the items from `first` on labelled. `items`: the items of
+    ITEM_CODES (each level's own tokens); else any code tokens."""
     g = torch.Generator().manual_seed(10 + half)
     examples = []
     for n_items, first in ((5, 2), (3, 0)) if half == 0 else ((7, 1), (2, 0), (4, 3)):
         ids, labels = [1], [-100]
         for k in range(n_items):
-            codes = torch.randint(200, 232, (4,), generator=g).tolist()
+            if items:
+                item = ITEM_CODES[int(torch.randint(0, 12, (1,), generator=g))]
+                codes = [200 + 8 * level + c for level, c in enumerate(item)]
+            else:
+                codes = torch.randint(200, 232, (4,), generator=g).tolist()
             ids += codes
             labels += codes if k >= first else [-100] * 4
         examples.append({"input_ids": ids, "labels": labels})
@@ -119,23 +146,24 @@ def main():
     cfg = load_config(None, ["model.shape=tiny", "lora.r=4", "lora.dropout=0.0", "method.reduce=sum"])
     ids = torch.randint(0, 232, (2, 12), generator=torch.Generator().manual_seed(4))
     given = sys.argv[4] if len(sys.argv) > 4 else None
+    vectors = kind == "vectors"  # the sequence probe, on a model with item vectors
     if mode == "plain":
         base = given or build(tmp)
-        model = lora_model(base, cfg)
+        model = lora_model(base, cfg, vectors)
         if kind == "cumulative":
             attach_frozen_adapters(model, frozen_adapters(tmp, model))
             with torch.no_grad():
                 logits = model(input_ids=torch.cat([ids, ids + 1])).logits
             save_file({"logits": logits.contiguous()}, out)
             return
-        if kind == "sequence":
+        if kind in ("sequence", "vectors"):
             # The two ranks' micro-batches, each normalized by its own labelled tokens, averaged
             # (as DeepSpeed averages the ranks' gradients); the term is counted once.
             prox = ProximalTerm(model, anchor_of(model), "kl", "sum")
             with prox.collect():
-                first = mean_ce(model, sequence_batch(0))
+                first = mean_ce(model, sequence_batch(0, vectors))
             term = prox.term()
-            ((first + mean_ce(model, sequence_batch(1))) / 2 + term).backward()
+            ((first + mean_ce(model, sequence_batch(1, vectors))) / 2 + term).backward()
             grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
             save_file({"term": term.detach().reshape(1), **grads}, out)
             return
@@ -161,7 +189,7 @@ def main():
         "zero_allow_untested_optimizer": True,
     }
     strategy.use_ds_config(ds)
-    model = lora_model(base, cfg)
+    model = lora_model(base, cfg, vectors)
     anchor = anchor_of(model)
     frozen = frozen_adapters(tmp, model) if kind == "cumulative" else None
     if frozen:
@@ -185,10 +213,10 @@ def main():
         return
     from deepspeed.utils import safe_get_full_grad
 
-    if kind == "sequence":
+    if kind in ("sequence", "vectors"):
         prox = ProximalTerm(engine.module, anchor, "kl", "sum")
         with prox.collect():
-            ce = mean_ce(engine, sequence_batch(strategy.rank))
+            ce = mean_ce(engine, sequence_batch(strategy.rank, vectors))
         term = prox.term()
         engine.backward(ce + term)
         grads = {

@@ -241,7 +241,8 @@ def _resume_args(ds, data, run, objective):
         "checkpoint.every_steps=2",
         "checkpoint.keep=2",
         *QUICK,
-        *(RESPONSE if objective == "response" else []),
+        # the sequence objective also with item vectors: their trained projection resumes exactly too
+        *(RESPONSE if objective == "response" else ["model.item_vectors=8"]),
     ]
 
 
@@ -258,7 +259,8 @@ def _log_past_the_checkpoint(run: str) -> None:
 
 @pytest.mark.parametrize("objective", ["sequence", "response"])
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, small_dataset, ds_configs, objective):
-    """10 steps: the sequence objective's epoch (60 chunks) ends inside them, the response one's does not."""
+    """10 steps: the sequence objective's epoch (60 chunks) ends inside them, the response one's
+    does not. The sequence run adds item vectors (model.item_vectors)."""
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     train(2, _resume_args(ds_configs[3], small_dataset, straight, objective))
     proc = subprocess.Popen(
@@ -304,6 +306,13 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, small_data
     b = load_file(os.path.join(killed, "periods", "0", "adapter", "adapter_model.safetensors"))
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    if objective == "sequence":
+        a, b = (
+            load_file(os.path.join(r, "periods", "0", "adapter", "item_vectors.safetensors"))
+            for r in (straight, killed)
+        )
+        assert a.keys() == b.keys() and torch.equal(a["vectors"], b["vectors"])
+        assert torch.allclose(a["proj"], b["proj"], atol=1e-6, rtol=0)
     summaries = []
     for run in (straight, killed):
         with open(os.path.join(run, "periods", "0", "train_summary.json")) as f:

@@ -56,6 +56,20 @@ def test_sequence_objective_with_peso_exact_under_zero3(tmp_path):
         assert (plain[k] - zero3[k]).abs().max() <= 1e-5 * scale, f"{k}: {(plain[k] - zero3[k]).abs().max()} of {scale}"
 
 
+def test_item_vectors_exact_under_zero3(tmp_path):
+    """The sequence objective with peso on a model with item vectors: the gradient of the
+    projection (partitioned like every other weight) and of everything else on 2 ranks equals one
+    process's, and the vectors reach the loss (the projection's gradient is not zero)."""
+    plain, zero3 = probe(tmp_path, "plain", "vectors"), probe(tmp_path, "zero3", "vectors")
+    assert plain.keys() == zero3.keys()
+    proj = [k for k in plain if "item_input.proj" in k]
+    assert len(proj) == 1 and plain[proj[0]].abs().max() > 1e-4
+    for k in (k for k in plain if k != "term"):
+        scale = plain[k].abs().max()
+        assert scale > 0, k
+        assert (plain[k] - zero3[k]).abs().max() <= 1e-5 * scale, f"{k}: {(plain[k] - zero3[k]).abs().max()} of {scale}"
+
+
 def test_cumulative_forward_exact_under_zero3(tmp_path):
     plain, zero3 = probe(tmp_path, "plain", "cumulative"), probe(tmp_path, "zero3", "cumulative")
     assert torch.allclose(plain["logits"], zero3["logits"], atol=1e-6, rtol=0), (

@@ -1,8 +1,9 @@
 """Recommendations out of a run: exports that reproduce the evaluation in a fresh process without
 DeepSpeed (each method, adapter and merged), the `recommend` command, and its errors.
 
-One run on 2 ranks under really partitioned ZeRO-3: period 0 (full) and period 1, then period 2
-with each method, evaluated on a seeded sample of test users."""
+Runs on 2 ranks under really partitioned ZeRO-3: period 0 (full) and period 1, then period 2
+with each method, evaluated on a seeded sample of test users. peso and cumulative run with item
+vectors (model.item_vectors), single without, so both kinds of model are served."""
 
 from __future__ import annotations
 
@@ -18,23 +19,28 @@ from tests.dist.conftest import QUICK, REPO, env, train
 
 CONFIG = os.path.join(REPO, "configs", "tiny.yaml")
 PROBE = os.path.join(REPO, "tests", "dist", "probe_export.py")
-METHODS = ("peso", "single", "cumulative")
+METHODS = {"peso": True, "single": False, "cumulative": True}  # method -> with item vectors
 USERS = 40  # eval.max_users: the sample of each window's test users
+VECTORS = "model.item_vectors=16"
 
 
 @pytest.fixture(scope="module")
 def method_runs(tmp_path_factory, cds_data, ds_configs) -> dict[str, str]:
-    base = str(tmp_path_factory.mktemp("rec") / "base")
     flags = ["--ds_config", ds_configs[3], "--config", CONFIG, "--data", cds_data]
     common = [*QUICK, f"eval.max_users={USERS}"]
-    train(2, [*flags, "--run_dir", base, *common, "schedule.max_steps=30"])  # period 0, in full
-    train(2, [*flags, "--run_dir", base, *common, "schedule.max_steps=6"])  # period 1: the first adapter
+    bases = {}
+    for vectors in (False, True):
+        bases[vectors] = base = str(tmp_path_factory.mktemp("rec") / "base")
+        extra = [VECTORS] if vectors else []
+        train(2, [*flags, "--run_dir", base, *common, *extra, "schedule.max_steps=30"])  # period 0, in full
+        train(2, [*flags, "--run_dir", base, *common, *extra, "schedule.max_steps=6"])  # period 1: the first adapter
     common.append("eval.every_period=true")
     runs = {}
-    for method in METHODS:  # period 2: cumulative adds period 1's adapter, frozen, to the forward
+    for method, vectors in METHODS.items():  # period 2: cumulative adds period 1's adapter, frozen, to the forward
         runs[method] = str(tmp_path_factory.mktemp(method) / "run")
-        shutil.copytree(base, runs[method])
-        train(2, [*flags, "--run_dir", runs[method], *common, "schedule.max_steps=6", f"method.name={method}"])
+        shutil.copytree(bases[vectors], runs[method])
+        extra = [VECTORS] if vectors else []
+        train(2, [*flags, "--run_dir", runs[method], *common, *extra, "schedule.max_steps=6", f"method.name={method}"])
     return runs
 
 
@@ -63,6 +69,7 @@ def test_export_reproduces_the_evaluation_in_a_fresh_process(method_runs, cds_da
     with open(os.path.join(out, "recommender.json")) as f:
         info = json.load(f)
     assert info["kind"] == ("merged" if merged else "adapter") and info["method"] == method and info["period"] == 2
+    assert os.path.isfile(os.path.join(out, "item_vectors.safetensors")) == METHODS[method]
     if merged:
         assert os.path.isfile(os.path.join(out, "config.json")) and not os.path.exists(os.path.join(out, "adapter"))
     else:

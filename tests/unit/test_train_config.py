@@ -112,6 +112,12 @@ def test_main_reports_errors_before_training(tmp_path, ml_indexed):
             "must be a multiple of",
         ),
         (base + ["--data", ml_indexed, "--period", "1"], None, "needs period 0's model"),
+        (
+            base + ["--data", ml_indexed, "--period", "1", "model.period0=lora", "model.item_vectors=8"],
+            None,
+            "period 0 has no item vectors",
+        ),
+        (base + ["--data", ml_indexed, "model.item_vectors=-1"], None, "model.item_vectors must be 0 (off)"),
     ]
     for args, env, message in cases:
         proc = _main(args, env)
