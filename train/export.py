@@ -28,6 +28,11 @@ def _check_nonempty(state: dict[str, torch.Tensor], what: str) -> None:
         )
 
 
+def _gathered_proj(item_vectors: dict | None) -> dict[str, torch.Tensor]:
+    """The item-vector projection, for the non-empty check (the vectors themselves are never partitioned)."""
+    return {"item_vectors.proj": item_vectors["proj"]} if item_vectors else {}
+
+
 def gather_adapter_state(strategy, model) -> dict[str, torch.Tensor] | None:
     """The adapter's tensors (peft key names) as whole CPU tensors on rank 0; None elsewhere."""
     live = adapter_state_keys(model)
@@ -43,7 +48,7 @@ def export_adapter(strategy, model, out_dir: str, metadata: dict | None = None) 
     state = gather_adapter_state(strategy, model)
     item_vectors = gather_item_input(strategy, model)
     if strategy.is_rank0:
-        _check_nonempty(state, out_dir)
+        _check_nonempty({**state, **_gathered_proj(item_vectors)}, out_dir)
         with written_aside("cannot export the period's adapter", out_dir) as tmp:
             model.peft_config["default"].save_pretrained(tmp)
             save_file(
@@ -71,7 +76,7 @@ def export_full_model(strategy, model, tokenizer, out_dir: str) -> None:
                     state[f"{prefix}.{name}" if prefix else name] = p.detach().to("cpu", copy=True)
     item_vectors = gather_item_input(strategy, model)
     if strategy.is_rank0:
-        _check_nonempty(state, out_dir)
+        _check_nonempty({**state, **_gathered_proj(item_vectors)}, out_dir)
         with written_aside("cannot export the period's model", out_dir) as tmp:
             model.save_pretrained(tmp, state_dict=state)
             tokenizer.save_pretrained(tmp)

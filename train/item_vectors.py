@@ -37,7 +37,7 @@ import os
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file, save, save_file
 
 from data_tools.cooccurrence import REACH, align_to, cooccurrence_counts, ppmi_svd_vectors
 from data_tools.dataset import atomic_write_bytes
@@ -101,14 +101,8 @@ def prepare_item_vectors(cfg, run, manifest: dict, period: int, codebook, strate
     """Period `period`'s vectors: built and written by rank 0 if missing, then loaded by every rank."""
     path = vectors_path(run, period)
     if strategy.is_rank0 and not os.path.isfile(path):
-        previous = None
-        if period > 0:
-            if not os.path.isfile(vectors_path(run, period - 1)):
-                raise FileNotFoundError(
-                    f"{vectors_path(run, period - 1)} is missing: period {period - 1} was trained without "
-                    "model.item_vectors, so this period cannot add them"
-                )
-            previous = load_file(vectors_path(run, period - 1))
+        # train/main.py (check_inputs) has made sure period t-1 has its file
+        previous = load_file(vectors_path(run, period - 1)) if period > 0 else None
         tensors = build_item_vectors(cfg.data.path, manifest, period, codebook, cfg.model.item_vectors, previous)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write_bytes(path, save(tensors))
@@ -232,8 +226,6 @@ def gather_item_input(strategy, model: nn.Module) -> dict[str, torch.Tensor] | N
         if not strategy.is_rank0:
             return None
         proj = module.proj.weight.detach().to("cpu", copy=True).float().contiguous()
-    if proj.numel() == 0:
-        raise RuntimeError("the item-vector projection is empty after gathering: a ZeRO-3 partition was not gathered")
     return {
         "codes": module.codes.cpu(),
         "vectors": module.vectors.cpu().float(),
@@ -244,8 +236,7 @@ def gather_item_input(strategy, model: nn.Module) -> dict[str, torch.Tensor] | N
 
 def write_item_vectors(tensors: dict[str, torch.Tensor], folder: str) -> None:
     """Into a folder being written (an export's staging folder)."""
-    with open(os.path.join(folder, FILE), "wb") as f:
-        f.write(save(tensors))
+    save_file(tensors, os.path.join(folder, FILE))
 
 
 def load_item_input_weights(strategy, model: nn.Module, folder: str) -> None:
