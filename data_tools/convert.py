@@ -270,7 +270,10 @@ def _write_shard(job: _Shard) -> dict:
 
 
 def _default_sigterm() -> None:
+    """A writer's first act: SIGTERM back to its default, then no longer blocked (it was blocked
+    across the fork, see _shard_writers), so a SIGTERM already sent ends the worker now."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 @contextmanager
@@ -280,10 +283,19 @@ def _shard_writers(workers: int):
     if workers == 1:
         yield map
         return
-    # Leaving terminates the pool, which stops its workers with SIGTERM: they must not inherit a
-    # caller's Python SIGTERM handler (a test session's, a trainer's), or a worker can outlive it
-    # and `terminate` waits for it forever.
-    with multiprocessing.get_context("fork").Pool(workers, initializer=_default_sigterm) as pool:
+    # Leaving terminates the pool, which stops its workers with SIGTERM: they must not run a
+    # caller's Python SIGTERM handler (a test session's, a trainer's). One that arrives between the
+    # fork and the worker's initializer would run it in the child: the SLURM test fixture's raises
+    # KeyboardInterrupt, which escapes the child's bootstrap, and the child goes on running the
+    # parent's code (seen: a forked copy of pytest waiting on the pool's queue lock forever, and
+    # pytest waiting for it in `terminate`). So SIGTERM is blocked across the fork; each worker
+    # resets it to the default before unblocking it.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        pool = multiprocessing.get_context("fork").Pool(workers, initializer=_default_sigterm)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    with pool:
         yield pool.imap
 
 

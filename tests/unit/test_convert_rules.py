@@ -221,3 +221,25 @@ def test_forked_writers_take_sigterm_by_default_whatever_the_caller_installed():
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[True]"
+
+
+def test_writers_stopped_while_they_start_end_and_run_none_of_the_callers_code():
+    """A SIGTERM can reach a writer between the fork and its initializer. With the caller's Python
+    handler still installed there, the handler's KeyboardInterrupt escaped the child's bootstrap
+    and the child went on running the caller's code: a second copy of the test session, waiting
+    forever on the pool's lock. Pools left at once, many times over: every child ends."""
+    script = (
+        "import os, signal\n"
+        "from data_tools.convert import _shard_writers\n"
+        "def handler(signum, frame):\n"
+        "    raise KeyboardInterrupt\n"
+        "signal.signal(signal.SIGTERM, handler)\n"
+        "parent = os.getpid()\n"
+        "for _ in range(40):\n"
+        "    with _shard_writers(2):\n"
+        "        pass\n"
+        "print('left', os.getpid() == parent, signal.getsignal(signal.SIGTERM) is handler)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["left True True"]  # one process got there, with its handler kept
