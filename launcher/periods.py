@@ -100,7 +100,7 @@ def run_local(
         started = time.time()
         args = train_args(config, data, run, ds_config, list(overrides), t, restart=restart and not trained)
         code = _run_period(local_command(nproc, args), env, log)
-        if code == EXIT_REQUEUE or (code != 0 and _stopped_on_signal(run, t, started)):
+        if code == EXIT_REQUEUE or (code != 0 and stopped_on_signal(run, t, started)):
             raise PeriodInterrupted(t)
         if code != 0:
             raise PeriodFailed(t, code)
@@ -131,9 +131,11 @@ def _signals_passed_to(proc: subprocess.Popen):
             signal.signal(sig, handler)
 
 
-def _stopped_on_signal(run: str, period: int, since: float) -> bool:
-    """torchrun reports its workers' exit 75 as a failure (1): the run's state.json says what
-    happened (rank 0 writes phase "stopped" after the checkpoint), if it was written since `since`."""
+def stopped_on_signal(run: str, period: int, since: float) -> bool:
+    """Whether `period` stopped on a signal after a checkpoint, whatever the exit code said: the run's
+    state.json says so (rank 0 writes phase "stopped" after the checkpoint), if written since `since`.
+    torchrun reports its workers' exit 75 as a failure (1); srun --kill-on-bad-exit=1 may return
+    128 + the signal it stopped the other ranks with (launcher/slurm.py)."""
     folder = RunFolder(run)
     try:
         fresh = os.path.getmtime(folder.path("state.json")) >= since

@@ -6,7 +6,11 @@
 #   PESO_CONFIG=configs/paper.yaml PESO_DATA=data/cds PESO_RUN=runs/cds-peso sbatch slurm/continual.sh
 #   sbatch --nodes=4 --time=6:00:00 --export=ALL,PESO_CONFIG=configs/paper.yaml,PESO_DATA=data/cds,PESO_RUN=runs/cds slurm/continual.sh
 #
-# Every #SBATCH line below can be overridden on the sbatch command line. Settings (environment):
+# Every #SBATCH line below can be overridden on the sbatch command line, each by the same option
+# only: `--gpus=16` keeps --gpus-per-node=8 below (add --gpus-per-node=0 for --gpus, --gres or
+# --gpus-per-task alone); --cpus-per-gpu needs a copy without --cpus-per-task (SLURM refuses both).
+# Each next job asks for what this one had, from its `scontrol show job` record (docs/slurm.md).
+# Settings (environment):
 #   PESO_CONFIG     experiment YAML (configs/*.yaml)                                [required]
 #   PESO_DATA       dataset folder (python -m data_tools convert / index)          [required]
 #   PESO_RUN        run folder (state.json, periods, TensorBoard)                   [required]

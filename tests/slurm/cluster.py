@@ -3,10 +3,12 @@
 What it is
 ----------
 One `slurmctld` and two `slurmd` (nodes `node1` and `node2`, both on 127.0.0.1 with different
-ports), authenticated by `munge`. Everything the daemons write (slurm.conf, state, one spool
-folder per node, logs, pid files) lives in one base folder, by default `/tmp/peso-slurm`
-(`PESO_SLURM_BASE` or `LocalSlurm(base=...)` changes it). The base folder is fixed rather than
-random so that a later session finds, reuses or cleans up what an earlier one left behind. Jobs
+ports, 2 CPUs and 2 "GPUs" each: a generic resource backed by links to /dev/null, see conf.py),
+authenticated by `munge`. Everything the daemons write (slurm.conf, gres.conf, the GPU device
+links, state, one spool folder per node, logs, pid files) lives in one base folder, by default
+`/tmp/peso-slurm` (`PESO_SLURM_BASE` or `LocalSlurm(base=...)` changes it). The base folder is
+fixed rather than random so that a later session finds, reuses or cleans up what an earlier one
+left behind. Jobs
 run as root on this machine, so the job's working directory and files are shared between the
 "nodes" by construction. It is the stock SLURM 22.05 of Debian 12, not a mock: sbatch, srun,
 dependencies, signals and requeue behave as on a production cluster, only smaller.
@@ -94,6 +96,7 @@ class LocalSlurm(SlurmConf, JobControl):
         """Our config is in place, munge works, our daemons run and every node responds."""
         try:
             same_config = self.conf_path.read_text() == self.config_text()
+            same_config = same_config and self.gres_conf_path.read_text() == self.gres_text()
         except OSError:
             return False
         daemons = self._our_daemons()
@@ -171,12 +174,15 @@ class LocalSlurm(SlurmConf, JobControl):
         return True
 
     def _prepare_base(self) -> None:
-        """A fresh config and empty state/spool/log/run folders (keeping the munge ownership mark)."""
-        for sub in ("state", "spool", "log", "run"):
+        """A fresh config and empty state/spool/log/run/dev folders (keeping the munge ownership mark)."""
+        for sub in ("state", "spool", "log", "run", "dev"):
             shutil.rmtree(self.base / sub, ignore_errors=True)
             (self.base / sub).mkdir(parents=True)
         for node in self.nodes:  # slurmd does not create its spool folder
             (self.base / "spool" / node).mkdir()
+        for gpu in self.gpu_files:  # before slurmd starts: it exits when a gres.conf File= is missing
+            gpu.symlink_to("/dev/null")
+        self.gres_conf_path.write_text(self.gres_text())
         (self.base / "plugstack.conf").write_text("")
         (self.base / "started-by-hand").unlink(missing_ok=True)
         self.conf_path.write_text(self.config_text())

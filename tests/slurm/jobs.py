@@ -26,6 +26,35 @@ TERMINAL_STATES = frozenset(
 )
 
 
+# What a job asked for, as `scontrol show job -o` records it (the next job of a chain must record
+# the same; NumNodes is "2-2" while pending and "2" once running).
+REQUEST_FIELDS = (
+    "JobName",
+    "Command",
+    "NumNodes",
+    "NumTasks",
+    "NtasksPerN:B:S:C",
+    "Socks/Node",
+    "CPUs/Task",
+    "TimeLimit",
+    "Partition",
+    "Account",
+    "QOS",
+    "Features",
+    "Reservation",
+    "TresPerJob",
+    "TresPerNode",
+    "TresPerTask",
+    "TresPerSocket",
+    "CpusPerTres",
+    "MemPerTres",
+    "MinMemoryNode",
+    "MinMemoryCPU",
+    "StdOut",
+    "StdErr",
+)
+
+
 class JobControl:
     """The job commands of LocalSlurm (a mixin: it needs `command()` and `env()` of SlurmConf)."""
 
@@ -52,6 +81,13 @@ class JobControl:
         # scontrol calls the requeue count `Restarts` (the job sees it as SLURM_RESTART_COUNT).
         info.setdefault("RestartCnt", info.get("Restarts", "0"))
         return info
+
+    def request(self, job_id: int, info: dict[str, str] | None = None) -> dict[str, str]:
+        """The REQUEST_FIELDS of a job's record (absent ones as None; NumNodes as one number)."""
+        info = info or self.job_info(job_id)
+        request = {key: info.get(key) for key in REQUEST_FIELDS}
+        request["NumNodes"] = request["NumNodes"].split("-")[0]
+        return request
 
     def describe(self, job_id: int, info: dict[str, str] | None = None, lines: int = 30) -> str:
         """Key facts about a job and the tail of its output, for error messages."""

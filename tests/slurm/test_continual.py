@@ -1,5 +1,10 @@
 """`sbatch slurm/continual.sh` on the real local cluster (2 nodes): the chain of periods, a
-requeue on a signal, and a failed period that a resubmission completes."""
+requeue on a signal, and a failed period that a resubmission completes.
+
+Each chain asks for the nodes' GRES "GPUs" in another style (--gpus-per-node, --gpus-per-task,
+--gpus), and every job of it must ask for the same as the first (test_resubmission.py checks
+every style and option without training). The ranks train on the CPU: PESO_ALLOW_CPU=1.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from launcher.slurm import period_outcome
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "slurm", "continual.sh")
@@ -44,15 +51,16 @@ def three_windows(tmp_path_factory, movielens_files):
     return root, ds_path
 
 
-def submit(slurm, data: str, ds: str, run: str, logs) -> int:
+def submit(slurm, data: str, ds: str, run: str, logs, gpus: list[str], overrides: str = OVERRIDES) -> int:
     env = {
         "PESO_DATA": data,
         "PESO_RUN": run,
         "PESO_CONFIG": os.path.join(REPO, "configs", "tiny.yaml"),
         "PESO_DS_CONFIG": ds,
-        "PESO_OVERRIDES": OVERRIDES,
+        "PESO_OVERRIDES": overrides,
         "PESO_REPO": REPO,
         "PESO_PYTHON": sys.executable,
+        "PESO_ALLOW_CPU": "1",  # the job has (GRES) GPUs; there is no CUDA here
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
@@ -61,7 +69,7 @@ def submit(slurm, data: str, ds: str, run: str, logs) -> int:
         [
             "--nodes=2",
             "--ntasks-per-node=1",
-            "--gpus-per-node=0",
+            *gpus,
             "--cpus-per-task=1",
             "--time=20",
             f"--output={logs}/chain-%j.out",
@@ -70,6 +78,20 @@ def submit(slurm, data: str, ds: str, run: str, logs) -> int:
         env=env,
         cwd=REPO,
     )
+
+
+def chain_requests(slurm, head: int, text: str, jobs: int) -> dict:
+    """Follow the chain from `head` through its log ("submitted job N"): `jobs` jobs, each asking
+    for what the first asked for; returns that request."""
+    successor = dict(re.findall(r"== job (\d+): period \d+ done; submitted job (\d+)", text))
+    chain = [str(head)]
+    while chain[-1] in successor:
+        chain.append(successor[chain[-1]])
+    assert len(chain) == jobs, (chain, text[-3000:])
+    first = slurm.request(head)
+    for job in chain[1:]:
+        assert slurm.request(int(job)) == first, job
+    return first
 
 
 def done(run: str) -> list[int]:
@@ -100,13 +122,14 @@ def log_text(logs) -> str:
 def uninterrupted(slurm, three_windows, tmp_path_factory):
     data, ds = three_windows
     run, logs = str(tmp_path_factory.mktemp("chain") / "run"), tmp_path_factory.mktemp("chain-logs")
-    submit(slurm, data, ds, run, logs)
+    head = submit(slurm, data, ds, run, logs, ["--gpus-per-node=1"])
     wait_until(slurm, lambda: os.path.exists(os.path.join(run, "report.md")), 600, "the chain to finish", logs)
-    return run, log_text(logs)
+    return run, log_text(logs), head
 
 
-def test_the_chain_runs_every_period_in_order_across_two_nodes(uninterrupted):
-    run, text = uninterrupted
+def test_the_chain_runs_every_period_in_order_across_two_nodes(slurm, uninterrupted):
+    run, text, head = uninterrupted
+    assert chain_requests(slurm, head, text, jobs=3)["TresPerNode"] == "gres:gpu:1"
     assert done(run) == [0, 1, 2]
     starts = [text.index(f"period {t} on 2 node(s) node1,node2") for t in range(3)]
     assert starts == sorted(starts)
@@ -124,18 +147,53 @@ def test_the_chain_runs_every_period_in_order_across_two_nodes(uninterrupted):
 def test_a_signalled_job_requeues_resumes_and_ends_like_an_uninterrupted_run(
     slurm, three_windows, uninterrupted, tmp_path
 ):
+    """Two stops: one in period 1's training, one in period 2's evaluation (after its first window:
+    the rerun evaluates only the others). Evaluation sees more users here (48, batches of 8), so
+    that the stop arrives while it runs."""
     data, ds = three_windows
     run, logs = str(tmp_path / "run"), tmp_path / "logs"
     logs.mkdir()
-    submit(slurm, data, ds, run, logs)
+    overrides = OVERRIDES.replace(
+        "eval.max_users=16 data.eval_batch_size=16", "eval.max_users=48 data.eval_batch_size=8"
+    )
+    head = submit(slurm, data, ds, run, logs, ["--gpus-per-task=1", "--gpus-per-node=0"], overrides)
     ckpt = os.path.join(run, "periods", "1", "ds_ckpt", "COMPLETE.json")
     wait_until(slurm, lambda: os.path.exists(ckpt), 300, "period 1 to checkpoint", logs)
     job = next(int(r["JobId"]) for r in slurm.squeue() if r["JobState"] == "RUNNING")
+    signalled = time.time()
     slurm.command(["scancel", "--signal=USR1", "--batch", str(job)])  # how preemption and the time limit arrive
+    wait_until(slurm, lambda: "period 1 checkpointed" in log_text(logs), 120, "period 1 to stop", logs)
+    # The rerun cannot start before cred_expire + 1 = 11 s (conf.py): state.json is still the one
+    # rank 0 wrote after the checkpoint. Whatever code srun returns (with --kill-on-bad-exit=1 the
+    # first rank that exits 75 makes SLURM stop the others: 128 + SIGTERM, or SIGKILL), it says
+    # "requeue" for this period only, and only if written since the period started.
+    with open(os.path.join(run, "state.json")) as f:
+        state = json.load(f)
+    assert (state["phase"], state["period"]) == ("stopped", 1)
+    assert [period_outcome(code, run, 1, signalled) for code in (0, 75, 137, 143, 1)] == ["done"] + ["requeue"] * 4
+    assert period_outcome(143, run, 2, signalled) == "failed"
+    assert period_outcome(143, run, 1, os.path.getmtime(os.path.join(run, "state.json")) + 1) == "failed"
+
+    # Period 2's evaluation: once window 0 is done (its result kept on disk), the stop request.
+    first_window = os.path.join(run, "periods", "2", "eval", "window-0.json")
+    wait_until(slurm, lambda: os.path.exists(first_window), 300, "period 2 to evaluate window 0", logs)
+    evaluating = next(int(r["JobId"]) for r in slurm.squeue() if r["JobState"] == "RUNNING")
+    slurm.command(["scancel", "--signal=USR1", "--batch", str(evaluating)])
+    wait_until(slurm, lambda: "period 2 checkpointed" in log_text(logs), 120, "period 2's evaluation to stop", logs)
+    with open(os.path.join(run, "state.json")) as f:
+        assert json.load(f)["phase"] == "stopped" and not os.path.exists(
+            os.path.join(run, "periods", "2", "metrics.json")
+        )
+
     wait_until(slurm, lambda: os.path.exists(os.path.join(run, "report.md")), 600, "the chain to finish", logs)
-    assert slurm.job_info(job)["RestartCnt"] == "1"
+    assert slurm.job_info(job)["RestartCnt"] == "1" and slurm.job_info(evaluating)["RestartCnt"] == "1"
     text = log_text(logs)
     assert "period 1 checkpointed; requeueing" in text and "resumed period 1" in text
+    assert "period 2: window 0 was evaluated before a stop; its result is reused" in text
+    with open(os.path.join(run, "periods", "2", "metrics.json")) as f:
+        windows = json.load(f)["windows"]
+    assert sorted(windows) == ["0", "1", "2"] and all(w["users"] == 48 for w in windows.values())
+    assert chain_requests(slurm, head, text, jobs=3)["TresPerTask"] == "gres:gpu:1"
     for t in range(3):
         a = load_file(
             os.path.join(
@@ -174,16 +232,20 @@ def test_a_failed_period_stops_the_chain_and_a_resubmission_completes_it(slurm, 
             shutil.move(os.path.join(shards, name), hidden)
     run, logs = str(tmp_path / "run"), tmp_path / "logs"
     logs.mkdir()
-    submit(slurm, broken, ds, run, logs)
+    gpus = ["--gpus=2", "--gpus-per-node=0"]
+    head = submit(slurm, broken, ds, run, logs, gpus)
     wait_until(slurm, lambda: "period 1 FAILED" in log_text(logs), 400, "period 1 to fail", logs)
     failed = int(re.search(r"== job (\d+): period 1 FAILED", log_text(logs)).group(1))
     slurm.wait_for(failed, states={"FAILED"}, timeout=60)
     assert done(run) == [0] and slurm.squeue() == []  # nothing else was submitted
     for name in os.listdir(hidden):
         shutil.move(os.path.join(hidden, name), shards)
-    submit(slurm, broken, ds, run, logs)
+    again = submit(slurm, broken, ds, run, logs, gpus)
     wait_until(
         slurm, lambda: os.path.exists(os.path.join(run, "report.md")), 600, "the resubmitted chain to finish", logs
     )
     assert done(run) == [0, 1, 2]
-    assert log_text(logs).count("== job") >= 4  # period 0, the failure, then periods 1 and 2
+    text = log_text(logs)
+    assert text.count("== job") >= 4  # period 0, the failure, then periods 1 and 2
+    assert chain_requests(slurm, head, text, jobs=2)["TresPerJob"] == "gres:gpu:2"
+    assert chain_requests(slurm, again, text, jobs=2)["TresPerJob"] == "gres:gpu:2"
