@@ -220,7 +220,7 @@ def run_variant(
     from data_tools.index.trie import CodeTrie
     from data_tools.reader import window_split
     from data_tools.sequences import window_chunks
-    from train.evaluate import constrained_beam_search, rank_metrics
+    from train.evaluate import CACHE_ARG, constrained_beam_search, rank_metrics
     from train.model import param_groups
     from train.shapes import SHAPES
 
@@ -338,7 +338,7 @@ def run_variant(
             inputs_embeds=embed(ids),
             attention_mask=mask,
             position_ids=position,
-            cache=cache,
+            **{CACHE_ARG: cache},
             use_cache=True,
             logits_to_keep=keep,
         ).logits

@@ -1,18 +1,26 @@
 """Users per second of batched, trie-constrained beam search against one user at a time.
 
-    python bench/eval.py [--shape tiny] [--users 256] [--batch 64] [--beams 10] [--repeats 3] [--device cpu]
+    python bench/eval.py [--shape tiny] [--users 256] [--batch 64] [--beams 10] [--repeats 3]
+                         [--device cpu] [--dtype auto]
 
-The same model and prompts, three ways, side by side:
-- batched: train/evaluate.py, a batch of users at once, the prompt run once per user and its
-  KV cache shared by the user's beams (each step feeds the beams' newest tokens as one row per
-  user, with a 4D attention mask), the trie applied as one mask per step;
+The same model and prompts, side by side:
+- batched: what training's evaluation runs per batch (`decode_batch` in train/evaluate.py), in
+  the run's compute dtype (`--dtype auto`: bf16 on a GPU that has it, else fp32, as training
+  resolves it): a batch of users at once, the prompt run once per user and its KV cache shared
+  by the user's beams (each step feeds the beams' newest tokens as one row per user, with a 4D
+  attention mask), each step's trie mask built on the device from the trie's tensors, and the
+  batch's codes and scores read back once;
+- batched with host masks: the same, with each step's mask built as before on the host from
+  the beams' prefixes (read back every step) and copied to the device: the difference is what
+  the device trie saves (on a GPU mostly the copies of a [batch x beams, vocabulary] mask and
+  the sync per step; on a CPU the Python work);
 - one at a time, as the reference implementation decodes: Hugging Face `generate` with beam
   search for one user per call, constrained by a `prefix_allowed_tokens_fn` that asks the trie;
 - one at a time with our own beam search (to separate the two effects).
 The catalog is the paper's CDs index (39,191 items) when the shared data is there, else random
-codes. The top item of the three is compared. Each way runs `--repeats` times, interleaved;
-the medians are compared. Prints one JSON line (goal: batched >= 10x the
-reference).
+codes. The top item of each is compared, and the two batched ways' codes and scores in full
+(they must be equal). Each way runs `--repeats` times, interleaved; the medians are compared.
+Prints one JSON line (goal: batched >= 10x the reference).
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ sys.path.insert(0, REPO)
 from data_tools.help_format import HelpFormatter  # noqa: E402
 from data_tools.index.prompt import PromptTemplate  # noqa: E402
 from data_tools.index.tokenizer import ItemCodebook, add_code_tokens, train_sentencepiece_tokenizer  # noqa: E402
-from train.evaluate import constrained_beam_search  # noqa: E402
+from train.evaluate import constrained_beam_search, decode_batch, decoding_forward  # noqa: E402
+from train.model import DTYPES  # noqa: E402
 from train.shapes import SHAPES, shape_config  # noqa: E402
 
 CDS = os.path.join(os.path.dirname(REPO), "shared", "data", "amazon-cds-blocks", "semantic_ids.json")
@@ -63,10 +72,15 @@ def main() -> None:
     ap.add_argument("--beams", type=int, default=10, help="beams of the beam search")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats of each way (the median counts)")
     ap.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ...")
+    ap.add_argument(
+        "--dtype", default="auto", choices=["auto", *DTYPES], help="the model's dtype; auto: as training resolves it"
+    )
     a = ap.parse_args()
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device {a.device}: torch sees no CUDA device here")
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    dtype = a.dtype if a.dtype != "auto" else ("bf16" if bf16 else "fp32")
     index = catalog()
     template = PromptTemplate()
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,20 +91,37 @@ def main() -> None:
     model = LlamaForCausalLM(
         shape_config(a.shape, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     ).eval()
-    model.to(device)
+    model.to(device, DTYPES[dtype])
+    book.trie.on(device)  # built once per evaluation: not timed
     rng = random.Random(1)
     n_items = len(index["items"])
     prompts = [template.encode_prompt(tok, book, [rng.randrange(n_items) for _ in range(20)]) for _ in range(a.users)]
 
-    def forward(ids, mask, position, cache, keep):
-        return model(
-            input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True, logits_to_keep=keep
-        ).logits
+    forward = decoding_forward(model)
 
     def synced() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter()
+
+    def batched(masks: str) -> tuple[float, list]:
+        """Training's evaluation path, batch by batch (the last batch padded, as ranks pad it)."""
+        t0 = synced()
+        out = []
+        for k in range(0, len(prompts), a.batch):
+            chunk = prompts[k : k + a.batch]
+            codes, scores = decode_batch(
+                forward,
+                chunk + [chunk[0]] * (a.batch - len(chunk)),
+                book,
+                a.beams,
+                tok.pad_token_id,
+                device,
+                trie_masks=masks,
+                users=len(chunk),
+            )
+            out += list(zip(codes, scores))
+        return synced() - t0, out
 
     def decode(batch: int) -> tuple[float, list]:
         t0 = synced()
@@ -124,12 +155,14 @@ def main() -> None:
             tops.append(tuple(out[0, len(p) :].tolist()))
         return synced() - t0, tops
 
-    decode(a.batch)  # warm-up
+    batched("device"), batched("host")  # warm-up
     # Interleaved repeats, medians: this VM's speed drifts by 20-30% from one minute to the next.
-    runs = [(decode(a.batch), decode(1), reference()) for _ in range(a.repeats)]
-    (batched_s, batched_top), (single_s, single_top), (reference_s, reference_top) = (
-        (statistics.median(r[k][0] for r in runs), runs[0][k][1]) for k in range(3)
+    runs = [(batched("device"), batched("host"), decode(1), reference()) for _ in range(a.repeats)]
+    (batched_s, batched_out), (host_s, host_out), (single_s, single_top), (reference_s, reference_top) = (
+        (statistics.median(r[k][0] for r in runs), runs[0][k][1]) for k in range(4)
     )
+    batched_top = [tuple(codes[0]) for codes, _ in batched_out]
+    batches = -(-len(prompts) // a.batch)
     agree = sum(x == y for x, y in zip(batched_top, single_top)) / len(prompts)
     agree_ref = sum(x == y for x, y in zip(batched_top, reference_top)) / len(prompts)
     print(
@@ -141,7 +174,16 @@ def main() -> None:
                 "beams": a.beams,
                 "batch": a.batch,
                 "catalog_items": n_items,
+                "dtype": dtype,
+                "vocab": len(tok),
                 "batched_users_per_s": round(a.users / batched_s, 2),
+                "batched_host_masks_users_per_s": round(a.users / host_s, 2),
+                "batch_ms_device_trie": round(1000 * batched_s / batches, 2),
+                "batch_ms_host_masks": round(1000 * host_s / batches, 2),
+                "ratio_host_masks_to_device_trie": round(host_s / batched_s, 3),
+                "device_trie_equals_host_masks": batched_out == host_out,
+                # what the host masks copied to the device per decoding step (bool, batch x beams x vocab)
+                "host_mask_mb_per_step": round(a.batch * a.beams * len(tok) / 1e6, 2),
                 "reference_hf_generate_users_per_s": round(a.users / reference_s, 2),
                 "ours_one_at_a_time_users_per_s": round(a.users / single_s, 2),
                 "ratio_batched_to_reference": round(reference_s / batched_s, 2),

@@ -150,3 +150,13 @@ def read_split(root: str, window: int, split: str, manifest: dict | None = None)
             sample["key"] = key.decode()
             out.append(sample)
     return out
+
+
+def iter_split(root: str, window: int, split: str, manifest: dict | None = None):
+    """Every sample of one window's split, in stored order, one at a time (as `read_split`, without
+    holding the split in memory: one pass for what a whole split is counted for)."""
+    for path, _ in split_shards(root, manifest or load_manifest(root), window, split):
+        for key, payload in read_tar(path):
+            sample = orjson.loads(payload)
+            sample["key"] = key.decode()
+            yield sample

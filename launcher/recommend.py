@@ -50,7 +50,11 @@ def add_parsers(sub) -> None:
     recommend_parser.add_argument(
         "--data", help="the dataset folder, if it moved since training (default: the run's data.path)"
     )
-    recommend_parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    recommend_parser.add_argument(
+        "--device",
+        help="cpu, cuda, cuda:1 ..., or auto: spread over the GPUs there are (a model larger than one GPU) "
+        "(default: cuda if available)",
+    )
     recommend_parser.add_argument("--batch-size", type=int, default=64, help="histories decoded together")
 
     export_parser = sub.add_parser(
@@ -68,6 +72,11 @@ def add_parsers(sub) -> None:
     )
     export_parser.add_argument(
         "--data", help="the dataset folder, if it moved since training (default: the run's data.path)"
+    )
+    export_parser.add_argument(
+        "--device",
+        help="where the model is loaded and merged: cpu, cuda, or auto (spread over the GPUs there are); "
+        "the host holds one shard at a time (default: cuda if available)",
     )
 
 
@@ -186,7 +195,7 @@ def export_command(args) -> int:
 
     _quiet_loading()
     try:
-        info = export_recommender(args.run, args.out, args.period, args.merged, args.data)
+        info = export_recommender(args.run, args.out, args.period, args.merged, args.data, args.device)
     except (FileNotFoundError, FileExistsError, ValueError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_EXIT

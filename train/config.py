@@ -146,6 +146,12 @@ class EvalConfig:
         None, "per window, a seeded random sample of the test users (quick runs); null: all", resume_may_change=True
     )
     seed: int = setting(0, "seed of that sample, the same for every period and method", resume_may_change=True)
+    replica: str = setting(
+        "auto",
+        "under ZeRO-3, evaluate with a whole model per rank built from the period's export (no collective "
+        "in each forward): auto (on GPUs, if it takes at most half the free memory; docs/zero3.md), always, never",
+        resume_may_change=True,
+    )
 
 
 @dataclass
@@ -314,6 +320,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.ks must be positive integers, got {cfg.eval.ks}")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
+    if cfg.eval.replica not in ("auto", "always", "never"):
+        raise ConfigError(f"eval.replica must be auto, always or never, not {cfg.eval.replica!r}")
     if cfg.eval.beams < max(cfg.eval.ks):
         raise ConfigError(f"eval.beams ({cfg.eval.beams}) must be >= the largest K in eval.ks ({max(cfg.eval.ks)})")
 

@@ -15,32 +15,54 @@ prefix. So every output is a real item (the count of invalid outputs is reported
 score -inf and never rank. A prediction is a hit when its code equals the target's code.
 
 Under ZeRO-3 every forward is a collective, so every rank runs the same number of batches of the
-same number of steps: ranks pad with masked copies that count for nothing.
+same number of steps: ranks pad with masked copies that count for nothing. Where the whole model
+fits a rank's device, `eval.replica` evaluates with a plain copy per rank built from the period's
+export instead (no collective inside the forward; docs/zero3.md, "Evaluating with a replica").
+
+What each rank reads: its own users' test samples only; rank 0 also reads the window's training
+split once (both references) and every evaluated user's test sample, and scores the references
+for all of them, while the other ranks compute only the model's metrics. The device is read back
+once per batch (the beams' codes and scores), the test loss once per window, and the trie's masks
+are built on the device (`DeviceTrie`, data_tools/index/trie.py).
+
+A stop request (train/stop.py) is honoured before any batch; each finished window is kept in
+`periods/<t>/eval/window-<j>.json` (rank 0, atomically), so a rerun evaluates only the windows
+left, as long as the export and the evaluation's settings are those the file was computed with.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
 import logging
 import math
+import os
 import random
+import shutil
+import time
 from collections import Counter, defaultdict
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers import DynamicCache
 
 from data_tools.dataset import atomic_write_bytes, atomic_write_json
 from data_tools.progress import progress_bar
-from data_tools.reader import read_split, split_size
+from data_tools.reader import iter_split, read_samples_at, split_size
 from data_tools.windows import GROUPS
 from train.data import collate
 from train.loss import IGNORE, lm_loss
 from train.metrics import Pace
+from train.model import DTYPES
+from train.plan import export_dir, frozen_adapter_periods
 
 log = logging.getLogger(__name__)
 
 NEG = float("-inf")
 REPORT_EVERY_S = 60.0  # without a terminal: one progress line per minute of a window's evaluation
+REPLICA_SHARE = 0.5  # eval.replica auto: a replica if its bytes are at most this share of the free memory
 
 
 def rank_metrics(ranks: list[int | None], ks: list[int]) -> dict[str, float]:
@@ -60,6 +82,26 @@ def _log_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), -1).nan_to_num(nan=NEG)
 
 
+# transformers names a forward's KV cache `cache` from 5.24 on; earlier releases call it
+# `past_key_values` and ignore `cache` without a word (the search would then decode from an empty
+# cache). Later ones still take `past_key_values`, with a warning, until 5.40.
+CACHE_ARG = "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
+
+
+def decoding_forward(model):
+    """The `forward` that constrained_beam_search calls, for a Hugging Face causal LM (or a
+    DeepSpeed engine around one): the logits of the last `keep` positions, with the KV cache."""
+
+    def forward(ids, mask, position, cache, keep):
+        kwargs = {CACHE_ARG: cache}
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=keep, **kwargs
+        )
+        return out.logits
+
+    return forward
+
+
 @torch.no_grad()
 def constrained_beam_search(
     forward,
@@ -70,6 +112,7 @@ def constrained_beam_search(
     pad_id: int,
     device,
     shared_prompt: bool = True,
+    trie_masks: str = "device",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top `beams` code sequences per prompt: (tokens [B, beams, levels], log-prob scores [B, beams]).
 
@@ -83,7 +126,15 @@ def constrained_beam_search(
     to its prompt and to its own ancestors' tokens among the cached generated ones (a tree of
     beams: no copy of the prompt cache per beam, no reorder). It needs an attention that takes
     a 4D mask (sdpa, eager). `shared_prompt=False`: the cache is repeated for the beams and
-    reordered at each step (for flash_attention_2), one query position per beam."""
+    reordered at each step (for flash_attention_2), one query position per beam.
+
+    `trie` is a CodeTrie; `trie_masks` "device" (the default) builds each step's mask on `device`
+    from the trie's tensors (`trie.on(device)`), "host" as before: from the beams' prefixes read
+    back to the host, then copied over (kept to measure the difference: bench/eval.py). Both
+    give the same masks, so the same sequences and scores."""
+    if trie_masks not in ("device", "host"):
+        raise ValueError(f"trie_masks must be device or host, not {trie_masks!r}")
+    masks = trie.on(device) if trie_masks == "device" else trie
     b = len(prompts)  # B
     width = max(len(prompt) for prompt in prompts)
     ids = torch.full((b, width), pad_id, dtype=torch.long)
@@ -97,7 +148,8 @@ def constrained_beam_search(
     logits = forward(ids, mask, position, cache, 1)[:, -1]  # [B, V]
     vocab_size = logits.shape[-1]
     logp = _log_probs(logits)
-    logp = logp.masked_fill(~trie.allowed_mask([()] * b, vocab_size).to(device), NEG)
+    root = torch.zeros((b, 0), dtype=torch.long, device=device)  # no token generated yet
+    logp = logp.masked_fill(~masks.allowed_mask(root, vocab_size, device), NEG)
     scores, tokens = logp.topk(beams, dim=-1)  # [B, beams]; -inf when fewer continuations exist
     seqs = tokens.unsqueeze(-1)  # [B, beams, 1]
     last_pos = position[:, -1:]  # [B, 1]
@@ -124,7 +176,7 @@ def constrained_beam_search(
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             logits = forward(flat[:, -1:], mask, last_pos + step, cache, 1)[:, -1]  # [B*beams, V]
         logp = _log_probs(logits)
-        allowed = trie.allowed_mask([tuple(s) for s in flat.tolist()], vocab_size).to(device)
+        allowed = masks.allowed_mask(flat, vocab_size, device)
         cand = (scores.reshape(-1, 1) + logp).masked_fill(~allowed, NEG)  # dead beams stay -inf
         scores, idx = cand.reshape(b, beams * vocab_size).topk(beams, dim=-1)
         parent, token = idx // vocab_size, idx % vocab_size
@@ -137,35 +189,81 @@ def constrained_beam_search(
     return seqs, scores
 
 
+def decode_batch(
+    forward,
+    prompts: list[list[int]],
+    codebook,
+    beams: int,
+    pad_id: int,
+    device,
+    shared_prompt: bool = True,
+    trie_masks: str = "device",
+    users: int | None = None,
+) -> tuple[list[list[list[int]]], list[list[float]]]:
+    """The evaluation's decoding of one batch: the constrained beam search, then the codes and
+    scores of the first `users` prompts (the rest are padding) read back to the host at once,
+    as lists [users][beams] (one transfer per tensor, not one per beam)."""
+    seqs, scores = constrained_beam_search(
+        forward, prompts, codebook.trie, codebook.levels, beams, pad_id, device, shared_prompt, trie_masks
+    )
+    users = len(prompts) if users is None else users
+    return seqs[:users].tolist(), scores[:users].tolist()
+
+
+def test_indices(n: int, max_users: int | None, seed: int, window: int) -> list[int]:
+    """The positions (in the test split's stored order) of the test samples that evaluation scores
+    in a window, in the order they are shared out to the ranks: all of them, or a seeded random
+    sample of `max_users` (the same for every period, method and rank count, so runs compare on
+    the same users; a first-N cut would drop the newest users). `random.sample` draws its
+    positions from the population's length and k alone, so sampling range(n) picks exactly the
+    users that sampling the list of samples did (what this function replaced: results stay
+    comparable with earlier runs)."""
+    if max_users is not None and max_users < n:
+        return random.Random(f"{seed}/{window}").sample(range(n), max_users)
+    return list(range(n))
+
+
+def read_test_samples(root: str, manifest: dict, window: int, indices: list[int]) -> list[dict]:
+    """The test samples at `indices`, in that order; only their shards are read."""
+    found = dict(read_samples_at(root, window, "test", set(indices), manifest))
+    return [found[i] for i in indices]
+
+
 def test_users(root: str, manifest: dict, window: int, max_users: int | None, seed: int) -> list[dict]:
-    """The test samples (one per user) that evaluation scores in a window: all of them, or a
-    seeded random sample of `max_users` (the same for every period, method and rank count, so
-    runs compare on the same users; a first-N cut would drop the newest users)."""
-    users = read_split(root, window, "test", manifest)
-    if max_users is not None and max_users < len(users):
-        users = random.Random(f"{seed}/{window}").sample(users, max_users)
-    return users
-
-
-def popular_codes(root: str, manifest: dict, window: int, codebook, k: int) -> list[tuple]:
-    """The reference a recommender must beat: the `k` most frequent codes among the window's
-    training targets (by count, then code). Codes, not items, because a prediction is scored by
-    its code (items that share one count as one)."""
-    counts = Counter(tuple(codebook.item_token_ids(s["target"])) for s in read_split(root, window, "train", manifest))
-    return [code for code, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
+    """The test samples (one per user) that evaluation scores in a window (`test_indices`)."""
+    n = split_size(root, window, "test", manifest)
+    return read_test_samples(root, manifest, window, test_indices(n, max_users, seed, window))
 
 
 TRANSITION_HISTORY = 3  # the user's last items whose followers the transitions reference counts
 
 
-def following_codes(root: str, manifest: dict, window: int, codebook) -> dict[int, Counter]:
-    """For the transitions reference: item -> how often each code followed it as the next
-    training target of the window (a user's consecutive items)."""
+def window_references(root: str, manifest: dict, window: int, codebook, k: int) -> tuple[list[tuple], dict]:
+    """Both references' tables, from one pass over the window's training split:
+    - the reference a recommender must beat: the `k` most frequent codes among the window's
+      training targets (by count, then code). Codes, not items, because a prediction is scored
+      by its code (items that share one count as one);
+    - for the transitions reference: item -> how often each code followed it as the next
+      training target of the window (a user's consecutive items)."""
+    counts: Counter = Counter()
     following: dict[int, Counter] = defaultdict(Counter)
-    for sample in read_split(root, window, "train", manifest):
+    for sample in iter_split(root, window, "train", manifest):
+        code = tuple(codebook.item_token_ids(sample["target"]))
+        counts[code] += 1
         if sample["history"]:
-            following[sample["history"][-1]][tuple(codebook.item_token_ids(sample["target"]))] += 1
-    return following
+            following[sample["history"][-1]][code] += 1
+    popular = [code for code, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
+    return popular, following
+
+
+def popular_codes(root: str, manifest: dict, window: int, codebook, k: int) -> list[tuple]:
+    """The `k` most frequent codes among the window's training targets (`window_references`)."""
+    return window_references(root, manifest, window, codebook, k)[0]
+
+
+def following_codes(root: str, manifest: dict, window: int, codebook) -> dict[int, Counter]:
+    """Item -> how often each code followed it as the next training target (`window_references`)."""
+    return window_references(root, manifest, window, codebook, 0)[1]
 
 
 def transition_top(following: dict[int, Counter], history: list[int], popular: list[tuple], k: int) -> list[tuple]:
@@ -208,109 +306,168 @@ class Evaluator:
     """The evaluation of one period's model, built once per period: after period i, the test sets
     of windows 0..i (row i of R), written to metrics.json; and each of window i's test users' top
     items (internal item ids, best first, with their beam log-probabilities and the target's rank)
-    to recommendations.jsonl."""
+    to recommendations.jsonl.
 
-    def __init__(self, *, cfg, strategy, engine, encoder, manifest: dict, period: int, run, logger):
+    `stop`: a StopRequest (train/stop.py), checked before every batch (a collective: every rank
+    runs the same number of batches); `dtype`: the run's compute dtype (a replica's);
+    `reuse_windows`: take the windows a stopped evaluation of the same export finished from
+    their files (False with --eval_only, which evaluates from scratch)."""
+
+    def __init__(
+        self,
+        *,
+        cfg,
+        strategy,
+        engine,
+        encoder,
+        manifest: dict,
+        period: int,
+        run,
+        logger,
+        stop=None,
+        dtype: str | torch.dtype | None = None,
+        reuse_windows: bool = True,
+    ):
         self.cfg, self.strategy, self.engine, self.encoder = cfg, strategy, engine, encoder
         self.manifest, self.period, self.run, self.logger = manifest, period, run, logger
+        self.stop, self.reuse_windows = stop, reuse_windows
+        self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype or _float_dtype(engine)
+        self.model = engine  # what the forwards run: the engine, or a replica inside `evaluate`
 
     def _forward(self, ids, mask, position, cache, keep):
-        out = self.engine(
-            input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True, logits_to_keep=keep
-        )
-        return out.logits
+        return decoding_forward(self.model)(ids, mask, position, cache, keep)
+
+    # ---- one window ---------------------------------------------------------------------------
 
     def evaluate_window(self, window: int) -> dict:
         """One window's test users (all, or the seeded sample of eval.max_users), shared round-robin
-        by the ranks, combined across ranks; with the popularity reference on the same users."""
-        cfg, strategy, engine, encoder = self.cfg, self.strategy, self.engine, self.encoder
-        users = test_users(cfg.data.path, self.manifest, window, cfg.eval.max_users, cfg.eval.seed)
-        samples = users[strategy.rank :: strategy.world_size]
-        per_rank = math.ceil(len(users) / strategy.world_size)
+        by the ranks, combined across ranks; with both references on the same users."""
+        cfg, strategy, encoder = self.cfg, self.strategy, self.encoder
+        chosen = test_indices(
+            split_size(cfg.data.path, window, "test", self.manifest), cfg.eval.max_users, cfg.eval.seed, window
+        )
+        per_rank = math.ceil(len(chosen) / strategy.world_size)
         batch_size = cfg.data.eval_batch_size
         batches = math.ceil(per_rank / batch_size)
         codebook = encoder.codebook
         beams = cfg.eval.beams
-        popular = popular_codes(cfg.data.path, self.manifest, window, codebook, max(cfg.eval.ks))
-        following = following_codes(cfg.data.path, self.manifest, window, codebook)
         pad_id = encoder.tokenizer.pad_token_id
+        log.info(f"period {self.period}: evaluating window {window} ({len(chosen):,} users)")
+        if strategy.is_rank0:  # its own users, and both references for everyone
+            samples, references = self._references(window, chosen)
+        else:
+            samples = read_test_samples(
+                cfg.data.path, self.manifest, window, chosen[strategy.rank :: strategy.world_size]
+            )
+            references = None
 
-        ranks, popularity_ranks, transition_ranks, groups, invalid, lists = [], [], [], [], 0, []
-        loss_sum = loss_count = 0.0
-        engine.eval()
+        ranks, groups, invalid, lists = [], [], 0, []
+        # Summed on the device (float64, as the host's floats were), read once at the window's end.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=strategy.device)
+        loss_count = torch.zeros((), dtype=torch.float64, device=strategy.device)
+        model = self.model
+        model.eval()
         dummy = encoder.prompt([0])
         masked = encoder.target([0], 0)
         masked = {"input_ids": masked["input_ids"], "labels": [IGNORE] * len(masked["labels"])}
-        progress = EvalProgress(window, len(users), batches, strategy.is_rank0 and cfg.logging.progress)
-        for k in range(batches):
-            chunk = samples[k * batch_size : (k + 1) * batch_size]
-            prompts = [encoder.prompt(sample["history"]) for sample in chunk]
-            prompts += [dummy] * (batch_size - len(prompts))  # padding for the collective: results ignored
-            seqs, scores = constrained_beam_search(
-                self._forward,
-                prompts,
-                codebook.trie,
-                codebook.levels,
-                beams,
-                pad_id,
-                strategy.device,
-                shared_prompt=cfg.model.attn_implementation != "flash_attention_2",  # no 4D masks there
-            )
-            # The test loss (cross-entropy of the target's tokens, teacher-forced): a finer signal of
-            # forgetting than the hit rates.
-            examples = [encoder.target(sample["history"], sample["target"]) for sample in chunk]
-            examples += [masked] * (batch_size - len(examples))
-            with torch.no_grad():
-                total, count = lm_loss(engine, strategy.to_device(collate(examples, pad_id)), cfg.method.temperature)
-            loss_sum += float(total)
-            loss_count += float(count)
-            for i, sample in enumerate(chunk):
-                target = tuple(codebook.item_token_ids(sample["target"]))
-                rank = None
-                items, item_scores = [], []
-                for j in range(beams):
-                    if scores[i, j] == NEG:
-                        continue
-                    code = tuple(seqs[i, j].tolist())
-                    item = codebook.item_of(code)
-                    if item is None:
-                        invalid += 1
-                        continue
-                    if code == target and rank is None:
-                        rank = len(items)
-                    items.append(item)
-                    item_scores.append(round(float(scores[i, j]), 6))
-                ranks.append(rank)
-                lists.append(
-                    {
-                        "user": sample["user"],
-                        "group": sample["group"],
-                        "target": sample["target"],
-                        "rank": rank,
-                        "items": items,
-                        "scores": item_scores,
-                    }
+        progress = EvalProgress(window, len(chosen), batches, strategy.is_rank0 and cfg.logging.progress)
+        try:
+            for k in range(batches):
+                self._stop_point(window, k)
+                chunk = samples[k * batch_size : (k + 1) * batch_size]
+                prompts = [encoder.prompt(sample["history"]) for sample in chunk]
+                prompts += [dummy] * (batch_size - len(prompts))  # padding for the collective: results ignored
+                codes, values = decode_batch(
+                    self._forward,
+                    prompts,
+                    codebook,
+                    beams,
+                    pad_id,
+                    strategy.device,
+                    shared_prompt=cfg.model.attn_implementation != "flash_attention_2",  # no 4D masks there
+                    users=len(chunk),
                 )
-                popularity_ranks.append(popular.index(target) if target in popular else None)
-                followers = transition_top(following, sample["history"], popular, max(cfg.eval.ks))
-                transition_ranks.append(followers.index(target) if target in followers else None)
-                groups.append(sample["group"])
-            progress.batch_done(k)
-        progress.close()
-        engine.train()
-        out = self._combine(ranks, groups, invalid)
-        reference = self._combine(popularity_ranks, groups, 0)
-        out["popularity"] = {"overall": reference["overall"], "groups": reference["groups"]}
-        reference = self._combine(transition_ranks, groups, 0)
-        out["transitions"] = {"overall": reference["overall"], "groups": reference["groups"]}
+                # The test loss (cross-entropy of the target's tokens, teacher-forced): a finer signal
+                # of forgetting than the hit rates.
+                examples = [encoder.target(sample["history"], sample["target"]) for sample in chunk]
+                examples += [masked] * (batch_size - len(examples))
+                with torch.no_grad():
+                    total, count = lm_loss(model, strategy.to_device(collate(examples, pad_id)), cfg.method.temperature)
+                loss_sum += total
+                loss_count += count
+                for i, sample in enumerate(chunk):
+                    target = tuple(codebook.item_token_ids(sample["target"]))
+                    rank = None
+                    items, item_scores = [], []
+                    for code, score in zip(codes[i], values[i]):
+                        if score == NEG:
+                            continue
+                        item = codebook.item_of(tuple(code))
+                        if item is None:
+                            invalid += 1
+                            continue
+                        if tuple(code) == target and rank is None:
+                            rank = len(items)
+                        items.append(item)
+                        item_scores.append(round(score, 6))
+                    ranks.append(rank)
+                    lists.append(
+                        {
+                            "user": sample["user"],
+                            "group": sample["group"],
+                            "target": sample["target"],
+                            "rank": rank,
+                            "items": items,
+                            "scores": item_scores,
+                        }
+                    )
+                    groups.append(sample["group"])
+                progress.batch_done(k)
+        finally:
+            progress.close()
+            if model is self.engine:
+                self.engine.train()
+        out = self._combine(self._sums(ranks, groups, invalid))
+        references = strategy.broadcast_object(references)  # each rank adds its own users' share
+        for name in ("popularity", "transitions"):
+            reference = self._combine(references[name][strategy.rank])
+            out[name] = {"overall": reference["overall"], "groups": reference["groups"]}
         out["recommendations"] = lists  # this rank's users; `evaluate` gathers the current window's
         out["users_in_window"] = split_size(cfg.data.path, window, "test", self.manifest)
-        loss_sum, loss_count = strategy.all_reduce_sum([loss_sum, loss_count])
+        loss_sum, loss_count = strategy.all_reduce_sum([float(loss_sum), float(loss_count)])
         out["overall"]["test_loss"] = loss_sum / max(loss_count, 1.0)
         return out
 
-    def _combine(self, ranks: list, groups: list, invalid: int) -> dict:
-        """Sum hits, NDCG and counts across ranks (overall and per group), then average."""
+    def _references(self, window: int, chosen: list[int]) -> tuple[list[dict], dict]:
+        """Rank 0: its own users' test samples, and both references scored for every evaluated
+        user from one pass over the training split and one over the chosen test samples. The
+        references come as the sums each rank adds to the window's totals for its own users
+        (`_sums` of its round-robin share), so the totals are exactly those of every rank scoring
+        its own users."""
+        cfg, world = self.cfg, self.strategy.world_size
+        codebook, k = self.encoder.codebook, max(cfg.eval.ks)
+        popular, following = window_references(cfg.data.path, self.manifest, window, codebook, k)
+        position = {index: p for p, index in enumerate(chosen)}
+        popularity, transitions, groups = [None] * len(chosen), [None] * len(chosen), [None] * len(chosen)
+        own = {}
+        for index, sample in read_samples_at(cfg.data.path, window, "test", set(chosen), self.manifest):
+            p = position[index]
+            target = tuple(codebook.item_token_ids(sample["target"]))
+            popularity[p] = popular.index(target) if target in popular else None
+            followers = transition_top(following, sample["history"], popular, k)
+            transitions[p] = followers.index(target) if target in followers else None
+            groups[p] = sample["group"]
+            if p % world == 0:
+                own[p] = sample
+        sums = {
+            name: [self._sums(ranks[r::world], groups[r::world], 0) for r in range(world)]
+            for name, ranks in (("popularity", popularity), ("transitions", transitions))
+        }
+        return [own[p] for p in range(0, len(chosen), world)], sums
+
+    def _sums(self, ranks: list, groups: list, invalid: int) -> list[float]:
+        """One rank's share of the window's totals: per group (and overall) its users and the sums
+        of their hits and NDCG, then its invalid outputs."""
         ks = self.cfg.eval.ks
         keys = [f"{metric}@{k}" for k in ks for metric in ("hit", "ndcg")]
         sums = []
@@ -319,6 +476,12 @@ class Evaluator:
             metrics = rank_metrics(chosen, ks)
             sums += [len(chosen)] + [metrics[key] * len(chosen) for key in keys]
         sums.append(invalid)
+        return sums
+
+    def _combine(self, sums: list[float]) -> dict:
+        """Every rank's `_sums` added up across ranks (collective), then averaged."""
+        ks = self.cfg.eval.ks
+        keys = [f"{metric}@{k}" for k in ks for metric in ("hit", "ndcg")]
         total = self.strategy.all_reduce_sum(sums)
         out, pos = {}, 0
         for group in [None] + list(GROUPS):
@@ -332,22 +495,49 @@ class Evaluator:
         out["invalid_outputs"] = int(total[pos])
         return out
 
+    def _stop_point(self, window: int, batch: int) -> None:
+        """Before each batch: stop if any rank got a stop request (collective). Tests name the
+        point "eval:<window>:<batch>" in PESO_FAULT_SIGNAL_AT (train/stop.py) to signal rank 0 there."""
+        if self.stop is None:
+            return
+        self.stop.fault_point(f"eval:{window}:{batch}")
+        self.stop.check()
+
+    # ---- windows 0..t -------------------------------------------------------------------------
+
     def evaluate(self, *, step: int) -> dict:
         """Windows 0..period, written to the period's metrics.json and recommendations.jsonl and to
-        TensorBoard at `step`; returns metrics.json's content."""
+        TensorBoard at `step`; returns metrics.json's content. Windows that a stopped evaluation
+        of the same export finished are taken from their files; StopRequested passes through
+        (what is finished is kept)."""
         cfg, strategy, period = self.cfg, self.strategy, self.period
+        todo = [j for j in range(period + 1) if self.manifest["windows"][j]["stats"]["samples"]["test"] > 0]
+        key = self._window_key() if strategy.is_rank0 else None
+        saved = self._saved_windows(key, todo) if strategy.is_rank0 and self.reuse_windows else {}
+        reused = strategy.broadcast_object({j: w["result"] for j, w in saved.items()})
         windows, recommendations = {}, None
-        for j in range(period + 1):
-            if self.manifest["windows"][j]["stats"]["samples"]["test"] == 0:
-                continue
-            windows[str(j)] = self.evaluate_window(j)
-            lists = windows[str(j)].pop("recommendations")
-            if j == period:
-                recommendations = strategy.gather_to_rank0(lists)
-            if windows[str(j)]["invalid_outputs"]:
-                raise RuntimeError(
-                    f"constrained decoding produced {windows[str(j)]['invalid_outputs']} invalid items in window {j}"
-                )
+        replica = len(reused) < len(todo) and self._use_replica() and self._replica_built()
+        try:
+            for j in todo:
+                if j in reused:
+                    log.info(f"period {period}: window {j} was evaluated before a stop; its result is reused")
+                    windows[str(j)] = reused[j]
+                    if j == period and strategy.is_rank0:
+                        recommendations = [saved[j]["recommendations"]]
+                    continue
+                windows[str(j)] = self.evaluate_window(j)
+                lists = windows[str(j)].pop("recommendations")
+                if j == period:
+                    recommendations = strategy.gather_to_rank0(lists)
+                if windows[str(j)]["invalid_outputs"]:
+                    raise RuntimeError(
+                        f"constrained decoding produced {windows[str(j)]['invalid_outputs']} invalid items in window {j}"
+                    )
+                if strategy.is_rank0:
+                    self._save_window(j, key, windows[str(j)], recommendations if j == period else None)
+        finally:
+            if replica:
+                self._free_replica()
         current = windows.get(str(period))
         result = {
             "period": period,
@@ -359,7 +549,139 @@ class Evaluator:
         }
         if strategy.is_rank0:
             self._write(result, recommendations, step)
+            shutil.rmtree(self._eval_dir(), ignore_errors=True)  # metrics.json holds them now
         return result
+
+    # ---- finished windows, kept across a stop -------------------------------------------------
+
+    def _eval_dir(self) -> str:
+        return os.path.join(self.run.period_dir(self.period), "eval")
+
+    def _window_path(self, window: int) -> str:
+        return os.path.join(self._eval_dir(), f"window-{window}.json")
+
+    def _window_key(self) -> dict:
+        """What a window's result depends on besides the data: the files of the period's export
+        (and of the frozen earlier adapters it adds), by size and mtime, and the settings of the
+        evaluation. A window file with another key is ignored."""
+        cfg, run, period = self.cfg, self.run, self.period
+        files = {}
+        for folder in [export_dir(cfg, run, period)] + [
+            run.adapter_dir(t) for t in frozen_adapter_periods(cfg, cfg.method.name, period)
+        ]:
+            for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+                path = os.path.join(folder, name)
+                if os.path.isfile(path):
+                    st = os.stat(path)
+                    files[path] = [st.st_size, st.st_mtime_ns]
+        key = {
+            "export": files,
+            "eval": dataclasses.asdict(cfg.eval),
+            "data": os.path.abspath(cfg.data.path),
+            "eval_batch_size": cfg.data.eval_batch_size,
+            "attn_implementation": cfg.model.attn_implementation,
+            "temperature": cfg.method.temperature,
+            "dtype": str(self.dtype),
+            "world_size": self.strategy.world_size,
+        }
+        return json.loads(json.dumps(key))  # as it reads back from a file
+
+    def _saved_windows(self, key: dict, windows: list[int]) -> dict[int, dict]:
+        """Rank 0: the window files that hold a result for this key."""
+        out = {}
+        for j in windows:
+            try:
+                with open(self._window_path(j)) as f:
+                    data = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if data.get("key") == key and data.get("window") == j and (j != self.period or "recommendations" in data):
+                out[j] = data
+        return out
+
+    def _save_window(self, window: int, key: dict, result: dict, recommendations: list | None) -> None:
+        """Rank 0: a finished window's result (with the current window's recommendations), atomically."""
+        data = {"key": key, "window": window, "result": result}
+        if recommendations is not None:
+            data["recommendations"] = sorted((r for part in recommendations for r in part), key=lambda r: r["user"])
+        os.makedirs(self._eval_dir(), exist_ok=True)
+        atomic_write_bytes(self._window_path(window), json.dumps(data).encode())
+
+    # ---- the replica --------------------------------------------------------------------------
+
+    def _use_replica(self) -> bool:
+        """Whether this evaluation runs on a replica (the same answer on every rank: collective
+        under eval.replica auto). Only under ZeRO-3: at stages 0-2 the engine's model is whole."""
+        mode, strategy = self.cfg.eval.replica, self.strategy
+        if strategy.zero_stage != 3 or mode == "never":
+            return False
+        if mode == "always":
+            return True
+        if not strategy.cuda:
+            log.info(
+                f"period {self.period}: evaluating with the sharded engine (eval.replica auto: no replica on the "
+                "CPU, whose ranks share one host's memory; eval.replica=always makes one)"
+            )
+            return False
+        need, free = self._replica_bytes(), free_memory(strategy)
+        use = not strategy.any(need > REPLICA_SHARE * free)
+        log.info(
+            f"period {self.period}: the model takes {need / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB free on rank 0's "
+            "GPU: evaluating with "
+            + (
+                "a replica on every rank"
+                if use
+                else "the sharded engine (a replica needs at most half the free memory on every rank)"
+            )
+        )
+        return use
+
+    def _replica_bytes(self) -> int:
+        """The whole model's parameters in the compute dtype, and its buffers."""
+        module = getattr(self.engine, "module", self.engine)
+        size = torch.empty((), dtype=self.dtype).element_size()
+        params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters()) * size
+        return params + sum(b.numel() * b.element_size() for b in module.buffers())
+
+    def _build_replica(self) -> torch.nn.Module:
+        """The period's model from its export, whole on this rank's device, every parameter in the
+        compute dtype, loaded straight to the device (not partitioned: strategy.plain_loading)."""
+        from train.recommender import load_period_model
+
+        t0 = time.perf_counter()
+        with self.strategy.plain_loading():
+            model = load_period_model(
+                self.run,
+                self.cfg,
+                self.period,
+                len(self.encoder.tokenizer),
+                dtype=self.dtype,
+                device=self.strategy.device,
+                attn_implementation=self.cfg.model.attn_implementation,
+            )
+        model.config.use_cache = False  # as the engine's: only the beam search keeps a cache
+        log.info(f"period {self.period}: the replica is built in {time.perf_counter() - t0:.1f} s")
+        return model
+
+    def _replica_built(self) -> bool:
+        """Build the replica on every rank; if any rank could not (out of memory, say), none uses
+        one (collective): the sharded engine evaluates, as without a replica."""
+        try:
+            self.model, error = self._build_replica(), None
+        except Exception as e:  # any failure: the engine can still evaluate
+            error = repr(e)  # not the exception: its frames would keep a half-built model alive
+            log.warning(f"period {self.period}: the evaluation replica failed on rank {self.strategy.rank}: {error}")
+        if self.strategy.any(error is not None):
+            log.warning(f"period {self.period}: no replica on some rank; evaluating with the sharded engine")
+            self._free_replica()
+            return False
+        return True
+
+    def _free_replica(self) -> None:
+        self.model = self.engine
+        gc.collect()
+        if self.strategy.cuda:
+            torch.cuda.empty_cache()
 
     def _write(self, result: dict, recommendations: list | None, step: int) -> None:
         """Rank 0: metrics.json, recommendations.jsonl, the eval/* scalars and the log lines."""
@@ -390,3 +712,16 @@ class Evaluator:
                 "   items that followed the users' last items (reference, no model): "
                 + ", ".join(f"{k} {v:.4f}" for k, v in current["transitions"]["overall"].items())
             )
+
+
+def _float_dtype(engine) -> torch.dtype:
+    """The dtype of the model's first floating parameter (when no compute dtype is given)."""
+    module = getattr(engine, "module", engine)
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
+def free_memory(strategy) -> int:
+    """Bytes free on this rank's GPU, after returning PyTorch's cached blocks to it."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(strategy.device)[0]

@@ -38,8 +38,18 @@ from transformers import AutoTokenizer
 
 from data_tools.dataset import ITEM_INDEX, ITEMS, written_aside
 from train.item_vectors import FILE as ITEM_VECTORS
+from train.model import SHARD_SIZE
 from train.plan import backbone_dir, export_dir, frozen_adapter_periods, trains_in_full
-from train.recommender import EXPORT_INFO, last_done_period, load_period_model, plain_backbone, saved_config
+from train.recommender import (
+    EXPORT_INFO,
+    default_device,
+    last_done_period,
+    load_period_model,
+    period_compute_dtype,
+    plain_backbone,
+    saved_config,
+    torch_dtype,
+)
 from train.regularizers import normalized
 from train.run_folder import RunFolder
 
@@ -80,11 +90,18 @@ def save_adapter(state: dict, config, out_dir: str, metadata: dict) -> None:
 
 
 def export_recommender(
-    run_dir: str, out: str, period: int | None = None, merged: bool = False, data: str | None = None
+    run_dir: str,
+    out: str,
+    period: int | None = None,
+    merged: bool = False,
+    data: str | None = None,
+    device: str | None = None,
 ) -> dict:
     """Write the folder (see the module doc) and return its recommender.json. Everything is read
     from the run first, so an OSError while writing is the export's (a full disk), reported as a
-    WriteError naming `out`."""
+    WriteError naming `out`. The model is loaded onto `device` (default: cuda if there is one;
+    "auto": spread over the GPUs there are), merged there, and written in shards of SHARD_SIZE,
+    so the host never holds more of it than one shard; in the dtype the period computed in."""
     from peft import PeftModel
 
     run = RunFolder(run_dir)
@@ -99,11 +116,13 @@ def export_recommender(
     tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_dir)
     full = trains_in_full(cfg, period)
     kind = "merged" if merged or full else "adapter"
+    compute, device = period_compute_dtype(run, period), device or default_device()
+    dtype = torch_dtype(compute)
     if full:  # no adapter: period 0's model is the recommender
-        model = load_period_model(run, cfg, period, len(tokenizer), item_vectors=False)
+        model = load_period_model(run, cfg, period, len(tokenizer), dtype=dtype, item_vectors=False, device=device)
     else:
         adapter = folded_adapter(run, cfg, period)
-        base = plain_backbone(backbone_dir(cfg, run, period), len(tokenizer))
+        base = plain_backbone(backbone_dir(cfg, run, period), len(tokenizer), dtype, device)
     metrics = None
     if os.path.isfile(run.metrics_path(period)):
         with open(run.metrics_path(period)) as f:
@@ -122,22 +141,25 @@ def export_recommender(
             "objective": cfg.data.objective,
         },
         "beams": cfg.eval.beams,
+        "dtype": compute,  # the dtype the period computed in, which Recommender.from_export loads it in
         "metrics": metrics,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     with written_aside("cannot write the export", out) as tmp:
         if full:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
         else:
             save_adapter(*adapter, os.path.join(tmp, "adapter"), {"period": str(period), "method": cfg.method.name})
             if merged:
                 with warnings.catch_warnings():  # see train/recommender.py
                     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-                    model = PeftModel.from_pretrained(base, os.path.join(tmp, "adapter")).merge_and_unload()
-                model.save_pretrained(tmp)
+                    model = PeftModel.from_pretrained(
+                        base, os.path.join(tmp, "adapter"), autocast_adapter_dtype=False
+                    ).merge_and_unload()
+                model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
                 shutil.rmtree(os.path.join(tmp, "adapter"))
             else:
-                base.save_pretrained(os.path.join(tmp, "base"))
+                base.save_pretrained(os.path.join(tmp, "base"), max_shard_size=SHARD_SIZE)
         tokenizer.save_pretrained(tmp)
         for name in (ITEM_INDEX, ITEMS):
             shutil.copyfile(os.path.join(data_root, name), os.path.join(tmp, name))

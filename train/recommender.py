@@ -35,8 +35,9 @@ from data_tools.index.codes import load_item_index
 from data_tools.index.tokenizer import ItemCodebook
 from data_tools.reader import read_split
 from train.config import Config, config_from_dict
-from train.evaluate import NEG, constrained_beam_search
+from train.evaluate import NEG, constrained_beam_search, decoding_forward
 from train.item_vectors import attach_item_input, has_item_vectors, load_item_vectors
+from train.model import DTYPES
 from train.plan import evaluated_model_dir, export_dir, frozen_adapter_periods, trains_in_full
 from train.run_folder import RunFolder
 from train.vocab import Vocabulary, prompt_template
@@ -92,6 +93,18 @@ def saved_config(run: RunFolder, period: int) -> Config:
         return config_from_dict(json.load(f)["config"])
 
 
+def period_compute_dtype(run: RunFolder, period: int) -> str | None:
+    """The compute dtype ("bf16", "fp32", ...) a period trained and was evaluated in (its
+    config.json); None for a period recorded before that was written down."""
+    with open(os.path.join(run.period_dir(period), "config.json")) as f:
+        return json.load(f).get("precision", {}).get("compute")
+
+
+def torch_dtype(name: str | None):
+    """A compute dtype's torch dtype; "auto" (the saved dtypes) for None."""
+    return DTYPES[name] if name else "auto"
+
+
 def last_done_period(run: RunFolder) -> int:
     done = run.state()["done"]
     if not done:
@@ -99,37 +112,67 @@ def last_done_period(run: RunFolder) -> int:
     return max(done)
 
 
-def plain_backbone(source: str, vocab_size: int, dtype="auto") -> torch.nn.Module:
+def plain_backbone(
+    source: str, vocab_size: int, dtype="auto", device=None, attn_implementation: str | None = None
+) -> torch.nn.Module:
     """A backbone folder as a plain model with a row for every token of the run's tokenizer (a
-    real backbone gets rows for the code tokens; the adapter holds their trained values)."""
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    real backbone gets rows for the code tokens; the adapter holds their trained values). With
+    `device`, loaded straight onto it (accelerate's device_map: no whole copy in host memory), or
+    with "auto" over the devices there are."""
+    kwargs = {}
+    if device is not None:  # "auto": accelerate spreads the model over the GPUs there are (then the host)
+        kwargs["device_map"] = "auto" if device == "auto" else {"": torch.device(device)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     if model.get_input_embeddings().num_embeddings < vocab_size:
         model.resize_token_embeddings(vocab_size, mean_resizing=False)
     return model
 
 
 def load_period_model(
-    run: RunFolder, cfg: Config, period: int, vocab_size: int, dtype="auto", item_vectors: bool = True
+    run: RunFolder,
+    cfg: Config,
+    period: int,
+    vocab_size: int,
+    dtype="auto",
+    item_vectors: bool = True,
+    device=None,
+    attn_implementation: str | None = None,
 ) -> torch.nn.Module:
     """A plain (no DeepSpeed) model that computes what period `period` was evaluated with
-    (without its item-vector input if not `item_vectors`: for a plain Hugging Face save)."""
+    (without its item-vector input if not `item_vectors`: for a plain Hugging Face save).
+
+    `dtype` "auto" keeps the saved dtypes, and the adapters take the backbone's; a torch dtype
+    puts every parameter in it (the training's precision policy, docs/precision.md: the
+    evaluation's replica, train/evaluate.py; a served period, `period_compute_dtype`). `device`: built
+    there (the backbone loaded straight onto it), or "auto" over the devices there are."""
     from peft import PeftModel
 
+    from train.placement import move_to
     from train.regularizers import attach_frozen_adapters
 
-    model = plain_backbone(evaluated_model_dir(cfg, run, period), vocab_size, dtype)
+    source = evaluated_model_dir(cfg, run, period)
+    model = plain_backbone(source, vocab_size, dtype, device, attn_implementation)
     if not trains_in_full(cfg, period):
         adapter = run.adapter_dir(period)
         if not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
             raise FileNotFoundError(f"period {period} of {run.root} has no exported adapter ({adapter})")
         with warnings.catch_warnings():  # peft asks a deprecated transformers property (FutureWarning, harmless)
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-            model = PeftModel.from_pretrained(model, adapter)
+            # No fp32 upcast: the adapters compute in the backbone's dtype, as they trained.
+            model = PeftModel.from_pretrained(model, adapter, autocast_adapter_dtype=False)
         earlier = frozen_adapter_periods(cfg, cfg.method.name, period)
         if earlier:
             attach_frozen_adapters(model, [run.adapter_dir(t) for t in earlier])
     if cfg.model.item_vectors and item_vectors:
         attach_item_input(model, load_item_vectors(export_dir(cfg, run, period)), seed=cfg.model.seed)
+    if device not in (None, "auto"):  # a buffer made on the host (the modules added above follow their layers)
+        move_to(model, torch.device(device))
+    if isinstance(dtype, torch.dtype):  # parameters only: buffers (rotary inv_freq) keep theirs, as DeepSpeed does
+        for param in model.parameters():
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
     return model.eval()
 
 
@@ -169,9 +212,13 @@ class Recommender:
     ):
         self.model = model
         self.tokenizer, self.codebook, self.encoder = vocab.tokenizer, vocab.codebook, vocab.encoder
-        self.catalog, self.beams, self.device = catalog, beams, torch.device(device)
+        self.catalog, self.beams = catalog, beams
         self.data_root, self.period = data_root, period
-        self.model.to(self.device)
+        if device == "auto":  # placed by accelerate, perhaps over several devices: inputs go to the embedding's
+            self.device = next(model.get_input_embeddings().parameters()).device
+        else:
+            self.device = torch.device(device)
+            self.model.to(self.device)
         self._users: dict[str, int] | None = None
 
     # ---- loading ----------------------------------------------------------------------------------
@@ -190,7 +237,16 @@ class Recommender:
             )
         tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_dir)
         codebook = ItemCodebook(load_item_index(data_root), tokenizer)
-        model = load_period_model(run, cfg, period, len(tokenizer))
+        device = device or default_device()
+        model = load_period_model(
+            run,
+            cfg,
+            period,
+            len(tokenizer),
+            dtype=torch_dtype(period_compute_dtype(run, period)),
+            device=device,
+            attn_implementation=cfg.model.attn_implementation,
+        )
         vocab = Vocabulary.of(
             tokenizer,
             codebook,
@@ -203,14 +259,16 @@ class Recommender:
             vocab,
             ItemCatalog(os.path.join(data_root, ITEMS)),
             beams=cfg.eval.beams,
-            device=device or _default_device(),
+            device=device,
             data_root=data_root,
             period=period,
         )
 
     @classmethod
     def from_export(cls, folder: str, device=None) -> Recommender:
-        """A folder written by `python -m launcher export` (merged model, or backbone + adapter)."""
+        """A folder written by `python -m launcher export` (merged model, or backbone + adapter),
+        loaded straight onto `device` (default: cuda if there is one), or with "auto" spread over
+        the GPUs there are by accelerate (a model larger than one GPU)."""
         info_path = os.path.join(folder, EXPORT_INFO)
         if not os.path.isfile(info_path):
             raise FileNotFoundError(
@@ -221,15 +279,18 @@ class Recommender:
             info = json.load(f)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         codebook = ItemCodebook(load_item_index(folder), tokenizer)
+        device = device or default_device()
+        dtype = torch_dtype(info.get("dtype"))  # the period's compute dtype
         if info["kind"] == "adapter":
             from peft import PeftModel
 
-            base = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "base"), dtype="auto")
+            base = plain_backbone(os.path.join(folder, "base"), len(tokenizer), dtype, device)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-                model = PeftModel.from_pretrained(base, os.path.join(folder, "adapter"))
+                # No fp32 upcast: the adapter computes in the backbone's dtype, as it trained.
+                model = PeftModel.from_pretrained(base, os.path.join(folder, "adapter"), autocast_adapter_dtype=False)
         else:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+            model = plain_backbone(folder, len(tokenizer), dtype, device)
         if has_item_vectors(folder):
             attach_item_input(model, load_item_vectors(folder), seed=0)
         prompt = info["prompt"]
@@ -245,7 +306,7 @@ class Recommender:
             vocab,
             ItemCatalog(os.path.join(folder, ITEMS)),
             beams=info["beams"],
-            device=device or _default_device(),
+            device=device,
             period=info["period"],
         )
 
@@ -264,17 +325,7 @@ class Recommender:
         beams = max(k + (max(map(len, histories), default=0) if exclude_seen else 0), self.beams)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
-        def forward(ids, mask, position, cache, keep):
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=position,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=keep,
-            )
-            return out.logits
-
+        forward = decoding_forward(self.model)
         # flash_attention_2 takes no 4D mask: the search then repeats the prompt's cache per beam
         shared = getattr(getattr(self.model, "config", None), "_attn_implementation", None) != "flash_attention_2"
 
@@ -374,5 +425,5 @@ class Recommender:
         return TrieLogitsProcessor(self.codebook.trie, prompt_width, self.tokenizer.eos_token_id)
 
 
-def _default_device() -> str:
+def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"

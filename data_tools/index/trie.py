@@ -2,6 +2,11 @@
 
 At decoding step k (k tokens of the code generated), the only tokens allowed are the next tokens
 of catalog codes that start with those k tokens. Built once per index over token-id sequences.
+
+`CodeTrie` answers on the host (`allowed`, `allowed_mask`); `DeviceTrie` is the same trie as
+tensors on the decoding device (`CodeTrie.on(device)`, built once per trie and device), so beam
+search builds each step's mask where the logits are, without a Python loop over beams or a copy
+of a [beams, vocabulary] mask from the host.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class CodeTrie:
         # touches only the few its beams reach.
         self._tensors: dict[tuple, torch.Tensor] = {}
         self._empty = torch.empty(0, dtype=torch.long)
+        self._on: dict[str, DeviceTrie] = {}
 
     def __len__(self) -> int:
         return len(self._sequences)
@@ -43,6 +49,13 @@ class CodeTrie:
         """The sorted tokens that can follow `prefix`; [] for a prefix of no catalog code and for
         a complete code."""
         return list(self._allowed.get(tuple(prefix), ()))
+
+    def on(self, device: torch.device | str) -> DeviceTrie:
+        """This trie as tensors on `device` (built on first use, then kept)."""
+        key = str(torch.device(device))
+        if key not in self._on:
+            self._on[key] = DeviceTrie(self._sequences, self.depth, device)
+        return self._on[key]
 
     def _tensor(self, prefix: tuple) -> torch.Tensor:
         t = self._tensors.get(prefix)
@@ -74,3 +87,70 @@ class CodeTrie:
         mask = torch.zeros(n, vocab_size, dtype=torch.bool)
         mask[rows, torch.cat(allowed)] = True
         return mask.to(device) if device is not None else mask
+
+
+class DeviceTrie:
+    """A CodeTrie as tensors on one device. Nodes are numbered per level (level 0: the root, 0);
+    the edges out of level k are `keys[k]`, sorted, each `parent * width + token`, and an edge's
+    index is the number of the child it leads to, so the node a prefix reaches is found level by
+    level with `torch.searchsorted`, and a node's children are the contiguous run
+    `offsets[k][node] : offsets[k][node + 1]` of `tokens[k]`. `width` is the largest token + 1.
+    Node -1 stands for a prefix that left the catalog (nothing may follow it)."""
+
+    def __init__(self, sequences, depth: int, device: torch.device | str):
+        self.depth, self.device = depth, torch.device(device)
+        seqs = torch.tensor(sorted(sequences), dtype=torch.long).reshape(-1, depth)  # [items, depth]
+        self.width = int(seqs.max()) + 1 if len(seqs) else 1
+        self.keys, self.offsets, self.tokens, self.max_children = [], [], [], []
+        nodes, count = torch.zeros(len(seqs), dtype=torch.long), 1  # each sequence's node at level k
+        for k in range(depth):
+            keys, child = torch.unique(nodes * self.width + seqs[:, k], sorted=True, return_inverse=True)
+            per_node = torch.bincount(keys // self.width, minlength=count)
+            self.keys.append(keys.to(self.device))
+            self.offsets.append(torch.cat([torch.zeros(1, dtype=torch.long), per_node.cumsum(0)]).to(self.device))
+            self.tokens.append((keys % self.width).to(self.device))
+            self.max_children.append(int(per_node.max()))  # host ints: shapes known without a sync
+            nodes, count = child, len(keys)
+
+    def step(self, level: int, nodes: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The nodes of level `level + 1` reached from `nodes` (of level `level`) by `tokens`;
+        -1 where the token does not continue a catalog code (or the node was already -1)."""
+        keys = self.keys[level]
+        key = nodes.clamp(min=0) * self.width + tokens.clamp(0, self.width - 1)
+        at = torch.searchsorted(keys, key).clamp(max=len(keys) - 1)
+        found = (keys[at] == key) & (nodes >= 0) & (tokens >= 0) & (tokens < self.width)
+        return torch.where(found, at, -1)
+
+    def walk(self, prefixes: torch.Tensor) -> torch.Tensor:
+        """The node each row of `prefixes` [N, k] (k < depth) reaches, -1 where it left the catalog."""
+        nodes = torch.zeros(prefixes.shape[0], dtype=torch.long, device=self.device)
+        for level in range(prefixes.shape[1]):
+            nodes = self.step(level, nodes, prefixes[:, level])
+        return nodes
+
+    def mask(self, level: int, nodes: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """Bool [len(nodes), vocab_size] on the device: the children of each node of `level`
+        (every node's run of children is gathered into [N, max children], padded with a column
+        past the vocabulary that is cut off)."""
+        if self.width > vocab_size:
+            raise ValueError(f"the trie has token ids up to {self.width - 1}, beyond the vocabulary of {vocab_size}")
+        n = nodes.shape[0]
+        if level >= self.depth:  # a complete code: nothing follows
+            return torch.zeros(n, vocab_size, dtype=torch.bool, device=self.device)
+        offsets, tokens = self.offsets[level], self.tokens[level]
+        start = offsets[nodes.clamp(min=0)]
+        count = torch.where(nodes >= 0, offsets[nodes.clamp(min=0) + 1] - start, 0)
+        slot = torch.arange(self.max_children[level], device=self.device)
+        pos = (start.unsqueeze(1) + slot).clamp(max=len(tokens) - 1)
+        cols = torch.where(slot < count.unsqueeze(1), tokens[pos], vocab_size)  # [N, max children]
+        out = torch.zeros(n, vocab_size + 1, dtype=torch.bool, device=self.device)
+        return out.scatter_(1, cols, True)[:, :vocab_size]
+
+    def allowed_mask(self, prefixes: torch.Tensor, vocab_size: int, device=None) -> torch.Tensor:
+        """As CodeTrie.allowed_mask, for a LongTensor of prefixes [N, k] (moved to this trie's
+        device if elsewhere), computed on the device. `device` is accepted for the same call
+        signature; the mask is on this trie's device."""
+        prefixes = prefixes.to(self.device, torch.long)
+        if prefixes.shape[1] >= self.depth:
+            return torch.zeros(prefixes.shape[0], vocab_size, dtype=torch.bool, device=self.device)
+        return self.mask(prefixes.shape[1], self.walk(prefixes), vocab_size)

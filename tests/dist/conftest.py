@@ -15,6 +15,7 @@ from launcher.periods import local_command
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MAIN = os.path.join(REPO, "train", "main.py")
+PROBE = os.path.join(REPO, "tests", "dist", "probe_export.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -37,6 +38,26 @@ def train(nproc: int, args: list[str], timeout: int = 300, check: bool = True) -
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def launcher(*args) -> subprocess.CompletedProcess:
+    """`python -m launcher ARGS` in a fresh process."""
+    return subprocess.run(
+        [sys.executable, "-m", "launcher", *args], env=env(), capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+
+
+def probe_export(export: str, data: str, window: int, max_users: int, tmp_path, device: str = "cpu") -> dict:
+    """What tests/dist/probe_export.py finds, in a fresh process without DeepSpeed, when the
+    export scores a window's test users (its doc says what the result holds)."""
+    out = str(tmp_path / "probe.json")
+    args = [export, data, str(window), str(max_users), out, device]
+    proc = subprocess.run(
+        [sys.executable, PROBE, *args], env=env(), capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out) as f:
+        return json.load(f)
 
 
 def kill_all_with(marker: str) -> int:

@@ -1,7 +1,7 @@
 """Run in a fresh process by test_recommend.py: an exported recommender folder, without DeepSpeed,
 scores a window's test users like the training run's evaluation did.
 
-    python tests/dist/probe_export.py EXPORT DATA WINDOW MAX_USERS OUT.json
+    python tests/dist/probe_export.py EXPORT DATA WINDOW MAX_USERS OUT.json [DEVICE]
 
 Writes {"metrics", "lists", "deepspeed_imported", "generate_top"}: the metrics and per-user lists
 of Recommender.from_export(EXPORT).evaluate_window, whether anything imported deepspeed, and
@@ -23,8 +23,9 @@ def main() -> None:
     from train.recommender import EXPORT_INFO, Recommender
 
     export, data, window, max_users, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    device = sys.argv[6] if len(sys.argv) > 6 else "cpu"
     torch.set_num_threads(1)
-    rec = Recommender.from_export(export, device="cpu")
+    rec = Recommender.from_export(export, device=device)
     metrics, lists = rec.evaluate_window(data, window, [5, 10, 20], max_users=max_users)
     result = {"metrics": metrics, "lists": lists}
     with open(os.path.join(export, EXPORT_INFO)) as f:

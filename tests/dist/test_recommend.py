@@ -10,15 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from tests.dist.conftest import QUICK, REPO, env, train
+from tests.dist.conftest import QUICK, REPO, launcher, probe_export, train
 
 CONFIG = os.path.join(REPO, "configs", "tiny.yaml")
-PROBE = os.path.join(REPO, "tests", "dist", "probe_export.py")
 METHODS = {"peso": True, "single": False, "cumulative": True}  # method -> with item vectors
 USERS = 40  # eval.max_users: the sample of each window's test users
 VECTORS = "model.item_vectors=16"
@@ -44,12 +41,6 @@ def method_runs(tmp_path_factory, cds_data, ds_configs) -> dict[str, str]:
     return runs
 
 
-def launcher(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "launcher", *args], env=env(), capture_output=True, text=True, timeout=300, cwd=REPO
-    )
-
-
 def evaluation_of(run: str, period: int) -> tuple[dict, list[dict]]:
     with open(os.path.join(run, "periods", str(period), "metrics.json")) as f:
         metrics = json.load(f)["windows"][str(period)]["overall"]
@@ -64,7 +55,8 @@ def evaluation_of(run: str, period: int) -> tuple[dict, list[dict]]:
 def test_export_reproduces_the_evaluation_in_a_fresh_process(method_runs, cds_data, tmp_path, method, merged):
     run = method_runs[method]
     out = str(tmp_path / "export")
-    proc = launcher("export", run, "--period", "2", "--out", out, *(["--merged"] if merged else []))
+    # merged: loaded and merged with accelerate's device_map over the devices there are (--device auto)
+    proc = launcher("export", run, "--period", "2", "--out", out, *(["--merged", "--device", "auto"] if merged else []))
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(out, "recommender.json")) as f:
         info = json.load(f)
@@ -76,18 +68,7 @@ def test_export_reproduces_the_evaluation_in_a_fresh_process(method_runs, cds_da
         with open(os.path.join(out, "adapter", "adapter_config.json")) as f:
             r = json.load(f)["r"]
         assert r == (16 if method == "cumulative" else 8)  # the frozen sum folded in as extra rank
-    result_path = str(tmp_path / "probe.json")
-    probe = subprocess.run(
-        [sys.executable, PROBE, out, cds_data, "2", str(USERS), result_path],
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
-    assert probe.returncode == 0, probe.stderr[-3000:]
-    with open(result_path) as f:
-        result = json.load(f)
+    result = probe_export(out, cds_data, 2, USERS, tmp_path)
     assert not result["deepspeed_imported"]
     metrics, lists = evaluation_of(run, 2)
     assert len(lists) == USERS and all(len(x["items"]) == 20 for x in lists)
@@ -129,7 +110,8 @@ def test_recommend_command_answers_like_the_evaluation(method_runs, cds_data, tm
     for u in chosen:  # the test users' histories, as source ids: the evaluation's prompts
         args += ["--history", ",".join(source_item[i] for i in users[u]["history"])]
     out = str(tmp_path / "recs.jsonl")
-    proc = launcher("recommend", run, "--period", "2", *args, "--k", "5", "--out", out)
+    # --device auto: accelerate places the model over the devices there are (here the CPU alone)
+    proc = launcher("recommend", run, "--period", "2", *args, "--k", "5", "--out", out, "--device", "auto")
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out) as f:
         answers = [json.loads(line) for line in f]

@@ -4,6 +4,7 @@ dataset and on adversarial models."""
 from __future__ import annotations
 
 import math
+import os
 import random
 
 import pytest
@@ -12,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from data_tools.index.prompt import PromptTemplate
 from data_tools.index.tokenizer import ItemCodebook, add_code_tokens, train_sentencepiece_tokenizer
-from train.evaluate import NEG, constrained_beam_search, rank_metrics
+from train.evaluate import NEG, constrained_beam_search, decoding_forward, rank_metrics
 
 
 def test_rank_metrics_by_hand():
@@ -45,12 +46,7 @@ def vocab(tmp_path_factory):
 
 
 def _forward(model):
-    def forward(ids, mask, position, cache, keep):
-        return model(
-            input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True, logits_to_keep=keep
-        ).logits
-
-    return forward
+    return decoding_forward(model)
 
 
 def _sharp_gqa_model(tok, attn: str = "sdpa"):
@@ -271,3 +267,176 @@ def test_shared_prompt_search_equals_the_search_with_a_cache_per_beam(vocab, att
     (seqs, scores), (ref_seqs, ref_scores) = both(10)
     assert torch.equal(seqs, ref_seqs) and torch.equal(scores, ref_scores)
     assert (scores == scores[0, 0]).all()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_device_trie_masks_give_the_host_masks_search_exactly(vocab, attn):
+    """The masks built on the device from the trie's tensors change nothing: the same codes and
+    the same scores, bit for bit, as the masks built on the host from the beams' prefixes (the
+    search before), with dead beams (more beams than items), left padding, both searches, ties."""
+    tok, book = vocab
+    model = _sharp_gqa_model(tok, attn)
+    prompts = [[1, 5, 9, 11], [1, 7, 3], [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [1], [4, 4, 4, 4, 4, 4]]
+    forward = _forward(model)
+    for beams in (6, 30):
+        for shared in (True, False):
+            runs = [
+                constrained_beam_search(
+                    forward, prompts, book.trie, 4, beams, tok.pad_token_id, "cpu", shared, trie_masks=masks
+                )
+                for masks in ("device", "host")
+            ]
+            (seqs, scores), (ref_seqs, ref_scores) = runs
+            assert torch.equal(seqs, ref_seqs) and torch.equal(scores, ref_scores)
+    with torch.no_grad():  # every logit 0: ties everywhere
+        model.lm_head.weight.zero_()
+    runs = [
+        constrained_beam_search(forward, prompts, book.trie, 4, 10, tok.pad_token_id, "cpu", trie_masks=masks)
+        for masks in ("device", "host")
+    ]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    with pytest.raises(ValueError, match="trie_masks"):
+        constrained_beam_search(forward, prompts, book.trie, 4, 10, tok.pad_token_id, "cpu", trie_masks="gpu")
+
+
+def test_test_indices_pick_the_users_that_sampling_the_samples_picked(ml_dataset):
+    """random.sample draws positions from the population's length and k alone: sampling range(n)
+    (no sample read) picks the users that sampling the list of every test sample picked, in the
+    same order, so results stay comparable with runs before the change."""
+    from data_tools.dataset import load_manifest
+    from data_tools.reader import read_split
+    from train.evaluate import test_indices, test_users
+
+    manifest = load_manifest(ml_dataset)
+    everyone = read_split(ml_dataset, 1, "test", manifest)
+    for seed, k in ((0, 40), (1, 40), (7, len(everyone) - 1), (3, 1)):
+        before = random.Random(f"{seed}/1").sample(everyone, k)
+        assert [everyone[i] for i in test_indices(len(everyone), k, seed, 1)] == before
+        assert test_users(ml_dataset, manifest, 1, k, seed) == before
+    assert test_users(ml_dataset, manifest, 1, None, 0) == everyone
+    assert test_users(ml_dataset, manifest, 1, len(everyone) + 5, 0) == everyone
+
+
+class _ItemCodes:
+    """An item's "code" is the item itself, so references can be checked by hand."""
+
+    @staticmethod
+    def item_token_ids(item):
+        return [item]
+
+
+def _evaluator(root: str, *, world: int = 1, max_users: int | None = None, run=None, period: int = 1):
+    """An Evaluator for what needs no model: rank 0 of `world` ranks, items as their own codes."""
+    from types import SimpleNamespace
+
+    from data_tools.dataset import load_manifest
+    from train.config import Config
+    from train.evaluate import Evaluator
+
+    cfg = Config()
+    cfg.data.path, cfg.eval.max_users = root, max_users
+    strategy = SimpleNamespace(rank=0, world_size=world, is_rank0=True, zero_stage=2)
+    return Evaluator(
+        cfg=cfg,
+        strategy=strategy,
+        engine=torch.nn.Linear(1, 1),
+        encoder=SimpleNamespace(codebook=_ItemCodes),
+        manifest=load_manifest(root),
+        period=period,
+        run=run,
+        logger=None,
+    )
+
+
+def test_rank0_scores_both_references_for_every_rank_as_each_rank_did(ml_dataset):
+    """Rank 0 reads the training split once and every evaluated user's test sample, and hands
+    each rank the sums that rank computed itself before (when every rank read both splits and
+    scored the references on its own users): the window's totals are unchanged, bit for bit."""
+    from collections import Counter, defaultdict
+
+    from data_tools.dataset import load_manifest
+    from data_tools.reader import read_split
+    from train.evaluate import test_indices, transition_top
+
+    manifest = load_manifest(ml_dataset)
+    train = read_split(ml_dataset, 1, "train", manifest)
+    counts = Counter((s["target"],) for s in train)  # the code before: popular_codes, following_codes
+    popular = [code for code, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:20]]
+    following = defaultdict(Counter)
+    for s in train:
+        if s["history"]:
+            following[s["history"][-1]][(s["target"],)] += 1
+    everyone = read_split(ml_dataset, 1, "test", manifest)
+    for world, max_users in ((1, None), (3, 50), (2, 7)):
+        evaluator = _evaluator(ml_dataset, world=world, max_users=max_users)
+        users = random.Random("0/1").sample(everyone, max_users) if max_users else everyone
+        samples, sums = evaluator._references(1, test_indices(len(everyone), max_users, 0, 1))
+        assert samples == users[0::world]  # rank 0's own users
+        for r in range(world):
+            mine = users[r::world]
+            groups = [s["group"] for s in mine]
+            ranks = [popular.index((s["target"],)) if (s["target"],) in popular else None for s in mine]
+            assert sums["popularity"][r] == evaluator._sums(ranks, groups, 0)
+            tops = [transition_top(following, s["history"], popular, 20) for s in mine]
+            ranks = [top.index((s["target"],)) if (s["target"],) in top else None for s, top in zip(mine, tops)]
+            assert sums["transitions"][r] == evaluator._sums(ranks, groups, 0)
+        assert sum(sums["popularity"][r][0] for r in range(world)) == len(users)
+    assert any(x for x in sums["transitions"][0][1:]), "no hit at all: the comparison above would prove little"
+
+
+def test_a_window_file_counts_only_for_the_export_and_settings_it_was_computed_with(tmp_path, ml_dataset):
+    from train.run_folder import RunFolder
+
+    run = RunFolder(str(tmp_path / "run"))
+    adapter = os.path.join(run.adapter_dir(1), "adapter_model.safetensors")
+    os.makedirs(os.path.dirname(adapter))
+    with open(adapter, "wb") as f:
+        f.write(b"weights")
+    evaluator = _evaluator(ml_dataset, run=run)
+    key = evaluator._window_key()
+    evaluator._save_window(0, key, {"users": 3}, None)
+    evaluator._save_window(1, key, {"users": 4}, [[{"user": 9}, {"user": 2}], [{"user": 5}]])
+    saved = evaluator._saved_windows(key, [0, 1])
+    assert {j: w["result"] for j, w in saved.items()} == {0: {"users": 3}, 1: {"users": 4}}
+    assert [r["user"] for r in saved[1]["recommendations"]] == [2, 5, 9]
+    evaluator.cfg.eval.beams = 30  # another evaluation setting
+    assert evaluator._saved_windows(evaluator._window_key(), [0, 1]) == {}
+    evaluator.cfg.eval.beams = 20
+    assert evaluator._window_key() == key
+    with open(adapter, "wb") as f:  # another export
+        f.write(b"other weights")
+    assert evaluator._window_key() != key and evaluator._saved_windows(evaluator._window_key(), [0, 1]) == {}
+    with open(evaluator._window_path(0), "w") as f:  # a torn file is ignored
+        f.write('{"key": ')
+    assert list(evaluator._saved_windows(key, [0, 1])) == [1]
+
+
+def test_eval_replica_is_auto_always_or_never():
+    from train.config import ConfigError, load_config
+
+    assert load_config(None, ["model.shape=tiny"]).eval.replica == "auto"
+    assert load_config(None, ["model.shape=tiny", "eval.replica=never"]).eval.replica == "never"
+    with pytest.raises(ConfigError, match=r"eval\.replica must be auto, always or never"):
+        load_config(None, ["model.shape=tiny", "eval.replica=sometimes"])
+
+
+def test_when_the_evaluation_uses_a_replica(ml_dataset, monkeypatch):
+    """Only under ZeRO-3; `auto` only on GPUs, where the model takes at most half the free memory
+    on every rank (one decision for all: a rank short of memory means the sharded engine)."""
+    import train.evaluate as evaluate
+
+    evaluator = _evaluator(ml_dataset)
+    evaluator.engine = torch.nn.Linear(1000, 1000, bias=False)  # 4 MB in fp32
+    strategy = evaluator.strategy
+    strategy.cuda, strategy.device, strategy.any = False, torch.device("cpu"), lambda flag: flag
+    for stage, mode, expected in ((2, "always", False), (3, "never", False), (3, "always", True), (3, "auto", False)):
+        strategy.zero_stage, evaluator.cfg.eval.replica = stage, mode
+        assert evaluator._use_replica() is expected, (stage, mode)
+    strategy.cuda = True
+    assert evaluator._replica_bytes() == 4_000_000
+    for free, expected in ((8_000_000, True), (7_999_999, False)):
+        monkeypatch.setattr(evaluate, "free_memory", lambda strategy, free=free: free)
+        assert evaluator._use_replica() is expected, free
+    strategy.any = lambda flag: True  # another rank is short
+    monkeypatch.setattr(evaluate, "free_memory", lambda strategy: 10**12)
+    assert evaluator._use_replica() is False

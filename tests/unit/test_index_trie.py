@@ -93,3 +93,40 @@ def test_sequences_must_share_one_length():
     assert (
         len(small) == 3 and small.allowed(()) == [5, 6] and small.allowed((5,)) == [7, 8] and small.allowed((9,)) == []
     )
+
+
+def test_device_trie_masks_equal_allowed_mask(trie, catalog):
+    """The trie as tensors (what beam search builds its masks with, on the logits' device) gives
+    the same rows as `allowed_mask`, for catalog prefixes, prefixes that left the catalog at any
+    level (random codes, tokens of the wrong level, ids past the trie's largest token, negative
+    ids) and complete codes."""
+    rng = random.Random(3)
+    vocab = BASE + 4 * 256 + 3
+    device_trie = trie.on("cpu")
+    assert trie.on("cpu") is device_trie  # built once per device
+    for depth in range(5):
+        rows = [tuple(r[:depth]) for r in rng.sample(catalog.tolist(), 300)]
+        rows += [s[:depth] for s in _random_codes(rng, 100)]
+        if depth:
+            for r in rng.sample(catalog.tolist(), 30):  # a catalog prefix whose last token is changed
+                rows.append(tuple(r[: depth - 1]) + (rng.choice([0, 5, vocab - 1, BASE + rng.randrange(4 * 256)]),))
+            rows.append(tuple(catalog[0][: depth - 1]) + (-1,))
+        rng.shuffle(rows)
+        ids = torch.tensor(rows, dtype=torch.long).reshape(len(rows), depth)
+        expected = trie.allowed_mask([tuple(r) for r in rows], vocab)
+        assert torch.equal(device_trie.allowed_mask(ids, vocab), expected), depth
+        if depth < 4:
+            left = sum(not trie.allowed(r) for r in rows)
+            assert 0 < left < len(rows) if depth else left == 0  # both kinds of prefix were tried
+    assert device_trie.allowed_mask(torch.empty(0, 2, dtype=torch.long), vocab).shape == (0, vocab)
+    with pytest.raises(ValueError, match="beyond the vocabulary"):
+        device_trie.allowed_mask(torch.zeros(1, 1, dtype=torch.long), BASE)
+
+
+def test_device_trie_of_a_small_trie_walks_node_by_node():
+    small = CodeTrie([(5, 7, 1), (5, 8, 2), (6, 7, 3), (5, 7, 4)])
+    d = small.on(torch.device("cpu"))
+    assert [k.tolist() for k in d.keys] == [[5, 6], [7, 8, 16], [1, 4, 11, 21]]  # parent * 9 + token
+    assert d.walk(torch.tensor([[5, 7], [6, 7], [6, 8], [9, 7]])).tolist() == [0, 2, -1, -1]
+    mask = d.mask(2, torch.tensor([0, 1, 2, -1]), 10)
+    assert [row.nonzero().squeeze(1).tolist() for row in mask] == [[1, 4], [2], [3], []]
