@@ -11,13 +11,17 @@ under ZeRO-2 with the response objective (one sample per target, same template) 
 TensorBoard's, averaged over the log points after the first (start-up excluded). The objectives
 compare by target tokens per second: how many targets' code tokens the model learns from per
 second. MFU on the CPU is against a nominal peak (train/flops.py).
+The CPU runs stay on the CPU where there is a GPU too (CUDA_VISIBLE_DEVICES="").
 `--backbone DIR` (a converted real model, e.g. `python -m train.backbone convert-gguf smollm2 --out
-DIR`) adds configs/smollm2.yaml's LoRA period (on the GPU where there is one; on a slice of the
-CDs blocks, 200 users a block, so that its closing validation pass is short) under ZeRO-3 with DIR as model.path
-against the tiny shape in the same config (its own tokenizer, random weights), side by side:
-step time and tokens/s per rank.
-GPU (where one is lent): the 1B- and 8B-shaped models under ZeRO-3 with LoRA, bf16, tokens/s
-per GPU, MFU and peak memory. Prints one JSON line.
+DIR`) adds configs/smollm2.yaml's LoRA period (on the GPU where there is one, one rank per GPU at
+most; on a slice of the CDs blocks, 200 users a block, so that its closing validation pass is
+short) under ZeRO-3 with DIR as model.path against the tiny shape in the same config (its own
+tokenizer, random weights), side by side: step time, tokens/s per rank and peak memory (the
+process's RSS on the CPU, allocated GPU memory on a GPU). `--only-backbone`: that comparison alone.
+GPU (where one is lent, unless --only-backbone): the shapes of --gpu-shapes (default: 1b alone,
+as bench/gpu.sh runs it; 8b only when asked, since building and stepping it takes far longer)
+under ZeRO-3 with LoRA, bf16, --gpu-steps steps: tokens/s per GPU, MFU and peak memory.
+Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -83,16 +87,32 @@ def scalars(run: str) -> dict:
     return out
 
 
-def train(data: str, ds: str, run: str, nproc: int, overrides: list[str], config: str = "tiny.yaml") -> dict:
+def train(
+    data: str, ds: str, run: str, nproc: int, overrides: list[str], config: str = "tiny.yaml", cpu: bool = False
+) -> dict:
+    """One period through the real entry point; TensorBoard's scalars. `cpu`: hide the GPUs."""
     from launcher.periods import local_command
 
     args = ["--ds_config", ds, "--config", os.path.join(REPO, "configs", config), "--data", data, "--run_dir", run]
     cmd = local_command(nproc, [*args, "eval.every_period=false", "logging.progress=false", *overrides])
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    if cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode:
         raise SystemExit(proc.stderr[-4000:])
     return scalars(run)
+
+
+def memory(s: dict) -> dict:
+    """The peak memory a run logged: train/metrics.py writes the process's RSS on the CPU and the
+    allocated and reserved GPU memory on a GPU."""
+    keys = {
+        "memory/cpu_max_rss_gib": "max_rss_gib",
+        "memory/gpu_max_allocated_gib": "max_allocated_gib",
+        "memory/gpu_max_reserved_gib": "max_reserved_gib",
+    }
+    return {name: round(s[key], 2) for key, name in keys.items() if key in s}
 
 
 def sliced(data: str, cache: str, users: int = 200) -> str:
@@ -113,6 +133,8 @@ def sliced(data: str, cache: str, users: int = 200) -> str:
 def backbone_vs_tiny(data: str, backbone: str, tmp: str, nproc: int, steps: int) -> dict:
     """configs/smollm2.yaml's LoRA period under ZeRO-3: the real model against the tiny shape."""
     out, step_s, rows = {"backbone_dataset": os.path.basename(data)}, {}, 16  # rows: per optimizer step
+    cuda = torch.cuda.is_available()
+    nproc = min(nproc, torch.cuda.device_count()) if cuda else nproc  # one rank per GPU
     for name, model in {
         "backbone": [f"model.path={os.path.abspath(backbone)}"],
         "tiny": ["model.path=null", "model.shape=tiny"],
@@ -132,12 +154,13 @@ def backbone_vs_tiny(data: str, backbone: str, tmp: str, nproc: int, steps: int)
             config="smollm2.yaml",
         )
         step_s[name] = rows / nproc / s["perf/samples_per_s_per_rank"]
-        out[f"{'gpu' if torch.cuda.is_available() else 'cpu'}_zero3_lora_{name}"] = {
+        out[f"{'gpu' if cuda else 'cpu'}_zero3_lora_{name}"] = {
             "model": os.path.basename(os.path.normpath(backbone)) if name == "backbone" else "tiny (random weights)",
+            "ranks": nproc,
             "step_s": round(step_s[name], 2),
             "input_tokens_per_s_per_rank": round(s["perf/input_tokens_per_s_per_rank"], 1),
             "samples_per_s_per_rank": round(s["perf/samples_per_s_per_rank"], 2),
-            "max_rss_gib": round(s["memory/cpu_max_rss_gib"], 2),
+            **memory(s),
         }
     out["ratio_backbone_to_tiny_step_time"] = round(step_s["backbone"] / step_s["tiny"], 1)
     return out
@@ -147,19 +170,25 @@ def main() -> None:
     from data_tools.help_format import HelpFormatter
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--steps", type=int, default=60, help="training steps per variant")
+    ap.add_argument("--steps", type=int, default=60, help="training steps per CPU variant")
     ap.add_argument("--nproc", type=int, default=2, help="CPU ranks")
     ap.add_argument("--gpu-only", action="store_true", help="skip the CPU runs (bench/gpu.sh)")
     ap.add_argument("--backbone", help="a converted real model folder: its LoRA step against the tiny shape's")
-    ap.add_argument("--only-backbone", action="store_true", help="with --backbone: only that comparison")
+    ap.add_argument(
+        "--only-backbone",
+        action="store_true",
+        help="with --backbone: only that comparison (no CPU runs, no GPU shapes)",
+    )
     ap.add_argument("--backbone-steps", type=int, default=20, help="steps of each --backbone variant")
+    # 1b alone by default: with the 8B shape a run no longer fits bench/gpu.sh's 8 minutes.
     ap.add_argument(
         "--gpu-shapes",
         nargs="*",
-        default=["1b", "8b"],
+        default=["1b"],
         choices=["1b", "8b"],
-        help="the shapes measured on a GPU (ZeRO-3, LoRA, bf16 where supported)",
+        help="the shapes measured on a GPU (ZeRO-3, LoRA, bf16 where supported); 8b takes several minutes",
     )
+    ap.add_argument("--gpu-steps", type=int, default=30, help="training steps of each GPU shape")
     ap.add_argument(
         "--cache",
         default=os.environ.get("PESO_BENCH_CACHE", "/tmp/peso-bench"),
@@ -184,6 +213,7 @@ def main() -> None:
                 os.path.join(tmp, f"run-{key}"),
                 a.nproc,
                 [f"schedule.max_steps={a.steps}", "logging.every_steps=10", "checkpoint.every_steps=100000", *extra],
+                cpu=True,
             )
             cpu[key] = s
             result[f"cpu_{stage}" if isinstance(key, int) else f"cpu_zero2_{key}"] = {
@@ -193,7 +223,7 @@ def main() -> None:
                 "tflops_per_rank": round(s["perf/tflops_per_rank"], 4),
                 "mfu_cpu_nominal": round(s["perf/mfu_cpu_nominal"], 4),
                 "data_wait_share": round(s["perf/data_wait_share"], 4),
-                "max_rss_gib": round(s["memory/cpu_max_rss_gib"], 2),
+                **memory(s),
             }
         if cpu:
             result["ratio_zero3_to_zero2_tokens_per_s"] = round(
@@ -209,7 +239,7 @@ def main() -> None:
             )
         if a.backbone and not a.gpu_only:
             result.update(backbone_vs_tiny(sliced(data, a.cache), a.backbone, tmp, a.nproc, a.backbone_steps))
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and not a.only_backbone:
             for shape in a.gpu_shapes:
                 s = train(
                     data,
@@ -220,7 +250,7 @@ def main() -> None:
                         f"model.shape={shape}",
                         "model.period0=lora",
                         "model.gradient_checkpointing=true",
-                        "schedule.max_steps=30",
+                        f"schedule.max_steps={a.gpu_steps}",
                         "logging.every_steps=5",
                         "checkpoint.every_steps=100000",
                         "data.micro_batch_size=8",
@@ -228,11 +258,12 @@ def main() -> None:
                     ],
                 )
                 result[f"gpu_{shape}_zero3_lora"] = {
+                    "steps": a.gpu_steps,
                     "input_tokens_per_s_per_gpu": round(s["perf/input_tokens_per_s_per_rank"], 1),
                     "mfu": round(s.get("perf/mfu", 0.0), 4),
-                    "max_allocated_gib": round(s["memory/gpu_max_allocated_gib"], 2),
+                    **memory(s),
                 }
-        else:
+        elif not torch.cuda.is_available():
             result["gpu"] = "no GPU here: the 1B/8B figures need a GPU machine"
     result.update(machine=f"{platform.machine()} {os.cpu_count()} cores", date=time.strftime("%Y-%m-%d"))
     print(json.dumps(result))
