@@ -17,7 +17,13 @@ trained once per epoch, from the same kind of history, in one causal pass per ch
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import orjson
+
+from data_tools.dataset import written_aside
 
 
 def _position(sample: dict) -> int:
@@ -63,3 +69,39 @@ def chunk_sequence(sequence: dict, max_history: int) -> list[dict]:
 def window_chunks(samples: Iterable[dict], max_history: int) -> list[dict]:
     """Every chunk of a window's training samples, in user order."""
     return [c for seq in user_sequences(samples) for c in chunk_sequence(seq, max_history)]
+
+
+# ---- chunks on disk: built once, read by position -------------------------------------------------
+
+CHUNKS, OFFSETS = "chunks.jsonl", "offsets.npy"
+
+
+def write_chunks(chunks: list[dict], folder: str) -> None:
+    """`folder` (atomically): the chunks as JSON lines, plus each line's byte offset, so that a
+    reader fetches any chunk by position without reading the others."""
+    lines = [orjson.dumps(c) + b"\n" for c in chunks]
+    offsets = np.zeros(len(lines) + 1, dtype=np.int64)
+    np.cumsum([len(line) for line in lines], out=offsets[1:])
+    with written_aside("cannot write the sequence chunks", folder) as tmp:
+        with open(os.path.join(tmp, CHUNKS), "wb") as f:
+            f.writelines(lines)
+        np.save(os.path.join(tmp, OFFSETS), offsets)
+
+
+class ChunkFile:
+    """The chunks `write_chunks` wrote: their number, and any of them by position."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.offsets = np.load(os.path.join(folder, OFFSETS), mmap_mode="r")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def fetch(self, wanted: Iterable[int]) -> Iterator[tuple[int, dict]]:
+        """`(position, chunk)` for the wanted positions, in file order: one seek and read each."""
+        with open(os.path.join(self.folder, CHUNKS), "rb") as f:
+            for k in sorted(wanted):
+                start, end = int(self.offsets[k]), int(self.offsets[k + 1])
+                f.seek(start)
+                yield k, orjson.loads(f.read(end - start))

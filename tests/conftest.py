@@ -20,7 +20,8 @@ CDS_BLOCKS = os.path.join(SHARED, "data", "amazon-cds-blocks")
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    if not torch.cuda.is_available():
+    # PESO_GPU_TESTS_ON_CPU=1: run tests/gpu on the CPU, to check those tests where no GPU is.
+    if not torch.cuda.is_available() and os.environ.get("PESO_GPU_TESTS_ON_CPU") != "1":
         skip = pytest.mark.skip(reason="needs a CUDA GPU (none here)")
         for item in items:
             if "gpu" in item.keywords:
@@ -102,16 +103,14 @@ def ml_indexed(tmp_path_factory, ml_dataset):
     return root
 
 
-@pytest.fixture(scope="session")
-def small_dataset(tmp_path_factory):
-    """A small stream (30 users x 40 interactions over 60 items, 5 windows) with random codes:
-    periods of a few steps that still run whole epochs."""
+def small_stream(folder, seed: int, split: str = "paper") -> str:
+    """A dataset folder in `folder`: 30 users x 40 interactions over 60 items (a seeded random
+    stream), cut by `split`, with random codes."""
     import random
 
     from data_tools.convert import ConvertOptions, convert
 
-    folder = tmp_path_factory.mktemp("small")
-    rng = random.Random(3)
+    rng = random.Random(seed)
     rows = [
         (f"i{rng.randrange(60)}", f"u{u}", 5, 1_500_000_000 + rng.randrange(3 * 10**7))
         for u in range(30)
@@ -120,9 +119,16 @@ def small_dataset(tmp_path_factory):
     path = folder / "ratings.csv"
     path.write_text("".join(f"{i},{u},{r},{t}\n" for i, u, r, t in rows))
     out = str(folder / "ds")
-    convert(ConvertOptions(format="csv", reviews=str(path), out=out, progress=False, log=sys.stdout))
+    convert(ConvertOptions(format="csv", reviews=str(path), out=out, split=split, progress=False, log=sys.stdout))
     import_random_codes(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory):
+    """A small stream (30 users x 40 interactions over 60 items, 5 windows) with random codes:
+    periods of a few steps that still run whole epochs."""
+    return small_stream(tmp_path_factory.mktemp("small"), seed=3)
 
 
 @pytest.fixture(scope="session")

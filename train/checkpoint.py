@@ -1,9 +1,12 @@
 """Checkpoints inside a period: DeepSpeed's engine state plus where the data stood.
 
-A checkpoint counts only once every rank has finished writing it: then rank 0 writes
-`COMPLETE.json` (atomically) naming its tag, and only then are older tags pruned. A save never
-writes into the complete tag, so a run killed at any moment, even in the middle of a save or on
-a full disk, resumes from the last complete checkpoint.
+A checkpoint counts only once every rank has finished writing it: each rank flushes the files
+it wrote itself (its ZeRO partition and RNG state; rank 0 also the shared ones) to disk, then
+rank 0 writes `COMPLETE.json` (atomically) naming its tag, and only then are older tags pruned.
+A save never writes into the complete tag, so a run killed at any moment, even in the middle of a
+save or on a full disk, resumes from the last complete checkpoint. Rank 0 alone reads
+COMPLETE.json to pick the tag to save or resume, and tells the others: ranks that read it on
+their own could disagree (a shared file system's caches) and write or load different tags.
 Frozen base weights are not saved (they are in the backbone folder). Each rank also saves its
 RNG state (LoRA dropout), loaded back with `weights_only=True`.
 """
@@ -12,14 +15,41 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import torch
 
-from data_tools.dataset import atomic_write_json, fsync_tree, writing
+from data_tools.dataset import atomic_write_json, writing
 
 COMPLETE = "COMPLETE.json"
 AGAIN = "-again"  # the suffix of a second save at the same step (Checkpointer._new_tag)
+
+
+# The per-rank files of a DeepSpeed checkpoint tag (`zero_pp_rank_<r>_mp_rank_00_model_states.pt`,
+# `bf16_zero_pp_rank_<r>_..._optim_states.pt`) and ours (`rng-<r>.pt`); any other file
+# (`mp_rank_00_model_states.pt`) is rank 0's.
+_RANK_FILE = re.compile(r"(?:zero_pp_rank_|^rng-)(\d+)[_.]")
+
+
+def files_of_rank(folder: str, rank: int) -> list[str]:
+    """The files under a checkpoint tag's folder that rank `rank` wrote."""
+    out = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            m = _RANK_FILE.search(name)
+            if (int(m.group(1)) if m else 0) == rank:
+                out.append(os.path.join(root, name))
+    return sorted(out)
+
+
+def _fsync(paths: list[str]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def tag_step(tag: str) -> int:
@@ -52,7 +82,8 @@ class Checkpointer:
         return tag + AGAIN if complete and complete["tag"] == tag else tag
 
     def save(self, engine, step: int, client_state: dict) -> None:
-        tag = self._new_tag(step)
+        strategy = self.strategy
+        tag = strategy.broadcast_object(self._new_tag(step) if strategy.is_rank0 else None)
         with writing(f"cannot save the checkpoint {tag}", self.folder):
             engine.save_checkpoint(
                 self.folder, tag=tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
@@ -60,10 +91,10 @@ class Checkpointer:
             rng = {"cpu": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state()
-            torch.save(rng, os.path.join(self.folder, tag, f"rng-{self.strategy.rank}.pt"))
-            fsync_tree(os.path.join(self.folder, tag))  # every rank flushes what it wrote
-        self.strategy.barrier()
-        if self.strategy.is_rank0:
+            torch.save(rng, os.path.join(self.folder, tag, f"rng-{strategy.rank}.pt"))
+            _fsync(files_of_rank(os.path.join(self.folder, tag), strategy.rank))  # what this rank wrote
+        strategy.barrier()
+        if strategy.is_rank0:
             with writing(f"cannot save the checkpoint {tag}", self.folder):
                 atomic_write_json(
                     os.path.join(self.folder, COMPLETE),
@@ -76,7 +107,7 @@ class Checkpointer:
 
     def load(self, engine) -> dict | None:
         """Restore the latest complete checkpoint; its client state, or None to start fresh."""
-        info = self.latest()
+        info = self.strategy.broadcast_object(self.latest() if self.strategy.is_rank0 else None)
         if info is None:
             return None
         if info["world_size"] != self.strategy.world_size:

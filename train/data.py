@@ -4,7 +4,9 @@ Two training objectives (`data.objective`) give two kinds of training items:
 - response: one sample per target, streamed from the rank's slice of the shards
   (data_tools.reader) through a seeded shuffle buffer;
 - sequence: the window's targets regrouped into chunks of users' sequences
-  (data_tools.sequences), built in memory once per period, shuffled by (seed, epoch), and cut
+  (data_tools.sequences), built once per period by rank 0 from the whole training split and
+  written into the period folder (`sequence_chunks-h<max_history>/`), from which every rank (and
+  DataLoader worker) reads only the chunks of its own batches; shuffled by (seed, epoch), and cut
   into the same contiguous per-rank slices.
 Validation and test are one sample per target in both.
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
 from dataclasses import dataclass
 
@@ -36,7 +39,7 @@ import torch
 import torch.utils.data
 
 from data_tools.reader import consumer_slice, epoch_order, read_samples_at, read_split, split_size
-from data_tools.sequences import window_chunks
+from data_tools.sequences import OFFSETS, ChunkFile, window_chunks, write_chunks
 from train.loss import IGNORE
 
 
@@ -99,24 +102,37 @@ class ResponseSamples:
         return read_samples_at(self.root, self.window, self.split, wanted, self.manifest)
 
 
-class SequenceChunks:
-    """The sequence objective's training items: chunks of users' sequences, built once from the
-    whole training split (every rank builds the same list), reshuffled every epoch."""
+def sequence_chunks_dir(period_dir: str, max_history: int) -> str:
+    return os.path.join(period_dir, f"sequence_chunks-h{max_history}")
 
-    def __init__(self, root: str, manifest: dict, window: int, max_history: int):
-        self.chunks = window_chunks(read_split(root, window, "train", manifest), max_history)
+
+def prepare_sequence_chunks(root: str, manifest: dict, window: int, max_history: int, folder: str, strategy) -> None:
+    """The window's chunks in `folder`: built from the whole training split by rank 0 alone (the
+    other ranks would read the whole split, and hold every chunk, for the share they train on),
+    once per period (a resumed run finds them); every rank waits until they are there."""
+    if strategy.is_rank0 and not os.path.isfile(os.path.join(folder, OFFSETS)):
+        write_chunks(window_chunks(read_split(root, window, "train", manifest), max_history), folder)
+    strategy.barrier()
+
+
+class SequenceChunks:
+    """The sequence objective's training items: the chunks of users' sequences in `folder`
+    (prepare_sequence_chunks), reshuffled every epoch; only the rank's own are ever read."""
+
+    def __init__(self, folder: str):
+        self.file = ChunkFile(folder)
 
     def __len__(self) -> int:
-        return len(self.chunks)
+        return len(self.file)
 
     def order(self, rank: int, world_size: int, seed: int, epoch: int) -> list[int]:
-        order = list(range(len(self.chunks)))
+        order = list(range(len(self.file)))
         random.Random(f"{seed}/{epoch}").shuffle(order)
         lo, hi = consumer_slice(len(order), rank, world_size)
         return order[lo:hi]
 
     def fetch(self, wanted: set[int]):
-        return ((k, self.chunks[k]) for k in sorted(wanted))
+        return self.file.fetch(wanted)
 
 
 @dataclass
@@ -180,13 +196,26 @@ class WindowData:
     turns an item into token ids and labels, padded with its tokenizer's pad token."""
 
     def __init__(
-        self, root: str, manifest: dict, window: int, *, cfg, encoder, rank: int, world_size: int, accumulation: int
+        self,
+        root: str,
+        manifest: dict,
+        window: int,
+        *,
+        cfg,
+        encoder,
+        rank: int,
+        world_size: int,
+        accumulation: int,
+        chunks: str | None = None,
     ):
+        """`chunks`: with the sequence objective, the folder prepare_sequence_chunks filled."""
         self.window, self.cfg = window, cfg
         self.rank, self.world_size, self.accumulation = rank, world_size, accumulation
         self.encode, self.pad_id = encoder, encoder.tokenizer.pad_token_id
         if cfg.data.objective == "sequence":
-            self.train_source = SequenceChunks(root, manifest, window, cfg.data.max_history)
+            if chunks is None:
+                raise ValueError("the sequence objective reads its chunks from a folder (prepare_sequence_chunks)")
+            self.train_source = SequenceChunks(chunks)
         else:
             self.train_source = ResponseSamples(root, manifest, window, "train", cfg.data.shuffle_buffer)
         self.valid_source = ResponseSamples(root, manifest, window, "valid", 0)
@@ -204,6 +233,8 @@ class WindowData:
             generator=torch.Generator(),
             persistent_workers=False,
             prefetch_factor=4 if workers else None,
+            # Page-locked batches: the trainer's copy to the GPU (non_blocking) then does not wait.
+            pin_memory=torch.cuda.is_available(),
         )
 
     def train(self, epoch: int, start: int = 0):

@@ -24,15 +24,34 @@ def load_ds_config(path: str) -> dict:
 
 
 def resolve_dtype(cfg: Config, cuda: bool, bf16_supported: bool) -> str:
+    """The compute dtype: `model.dtype`, or with auto bf16 on a GPU that has it, else fp32. bf16
+    also runs on CPU ranks (DeepSpeed's CPU accelerator has it; slow, but the tests use it to
+    check the GPU's precision path); fp16 needs a GPU."""
     if cfg.model.dtype != "auto":
-        if cfg.model.dtype in ("bf16", "fp16") and not cuda:
-            raise ConfigError(f"model.dtype={cfg.model.dtype} needs a GPU; use fp32 (or auto) on the CPU")
+        if cfg.model.dtype == "fp16" and not cuda:
+            raise ConfigError("model.dtype=fp16 needs a GPU; use fp32, bf16 (or auto) on the CPU")
+        if cfg.model.dtype == "bf16" and cuda and not bf16_supported:
+            raise ConfigError("model.dtype=bf16: this GPU has no bf16; use fp16 or fp32")
         return cfg.model.dtype
     return "bf16" if cuda and bf16_supported else "fp32"
 
 
-def fill_ds_config(ds: dict, cfg: Config, world_size: int, hidden_size: int, dtype: str, lr: float) -> dict:
-    """A copy of `ds` with every "auto" replaced; any "auto" left over is an error naming its key."""
+def fill_ds_config(
+    ds: dict,
+    cfg: Config,
+    world_size: int,
+    hidden_size: int,
+    dtype: str,
+    lr: float,
+    *,
+    lora_matrix: int = 0,
+    ranks_per_node: int | None = None,
+) -> dict:
+    """A copy of `ds` with every "auto" replaced; any "auto" left over is an error naming its key.
+
+    `lora_matrix`: the entries of the largest LoRA matrix of a LoRA period (0 in a full one);
+    `ranks_per_node`: the ranks on one node (default: all of them on one). Why the ZeRO-3 values
+    are what they are: docs/zero3.md, "ds_configs/zero3.json"."""
     ds = copy.deepcopy(ds)
     accum = accumulation_steps(cfg, world_size)
     top = {
@@ -55,12 +74,18 @@ def fill_ds_config(ds: dict, cfg: Config, world_size: int, hidden_size: int, dty
     if dtype in ("bf16", "fp16") and not ds.get(dtype, {}).get("enabled"):
         ds[dtype] = {"enabled": True}
     zero = ds.setdefault("zero_optimization", {"stage": 0})
+    per_node = ranks_per_node or world_size
     buckets = {
         # Hugging Face's conventions for ZeRO buckets, from the hidden size.
         "reduce_bucket_size": hidden_size * hidden_size,
         "allgather_bucket_size": hidden_size * hidden_size,
         "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-        "stage3_param_persistence_threshold": 10 * hidden_size,
+        # Norms stay whole on every rank (HF's 10 x hidden), and in a LoRA period the LoRA
+        # factors too: a few MB that would otherwise cost two small all-gathers each per step.
+        "stage3_param_persistence_threshold": max(10 * hidden_size, lora_matrix),
+        # ZeRO++ hierarchical partitioning: on several nodes, a second copy of each parameter
+        # partitioned within the node, so the backward's all-gathers stay on the node's links.
+        "zero_hpz_partition_size": per_node if world_size > per_node else 1,
     }
     for key, value in buckets.items():
         if zero.get(key) == "auto":

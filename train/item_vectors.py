@@ -186,7 +186,9 @@ def attach_item_input(model: nn.Module, tensors: dict[str, torch.Tensor], seed: 
     decoder = model.get_decoder()
     torch.manual_seed(seed)
     module = ItemVectorInput(tensors, model.config.hidden_size)
-    module.to(model.dtype)
+    # Beside the embedding it adds to: its device (a model loaded onto a GPU, or spread over
+    # several by accelerate) and the model's dtype.
+    module.to(device=next(decoder.get_input_embeddings().parameters()).device, dtype=model.dtype)
     if "proj" in tensors:
         with torch.no_grad():
             module.proj.weight.copy_(tensors["proj"])

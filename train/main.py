@@ -138,6 +138,7 @@ def check_inputs(args):
                 "a run adds them from period 0 on, or never (set model.item_vectors=0)"
             )
     accumulation_steps(cfg, int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1))
+    check_device(run, period)
     if not args.eval_only and not args.restart_period:
         check_resume(run, period, cfg)
     if args.eval_only:
@@ -145,6 +146,55 @@ def check_inputs(args):
         if not os.path.isdir(export):
             raise ConfigError(f"--eval_only needs period {period}'s export ({export}); train the period first")
     return cfg, ds_template, manifest, run, period
+
+
+ALLOW_CPU = "PESO_ALLOW_CPU"  # set to 1 to train on the CPU although GPUs were given or used before
+
+
+def gpus_given(environ=os.environ) -> str | None:
+    """The GPUs this process was given by its launcher or by SLURM, as they were named (None: none)."""
+    visible = environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible and visible not in ("-1", "NoDevFiles"):
+        return f"CUDA_VISIBLE_DEVICES={visible}"
+    for key in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE"):
+        if environ.get(key, "").strip() not in ("", "0"):
+            return f"{key}={environ[key]}"
+    return None
+
+
+def check_device(run, period: int) -> None:
+    """A GPU run never goes on silently on the CPU (fp32 and gloo, a thousand times slower): not
+    when this process was given GPUs that torch cannot use (a CPU build of torch, no driver),
+    and not when an earlier period of the run trained on GPUs (a resubmitted job that lost its
+    GPUs). PESO_ALLOW_CPU=1 allows it."""
+    from train.config import ConfigError
+
+    if os.environ.get(ALLOW_CPU) == "1":
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    fix = f"; to train on the CPU anyway, set {ALLOW_CPU}=1"
+    given = gpus_given()
+    if given:
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU build"
+        raise ConfigError(
+            f"this process was given GPUs ({given}) but torch {torch.__version__} ({build}) sees none: "
+            f"install a CUDA build of torch, or check the driver (nvidia-smi){fix}"
+        )
+    for t in range(period + 1):
+        try:
+            with open(os.path.join(run.period_dir(t), "config.json")) as f:
+                device = json.load(f).get("device")
+        except FileNotFoundError:
+            continue
+        if device == "cuda":
+            raise ConfigError(
+                f"period {t} of {run.root} trained on GPUs, and this process sees none: a job without "
+                f"its GPUs (a resubmission that did not ask for them?) would go on on the CPU; run "
+                f"period {period} where the GPUs are{fix}"
+            )
 
 
 def check_resume(run, period: int, cfg) -> None:

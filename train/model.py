@@ -32,21 +32,36 @@ from train.shapes import shape_config
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+SHARD_SIZE = "2GB"  # safetensors shards of a written backbone: the most host memory one shard costs
+
+
 def build_shape_backbone(cfg: Config, run: RunFolder, tokenizer, dtype: str, strategy) -> None:
-    """Rank 0 writes the random-weight backbone of `model.shape` once; the others wait."""
+    """Rank 0 writes the random-weight backbone of `model.shape` once; the others wait. It is
+    built on rank 0's device, directly in the compute dtype (8B in bf16: 16 GB on the GPU, not
+    48 GB of host memory for an fp32 build and its cast), and written shard by shard."""
     if strategy.is_rank0 and not os.path.isfile(os.path.join(run.base_dir, "config.json")):
         config = shape_config(
             cfg.model.shape, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
         )
         torch.manual_seed(cfg.model.seed)
-        model = LlamaForCausalLM(config).to(DTYPES[dtype])
+        with strategy.plain_loading(), torch.device(strategy.device):
+            model = LlamaForCausalLM._from_config(config, dtype=DTYPES[dtype])
         with written_aside("cannot write the run's backbone", run.base_dir) as tmp:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
+        del model
+        if strategy.cuda:
+            torch.cuda.empty_cache()
     strategy.barrier()
 
 
 def hidden_size(source: str) -> int:
     return AutoConfig.from_pretrained(source).hidden_size
+
+
+def largest_lora_matrix(source: str, r: int) -> int:
+    """Entries of the largest LoRA factor on a backbone: r x its widest projection's side."""
+    config = AutoConfig.from_pretrained(source)
+    return r * max(config.hidden_size, getattr(config, "intermediate_size", 0) or 0)
 
 
 def init_new_token_rows(strategy, model: torch.nn.Module, first_new: int, seed: int) -> None:
@@ -67,12 +82,33 @@ def init_new_token_rows(strategy, model: torch.nn.Module, first_new: int, seed: 
             weight[first_new:] = rows.to(weight.dtype)
 
 
+def rope_in_fp32(model: torch.nn.Module) -> int:
+    """Rotary embeddings whose inverse frequencies came out in another dtype than fp32 get them
+    rebuilt in fp32; returns how many. transformers before 5.24 builds a model under ZeRO-3's
+    `zero.Init`, which casts `torch.arange` to the training dtype, so in bf16 the frequencies were
+    rounded (an error of up to 0.2% of each, times the position) and ZeRO-3 trained on other
+    positions than ZeRO-2 or the exported model; 5.24 guards the arange (transformers'
+    `prevent_arange_dtype_change`). The module is built again outside zero.Init, from its config."""
+    fixed = 0
+    for module in model.modules():
+        inv = getattr(module, "inv_freq", None)
+        if not isinstance(inv, torch.Tensor) or inv.dtype == torch.float32 or not hasattr(module, "config"):
+            continue
+        fresh = type(module)(module.config)
+        for name in ("inv_freq", "original_inv_freq"):
+            if isinstance(getattr(module, name, None), torch.Tensor):
+                setattr(module, name, getattr(fresh, name).to(inv.device))
+        fixed += 1
+    return fixed
+
+
 def load_backbone(strategy, source: str, cfg: Config, dtype: str, vocab_size: int) -> torch.nn.Module:
     if not os.path.isfile(os.path.join(source, "config.json")):
         raise FileNotFoundError(f"{source} is not a Hugging Face model folder (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=DTYPES[dtype], attn_implementation=cfg.model.attn_implementation
     )
+    rope_in_fp32(model)
     rows = model.get_input_embeddings().num_embeddings
     if rows < vocab_size:
         # New rows for the item code tokens (they are trained every period).
@@ -131,6 +167,21 @@ def apply_lora(model: torch.nn.Module, cfg: Config, code_token_ids: list[int], s
     )
     torch.manual_seed(seed)
     return peft.get_peft_model(model, lora)
+
+
+def hold_trainable_in(model: torch.nn.Module, dtype: str) -> None:
+    """The precision policy, the same under every ZeRO stage (docs/precision.md): every parameter
+    of the model, frozen or trainable, is held in the compute dtype; DeepSpeed's optimizer keeps
+    an fp32 master copy of each trainable one and updates it in fp32. peft upcasts its adapters
+    (and the code-token rows) to fp32 and the item-vector projection follows the model's dtype:
+    under ZeRO-3 a bf16 model with fp32 adapters beside a bf16 projection fails in
+    `deepspeed.initialize` (every trainable partition must share one dtype), and under ZeRO-2
+    DeepSpeed casts every parameter to bf16 anyway. So the trainable parameters are cast here,
+    before DeepSpeed sees them."""
+    target = DTYPES[dtype]
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != target:
+            param.data = param.data.to(target)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

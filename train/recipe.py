@@ -15,7 +15,7 @@ import shutil
 from data_tools.dataset import atomic_write_json
 from train.checkpoint import Checkpointer
 from train.config import accumulation_steps
-from train.data import WindowData
+from train.data import WindowData, prepare_sequence_chunks, sequence_chunks_dir
 from train.ds_config import fill_ds_config, resolve_dtype
 from train.evaluate import Evaluator
 from train.exit_codes import EXIT_REQUEUE
@@ -35,6 +35,8 @@ from train.model import (
     apply_lora,
     build_shape_backbone,
     hidden_size,
+    hold_trainable_in,
+    largest_lora_matrix,
     load_adapter_weights,
     load_backbone,
     load_full_weights,
@@ -43,8 +45,9 @@ from train.model import (
 from train.plan import PeriodPlan
 from train.regularizers import make_regularizer
 from train.schedule import make_optimizer, make_scheduler
+from train.stop import StopRequest, StopRequested
 from train.strategy import DeepSpeedStrategy
-from train.trainer import Progress, StopRequested, Trainer
+from train.trainer import Progress, Trainer
 from train.vocab import load_vocab
 
 log = logging.getLogger(__name__)
@@ -103,7 +106,14 @@ class PeriodRecipe:
         if cfg.model.shape and plan.period == 0:
             build_shape_backbone(cfg, self.run_folder, tokenizer, self.dtype, strategy)
         self.ds_config = fill_ds_config(
-            self.ds_template, cfg, strategy.world_size, hidden_size(plan.backbone), self.dtype, plan.lr
+            self.ds_template,
+            cfg,
+            strategy.world_size,
+            hidden_size(plan.backbone),
+            self.dtype,
+            plan.lr,
+            lora_matrix=0 if plan.full else largest_lora_matrix(plan.backbone, cfg.lora.r),
+            ranks_per_node=strategy.ranks_per_node,
         )
         strategy.use_ds_config(self.ds_config)  # before from_pretrained: ZeRO-3 loads partitioned
         model = load_backbone(strategy, plan.backbone, cfg, self.dtype, len(tokenizer))
@@ -117,6 +127,7 @@ class PeriodRecipe:
                 item_input_of(model).proj.requires_grad_(True)  # trains every period, like the code rows
             if plan.start_adapter:
                 load_adapter_weights(strategy, model, plan.start_adapter)
+        hold_trainable_in(model, self.dtype)
         self.regularizer = make_regularizer(cfg, plan, self.run_folder, model, strategy)
         self.model = model
 
@@ -135,6 +146,10 @@ class PeriodRecipe:
     def _engine(self) -> None:
         """The rank's data and the DeepSpeed engine."""
         cfg, plan, strategy = self.cfg, self.plan, self.strategy
+        chunks = None
+        if cfg.data.objective == "sequence":
+            chunks = sequence_chunks_dir(self.run_folder.period_dir(plan.period), cfg.data.max_history)
+            prepare_sequence_chunks(cfg.data.path, self.manifest, plan.period, cfg.data.max_history, chunks, strategy)
         self.data = WindowData(
             cfg.data.path,
             self.manifest,
@@ -144,6 +159,7 @@ class PeriodRecipe:
             rank=strategy.rank,
             world_size=strategy.world_size,
             accumulation=self.accumulation,
+            chunks=chunks,
         )
         self.total_steps = plan.total_steps(self.data.train_plan.steps)
         groups = param_groups(self.model, cfg.optim.weight_decay)
@@ -168,6 +184,8 @@ class PeriodRecipe:
         self.logger = MetricsLogger(run.root, strategy.is_rank0, purge_step=purge_step)
         if strategy.is_rank0 and not plan.eval_only:
             self._record_config()
+        self.stop = StopRequest(strategy)
+        self.stop.install()
         self.trainer = Trainer(
             cfg=cfg,
             strategy=strategy,
@@ -188,8 +206,8 @@ class PeriodRecipe:
             plan=plan,
             regularizer=self.regularizer,
             total_steps=self.total_steps,
+            stop=self.stop,
         )
-        self.trainer.install_signal_handlers()
         self.evaluator = Evaluator(
             cfg=cfg,
             strategy=strategy,
@@ -199,14 +217,27 @@ class PeriodRecipe:
             period=plan.period,
             run=run,
             logger=self.logger,
+            stop=self.stop,
+            dtype=self.dtype,
+            reuse_windows=not plan.eval_only,  # --eval_only evaluates from scratch
         )
 
     def _record_config(self) -> None:
         """Rank 0: periods/<t>/config.json (what a resume must match), TensorBoard's copy, a log line."""
         cfg, plan, strategy, train_plan = self.cfg, self.plan, self.strategy, self.data.train_plan
+        trainable = sorted(
+            {str(p.dtype).removeprefix("torch.") for p in self.engine.module.parameters() if p.requires_grad}
+        )
         atomic_write_json(
             os.path.join(self.run_folder.period_dir(plan.period), "config.json"),
-            {"config": cfg.to_dict(), "ds_config": self.ds_config, "world_size": strategy.world_size},
+            {
+                "config": cfg.to_dict(),
+                "ds_config": self.ds_config,
+                "world_size": strategy.world_size,
+                # where and in what the period trained: a later period refuses another device type
+                "device": strategy.device.type,
+                "precision": {"compute": self.dtype, "trainable": trainable},
+            },
         )
         self.logger.text(
             "config", {"period": plan.period, "config": cfg.to_dict(), "ds_config": self.ds_config}, self.step_offset
@@ -234,18 +265,28 @@ class PeriodRecipe:
         if not self.plan.full:
             load_adapter_weights(self.strategy, self.engine.module, self.plan.export_dir)
         load_item_input_weights(self.strategy, self.engine.module, self.plan.export_dir)
-        self.evaluator.evaluate(step=self.step_offset)
+        try:
+            self.evaluator.evaluate(step=self.step_offset)
+        except StopRequested:
+            log.info(f"period {self.plan.period}: evaluation stopped on a signal; rerun to evaluate again")
+            return EXIT_REQUEUE
         return 0
 
     def fit_and_evaluate(self) -> int:
-        plan, strategy, engine = self.plan, self.strategy, self.engine
+        """Train (or resume), then evaluate the export. A stop request in either returns
+        EXIT_REQUEUE: training has checkpointed where it stood; an evaluation resumes after its
+        last finished window, since the rerun's trainer finds the period's training finished."""
         try:
-            progress = self.trainer.fit()
+            return self._fit_and_evaluate()
         except StopRequested:
-            log.info(f"period {plan.period}: checkpointed on a signal; rerun to resume")
-            if strategy.is_rank0:
+            log.info(f"period {self.plan.period}: stopped on a signal, after a checkpoint; rerun to resume")
+            if self.strategy.is_rank0:
                 self.run_folder.save_state(phase="stopped")  # for a launcher that sees only torchrun's exit code (1)
             return EXIT_REQUEUE
+
+    def _fit_and_evaluate(self) -> int:
+        plan, strategy, engine = self.plan, self.strategy, self.engine
+        progress = self.trainer.fit()
         # Evaluate what was exported: the best epoch's weights, not necessarily the last epoch's.
         if plan.full:
             load_full_weights(strategy, engine.module, plan.export_dir)

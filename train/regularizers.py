@@ -15,9 +15,14 @@ M_prev is the adapter exported at the end of period t-1 (the period's anchor, al
 periods/<t>/anchor.safetensors). Exact under ZeRO-3: a LoRA weight is only whole while its
 module runs, so the term is computed in a forward hook on every lora_A / lora_B (never by
 reading the weights outside their forward, which is silently 0 with partitioned parameters).
-Non-reentrant gradient checkpointing runs those hooks again during recomputation; they then
-compute the same ops (so the saved-tensor counts match) but only the first, real forward adds
-its terms (docs/zero3.md, "Gradient checkpointing", Fix 1).
+
+The hooks only copy each factor (two operations); the distances are computed after the
+forward, every matrix of one size in one batched softmax, so the term costs tens of kernels per
+step, not a score per matrix (448 matrices at 8B). Outside a training forward the hooks return
+at once (validation, beam search and the recomputation of non-reentrant gradient checkpointing
+run them too): the copy saves nothing for the backward, so a recomputation that skips it finds
+the checkpoint's saved tensors as they were (docs/zero3.md, "Gradient checkpointing"). The
+anchor's targets live on the rank's device, stacked once: no copy per step.
 """
 
 from __future__ import annotations
@@ -51,64 +56,86 @@ def lora_factors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class ProximalTerm:
-    """Distance of the live LoRA factors to the anchor's, collected during the forward."""
+    """Distance of the live LoRA factors to the anchor's. Each factor is copied (in fp32) in a
+    forward hook, where it is whole; `term()` then computes every matrix's distance at once, in
+    one batch per shape, on the rank's device."""
 
-    def __init__(self, model: nn.Module, anchor: dict[str, torch.Tensor], kind: str, reduce: str):
+    def __init__(
+        self, model: nn.Module, anchor: dict[str, torch.Tensor], kind: str, reduce: str, device: torch.device = None
+    ):
         self.kind, self.reduce = kind, reduce
         self.collecting = False
-        self.terms: list[torch.Tensor] = []
+        self.seen: dict[str, torch.Tensor] = {}  # matrix -> its entries in this forward, fp32, flat
         layers = lora_layers(model)
         self.n_layers = len(layers)
         self.handles = []
-        missing = []
+        targets, missing = {}, []
         for name, layer in layers.items():
             for which in ("lora_A", "lora_B"):
                 key = f"{name}.{which}.weight"
                 if key not in anchor:
                     missing.append(key)
                     continue
-                ref = anchor[key].float()
+                ref = anchor[key].to(device or "cpu", torch.float32).reshape(-1)
                 # KL needs log softmax(vec M_prev) (fixed: computed once); L2 needs M_prev.
-                target = torch.log_softmax(ref.reshape(-1), 0) if kind == "kl" else ref
-                self.handles.append(layer.__getattr__(which)["default"].register_forward_hook(self._hook(target)))
+                targets[key] = torch.log_softmax(ref, 0) if kind == "kl" else ref
+                self.handles.append(layer.__getattr__(which)["default"].register_forward_hook(self._hook(key)))
         if missing:
             raise ValueError(
                 f"the anchor lacks {len(missing)} LoRA matrices (first: {missing[0]}); "
                 "was the previous period trained with other lora.targets?"
             )
+        # Matrices of one size share a batch: [matrices, entries] targets, stacked once.
+        self.groups: dict[int, list[str]] = {}
+        for key, target in targets.items():
+            self.groups.setdefault(target.numel(), []).append(key)
+        self.targets = {n: torch.stack([targets[k] for k in keys]) for n, keys in self.groups.items()}
 
-    def _hook(self, target: torch.Tensor):
+    def _hook(self, key: str):
         def hook(module, inputs, output):
+            if not self.collecting:
+                return
             weight = module.weight
             if hasattr(weight, "ds_numel") and weight.numel() != weight.ds_numel:
                 raise RuntimeError(
                     "a LoRA weight is partitioned inside its own forward; the proximal term would be wrong"
                 )
-            entries = weight.float().reshape(-1)  # vec M, in fp32
-            reference = target.to(entries.device)
-            if self.kind == "kl":
-                logp = torch.log_softmax(entries, 0)
-                distance = (logp.exp() * (logp - reference)).sum()
-            else:
-                distance = (entries - reference.reshape(-1)).pow(2).sum()
-            if self.collecting:
-                self.terms.append(distance)
+            # A copy: under ZeRO-3 the gathered weight's storage is released (and reused) once the
+            # module is done. Copying saves nothing for the backward, so a checkpoint's
+            # recomputation, where this returns at once, finds the same saved tensors.
+            self.seen[key] = weight.to(torch.float32, copy=True).reshape(-1)
 
         return hook
 
     @contextlib.contextmanager
     def collect(self):
-        self.terms = []
+        self.seen = {}
         self.collecting = True
         try:
             yield
         finally:
             self.collecting = False
 
+    def distances(self) -> torch.Tensor:
+        """[matrices]: each collected matrix's distance to its anchor, in `self.groups` order."""
+        missing = [k for keys in self.groups.values() for k in keys if k not in self.seen]
+        if missing:
+            raise RuntimeError(
+                f"{len(missing)} LoRA matrices were not seen in the forward (first: {missing[0]}): "
+                "was it run inside collect()?"
+            )
+        out = []
+        for n, keys in self.groups.items():
+            entries = torch.stack([self.seen[k] for k in keys])  # [matrices, n]
+            if self.kind == "kl":
+                logp = torch.log_softmax(entries, 1)
+                out.append((logp.exp() * (logp - self.targets[n])).sum(1))
+            else:
+                out.append((entries - self.targets[n]).pow(2).sum(1))
+        return torch.cat(out)
+
     def term(self) -> torch.Tensor:
-        if not self.terms:
-            raise RuntimeError("no proximal terms were collected: was the forward run inside collect()?")
-        total = torch.stack(self.terms).sum()
+        total = self.distances().sum()
         return total / self.n_layers if self.reduce == "mean" else total
 
 
@@ -146,7 +173,8 @@ def attach_frozen_adapters(model: nn.Module, adapter_dirs: list[str]) -> int:
     count = 0
     for name, layer in lora_layers(model).items():
         factors = [(s[f"{name}.lora_A.weight"].float(), s[f"{name}.lora_B.weight"].float()) for s in states]
-        frozen = FrozenLoraSum(factors, layer.scaling["default"]).to(layer.lora_A["default"].weight.dtype)
+        live = layer.lora_A["default"].weight  # the frozen sum sits beside it: its device and dtype
+        frozen = FrozenLoraSum(factors, layer.scaling["default"]).to(device=live.device, dtype=live.dtype)
         layer.add_module("frozen_sum", frozen)  # a child module: ZeRO-3 sees and partitions it
         layer.register_forward_hook(lambda mod, inputs, out: out + mod.frozen_sum(inputs[0]).to(out.dtype))
         count += 1
@@ -170,4 +198,4 @@ def make_regularizer(cfg, plan, run, model: nn.Module, strategy) -> ProximalTerm
     anchor = lora_factors(load_file(os.path.join(plan.anchor, "adapter_model.safetensors")))
     if strategy.is_rank0:
         atomic_write_bytes(run.anchor_path(plan.period), save(anchor))
-    return ProximalTerm(model, anchor, "kl" if name == "peso" else "l2", cfg.method.reduce)
+    return ProximalTerm(model, anchor, "kl" if name == "peso" else "l2", cfg.method.reduce, device=strategy.device)

@@ -15,6 +15,7 @@ import os
 import torch
 
 from train.launch_env import free_port, tasks_per_node
+from train.placement import misplaced, move_to
 
 
 def _quiet_cpu_accelerator() -> None:
@@ -45,18 +46,36 @@ def _single_process_env() -> None:
         os.environ.setdefault("MASTER_PORT", str(free_port("127.0.0.1")))
 
 
+def device_index(local_rank: int, visible: int) -> int:
+    """The GPU of a rank among those its process sees. Every GPU of the node is visible under the
+    deepspeed launcher, torchrun and `srun --gpus-per-node`: the rank's local index. Under
+    `srun --gpus-per-task=1` each task sees only its own GPU (SLURM sets CUDA_VISIBLE_DEVICES per
+    task), as device 0; with k per task, the local rank picks one of its k."""
+    return local_rank if local_rank < visible else local_rank % visible
+
+
+def _gpu_of_this_rank() -> None:
+    """LOCAL_RANK names the rank's GPU for DeepSpeed as well (its engine and zero.Init place
+    tensors on `cuda:<LOCAL_RANK>`), so where the process sees fewer GPUs than its local rank
+    (one GPU per task) it becomes the index of the GPU this rank uses."""
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        os.environ["LOCAL_RANK"] = str(device_index(local, torch.cuda.device_count()))
+
+
 class DeepSpeedStrategy:
     def __init__(self, timeout_minutes: int = 30):
         _env_from_slurm()
         _single_process_env()
+        _gpu_of_this_rank()
         _quiet_cpu_accelerator()
         import deepspeed
 
         self.cuda = torch.cuda.is_available()
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if self.cuda:
-            torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
             # Ranks share the cores: one BLAS pool each unless the user chose (torchrun sets 1).
@@ -73,6 +92,8 @@ class DeepSpeedStrategy:
         self.comm = comm
         self.rank = comm.get_rank()
         self.world_size = comm.get_world_size()
+        # torchrun and srun (train/strategy.py) set LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
+        self.ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or self.world_size)
         self.ds_config: dict | None = None
         self._hf_ds_config = None
         self.engine = None
@@ -114,8 +135,27 @@ class DeepSpeedStrategy:
             config=self.ds_config,
         )
         engine.checkpoint_engine = _safe_checkpoint_engine(engine.checkpoint_engine)
+        move_to(engine.module, self.device)
+        offloaded = self.ds_config.get("zero_optimization", {}).get("offload_param", {}).get("device") == "cpu"
+        wrong = misplaced(engine.module, self.device, offloaded_params=offloaded)
+        if wrong:
+            raise RuntimeError(f"{len(wrong)} tensors of the model are not on {self.device} (first: {wrong[:3]})")
         self.engine = engine
         return engine
+
+    @contextlib.contextmanager
+    def plain_loading(self):
+        """`from_pretrained` builds a whole model on this rank inside the block, not a ZeRO-3
+        partition (transformers partitions while an HfDeepSpeedConfig is alive): an evaluation
+        replica, a model read for comparison."""
+        from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            if self._hf_ds_config is not None:
+                set_hf_deepspeed_config(self._hf_ds_config)
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A batch's tensors on this rank's device."""
@@ -134,6 +174,12 @@ class DeepSpeedStrategy:
 
     # ---- collectives --------------------------------------------------------------------------
 
+    def all_reduce_sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` (on this rank's device) summed over the ranks, in place; no read-back to the host."""
+        if self.world_size > 1:
+            self.comm.all_reduce(t, op=self.comm.ReduceOp.SUM)
+        return t
+
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         if self.world_size > 1:
@@ -147,6 +193,14 @@ class DeepSpeedStrategy:
         out = [None] * self.world_size if self.is_rank0 else None
         torch.distributed.gather_object(obj, out, dst=0)
         return out
+
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` (picklable) on every rank (collective): one decision for all."""
+        if self.world_size == 1:
+            return obj
+        box = [obj if self.is_rank0 else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
 
     def any(self, flag: bool) -> bool:
         """True on every rank if it is true on any rank (a decision all ranks must share)."""

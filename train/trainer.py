@@ -8,8 +8,16 @@ stops after that many epochs without a better one (`schedule.epochs`, or
 `schedule.period0_epochs` in period 0, is the cap). A micro-batch whose loss is not finite on any rank
 is skipped on every rank (no backward, and it does not count toward the accumulation window,
 so the optimizer step waits for the next good micro-batch), counted, and too many in a row stop
-the run with an error. SIGUSR1 or SIGTERM (a SLURM time limit or preemption) makes
-every rank checkpoint at the next step boundary and exit with EXIT_REQUEUE (train/exit_codes.py).
+the run with an error.
+
+A stop request (SIGUSR1 or SIGTERM: a SLURM time limit or preemption, train/stop.py) is honoured
+at the next optimizer step, between validation batches and before an export: every rank saves a
+checkpoint of where it stands (a validation loss already computed is kept in it, so a resumed
+run goes on with the export) and the period exits with EXIT_REQUEUE (train/exit_codes.py).
+
+One read-back from the device per micro-batch: a single all-reduce of [non-finite?, stop
+requested?, cross-entropy, proximal term] tells every rank whether to step and carries what the
+log averages; validation losses stay on the device until the pass ends.
 """
 
 from __future__ import annotations
@@ -18,7 +26,6 @@ import contextlib
 import logging
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 
@@ -28,16 +35,13 @@ from data_tools.progress import progress_bar
 from train.checkpoint import Checkpointer
 from train.loss import IGNORE, lm_loss
 from train.metrics import Pace, Throughput, memory_stats
+from train.stop import StopRequest, StopRequested
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-class StopRequested(Exception):
-    """Raised after the checkpoint that a SIGUSR1/SIGTERM asked for."""
 
 
 @dataclass
@@ -53,6 +57,20 @@ class Progress:
     val_losses: list = field(default_factory=list)
     stopped_early: bool = False  # `schedule.patience` epochs without a better validation loss
     finished: bool = False  # the last epoch's end (validation, export) is done
+    epoch_val: float | None = None  # the validation loss of `epoch`, once computed (before its export)
+
+
+STOP_CHECK_EVERY = 8  # validation batches between two looks at a stop request (each is a collective)
+
+
+@dataclass(frozen=True)
+class MicroStep:
+    """What one micro-batch leaves for the loop, the same on every rank."""
+
+    ce: float  # cross-entropy, mean over ranks
+    proximal: float | None  # the proximal term (mean over ranks), or None without a regularizer
+    skipped: bool  # a non-finite loss on some rank: no backward, no step
+    stop: bool  # some rank got a stop request
 
 
 class Trainer:
@@ -72,6 +90,7 @@ class Trainer:
         plan,
         regularizer=None,
         total_steps: int,
+        stop: StopRequest,
     ):
         self.cfg, self.strategy, self.engine, self.data = cfg, strategy, engine, data
         self.checkpointer, self.export, self.logger, self.flops = checkpointer, export, logger, flops
@@ -79,53 +98,74 @@ class Trainer:
         self.step_offset, self.period, self.epochs = step_offset, plan.period, plan.epochs
         self.regularizer = regularizer
         self.total_steps = total_steps
-        self.stop_signal = False
+        self.stop = stop
         self._nan_at = {
             int(x) for x in os.environ.get("PESO_FAULT_NAN_AT", "").split(",") if x
         }  # fault injection for tests
 
-    # ---- signals ----------------------------------------------------------------------------
-
-    def _on_signal(self, signum, frame):
-        self.stop_signal = True
-
-    def install_signal_handlers(self) -> None:
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
-
     # ---- one micro-batch --------------------------------------------------------------------
 
-    def _micro_step(self, batch: dict, micro_index: int) -> tuple[float, float | None, bool]:
+    def _micro_step(self, batch: dict, micro_index: int) -> MicroStep:
+        self.stop.fault_point(f"train:{micro_index}")
         batch = self.strategy.to_device(batch)
         with self.regularizer.collect() if self.regularizer is not None else contextlib.nullcontext():
             ce_sum, count = lm_loss(self.engine, batch, self.cfg.method.temperature)
         ce = ce_sum / count.clamp(min=1)
         loss, proximal = ce, None
         if self.regularizer is not None:
-            term = self.regularizer.term()
-            loss = ce + self.cfg.method.lam * term
-            proximal = float(term.detach())
+            proximal = self.regularizer.term()
+            loss = ce + self.cfg.method.lam * proximal
         if micro_index in self._nan_at and self.strategy.is_rank0:
             loss = loss * float("nan")
-        skip = self.strategy.any(not bool(torch.isfinite(loss.detach())))
+        # The one read-back of the micro-batch: summed over ranks, in one collective.
+        zero = ce.new_zeros(())
+        nonfinite, stop, ce_sum_ranks, proximal_sum_ranks = self.strategy.all_reduce_sum_tensor(
+            torch.stack(
+                [
+                    (~torch.isfinite(loss.detach())).to(ce.dtype),
+                    zero + float(self.stop.signalled),
+                    ce.detach(),
+                    zero if proximal is None else proximal.detach().to(ce.dtype),
+                ]
+            )
+        ).tolist()
+        skip = nonfinite > 0
         if not skip:
             self.engine.backward(loss)
             self.engine.step()
-        return float(ce.detach()), proximal, skip
+        world = self.strategy.world_size
+        return MicroStep(
+            ce=ce_sum_ranks / world,
+            proximal=None if proximal is None else proximal_sum_ranks / world,
+            skipped=skip,
+            stop=stop > 0,
+        )
 
     # ---- validation -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def validate(self) -> float:
+    def validate(self, progress: Progress) -> float:
+        """The validation loss over every rank's share of the split. A stop request is looked at
+        every STOP_CHECK_EVERY batches (a collective: the same batches on every rank); the
+        checkpoint then holds the finished epoch, whose end a resumed run does again."""
         self.engine.eval()
-        total = count = 0.0
-        for batch in self.data.valid():
+        total = torch.zeros((), dtype=torch.float64, device=self.strategy.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.strategy.device)
+        for k, batch in enumerate(self.data.valid()):
+            if k and k % STOP_CHECK_EVERY == 0 and self.stop.agreed():
+                self.engine.train()
+                self._stop_here(progress)
             loss_sum, labelled = lm_loss(self.engine, self.strategy.to_device(batch), self.cfg.method.temperature)
-            total += float(loss_sum)
-            count += float(labelled)
+            total += loss_sum
+            count += labelled
         self.engine.train()
-        total, count = self.strategy.all_reduce_sum([total, count])
+        total, count = self.strategy.all_reduce_sum_tensor(torch.stack([total, count])).tolist()
         return total / max(count, 1.0)
+
+    def _stop_here(self, progress: Progress) -> None:
+        """Every rank agreed to stop: checkpoint where the period stands, then StopRequested."""
+        self.checkpointer.save(self.engine, self.engine.global_steps, self._client_state(progress))
+        raise StopRequested()
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -174,10 +214,10 @@ class Trainer:
             batch = next(loader)
             waited = time.perf_counter() - t0
             steps_before = engine.global_steps
-            ce, proximal, skipped = self._micro_step(batch, progress.epoch * epoch_plan.micro_batches + progress.micro)
+            micro = self._micro_step(batch, progress.epoch * epoch_plan.micro_batches + progress.micro)
             progress.micro += 1
             progress.samples_seen += batch["input_ids"].shape[0] * strategy.world_size  # equal batches on every rank
-            if skipped:
+            if micro.skipped:
                 progress.nonfinite_skipped += 1
                 bad_in_a_row += 1
                 if bad_in_a_row > cfg.optim.max_nonfinite_in_a_row:
@@ -187,9 +227,9 @@ class Trainer:
                     )
             else:
                 bad_in_a_row = 0
-                losses.append(ce)
-                if proximal is not None:
-                    proximals.append(proximal)
+                losses.append(micro.ce)
+                if micro.proximal is not None:
+                    proximals.append(micro.proximal)
             tokens = int(batch["attention_mask"].sum())
             meter.add(
                 tokens,
@@ -206,14 +246,17 @@ class Trainer:
                 self._log(step, losses, proximals, meter, progress)
                 losses, proximals = [], []
                 meter.reset()
-            stop = strategy.any(self.stop_signal)
-            if stop or step % cfg.checkpoint.every_steps == 0:
+            if micro.stop or step % cfg.checkpoint.every_steps == 0:
                 self.checkpointer.save(engine, step, self._client_state(progress))
-            if stop:
+            if micro.stop:
                 raise StopRequested()
 
     def _end_epoch(self, progress: Progress) -> None:
-        val = self.validate()
+        if progress.epoch_val is None:
+            progress.epoch_val = self.validate(progress)
+            if self.stop.agreed():  # before the export: a resumed run keeps this validation loss
+                self._stop_here(progress)
+        val, progress.epoch_val = progress.epoch_val, None
         progress.val_losses.append(val)
         step = self.engine.global_steps
         self.logger.scalars({"val/loss": val, "val/epoch": progress.epoch}, self.step_offset + step)
@@ -238,10 +281,11 @@ class Trainer:
         self.checkpointer.save(self.engine, step, self._client_state(progress))
 
     def _log(self, step: int, losses: list, proximals: list, meter: Throughput, progress: Progress) -> None:
-        local = [sum(losses), len(losses), sum(proximals), len(proximals)]
-        total_ce, n_ce, total_proximal, n_proximal = self.strategy.all_reduce_sum(local)
+        """`losses`, `proximals`: the micro-batches' values since the last log point, already
+        averaged over ranks."""
+        n_proximal = len(proximals)
         values = {
-            "train/loss_ce": total_ce / n_ce if n_ce else math.nan,
+            "train/loss_ce": sum(losses) / len(losses) if losses else math.nan,
             "train/lr": self.engine.get_lr()[0],
             "train/grad_norm": self.engine.get_global_grad_norm(),
             "train/nonfinite_skipped": progress.nonfinite_skipped,
@@ -252,7 +296,7 @@ class Trainer:
             **memory_stats(self.strategy.cuda),
         }
         if n_proximal:
-            values["train/proximal"] = total_proximal / n_proximal
+            values["train/proximal"] = sum(proximals) / n_proximal
             values["train/loss"] = values["train/loss_ce"] + self.cfg.method.lam * values["train/proximal"]
         else:
             values["train/loss"] = values["train/loss_ce"]

@@ -382,3 +382,20 @@ def test_patience_ends_a_period_and_period0_has_its_own_epoch_cap(tmp_path, smal
     with open(os.path.join(run, "periods", "1", "train_summary.json")) as f:
         summary = json.load(f)
     assert summary["epochs_trained"] == 1 and not summary["stopped_early"]
+
+
+def test_each_rank_flushes_exactly_the_checkpoint_files_it_wrote(zero_runs):
+    """Every file of a 2-rank checkpoint has one rank to fsync it (O(ranks) syncs, not
+    O(ranks^2)): the per-rank ZeRO partitions and RNG states their rank's, the rest rank 0's."""
+    from train.checkpoint import COMPLETE, files_of_rank
+
+    for stage, run in zero_runs.items():
+        folder = os.path.join(run, "periods", "0", "ds_ckpt")
+        with open(os.path.join(folder, COMPLETE)) as f:
+            tag = os.path.join(folder, json.load(f)["tag"])
+        every = sorted(os.path.join(root, n) for root, _, names in os.walk(tag) for n in names)
+        mine = {rank: files_of_rank(tag, rank) for rank in (0, 1)}
+        assert sorted(mine[0] + mine[1]) == every and not set(mine[0]) & set(mine[1]), stage
+        names = {rank: sorted(os.path.basename(p) for p in paths) for rank, paths in mine.items()}
+        assert "rng-1.pt" in names[1] and any("zero_pp_rank_1_" in n for n in names[1]), names
+        assert all("rank_0_" in n or n in ("rng-0.pt", "mp_rank_00_model_states.pt") for n in names[0]), names

@@ -167,7 +167,9 @@ def test_checkpoint_on_a_full_disk_keeps_the_complete_one_whole(tmp_path):
     from train.checkpoint import COMPLETE, Checkpointer, tag_step
 
     folder = tmp_path / "ds_ckpt"
-    one_rank = SimpleNamespace(is_rank0=True, rank=0, world_size=1, barrier=lambda: None)
+    one_rank = SimpleNamespace(
+        is_rank0=True, rank=0, world_size=1, barrier=lambda: None, broadcast_object=lambda obj: obj
+    )
     ckpt, engine = Checkpointer(one_rank, str(folder), keep=2), _Engine()
     ckpt.save(engine, 200, {"epoch": 0})
     engine.full = True

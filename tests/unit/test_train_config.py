@@ -68,7 +68,20 @@ def test_ds_config_autos_are_filled_and_leftovers_are_errors(tmp_path):
         32,
     )
     assert ds["bf16"]["enabled"] is False and ds["gradient_clipping"] == 1.0
-    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 640
+    zero = ds["zero_optimization"]
+    assert zero["stage3_param_persistence_threshold"] == 640 and zero["zero_hpz_partition_size"] == 1
+    # A LoRA period keeps its LoRA factors whole (persistent); several nodes partition a second copy per node.
+    lora = fill_ds_config(
+        load_ds_config(os.path.join(REPO, "ds_configs", "zero3.json")),
+        load_config(TINY, ["schedule.global_batch_size=64", "data.micro_batch_size=4"]),
+        16,
+        64,
+        "bf16",
+        3e-4,
+        lora_matrix=8 * 172,
+        ranks_per_node=8,
+    )["zero_optimization"]
+    assert lora["stage3_param_persistence_threshold"] == 8 * 172 and lora["zero_hpz_partition_size"] == 8
     off = fill_ds_config(
         load_ds_config(os.path.join(REPO, "ds_configs", "zero3_offload.json")), cfg, 2, 64, "bf16", 3e-4
     )
@@ -118,6 +131,11 @@ def test_main_reports_errors_before_training(tmp_path, ml_indexed):
             "period 0 has no item vectors",
         ),
         (base + ["--data", ml_indexed, "model.item_vectors=-1"], None, "model.item_vectors must be 0 (off)"),
+        (  # a job given GPUs, with a torch that cannot use them (here: the CPU build)
+            base + ["--data", ml_indexed],
+            {"CUDA_VISIBLE_DEVICES": "0,1"},
+            "was given GPUs (CUDA_VISIBLE_DEVICES=0,1) but torch",
+        ),
     ]
     for args, env, message in cases:
         proc = _main(args, env)
@@ -125,6 +143,21 @@ def test_main_reports_errors_before_training(tmp_path, ml_indexed):
         assert message in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_a_run_that_trained_on_gpus_does_not_go_on_on_the_cpu(tmp_path, ml_indexed):
+    """A chain job that lost its GPUs must stop, not train the next period in fp32 on the CPU."""
+    run = tmp_path / "run"
+    (run / "periods" / "0").mkdir(parents=True)
+    (run / "periods" / "0" / "config.json").write_text(json.dumps({"config": {}, "device": "cuda"}))
+    args = ["--ds_config", os.path.join(REPO, "ds_configs", "zero2.json"), "--config", TINY, "--run", str(run)]
+    args += ["--data", ml_indexed, "--period", "1", "model.period0=lora", "eval.max_users=8"]
+    proc = _main(args, {"CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2 and "period 0 of" in proc.stderr and "trained on GPUs" in proc.stderr, proc.stderr
+    assert "PESO_ALLOW_CPU=1" in proc.stderr
+    # allowed explicitly, the same command gets past the check (and fails later for want of period 0's adapter)
+    proc = _main(args, {"CUDA_VISIBLE_DEVICES": "", "PESO_ALLOW_CPU": "1"})
+    assert "trained on GPUs" not in proc.stderr
 
 
 def test_main_requires_an_item_index(tmp_path, ml_indexed):

@@ -14,6 +14,7 @@ from data_tools.index.codes import load_item_index
 from data_tools.index.prompt import PromptTemplate
 from data_tools.index.tokenizer import ItemCodebook, add_code_tokens, train_sentencepiece_tokenizer
 from data_tools.reader import epoch_order, read_split, window_split
+from data_tools.sequences import ChunkFile, window_chunks, write_chunks
 from train.config import load_config
 from train.data import RankEpoch, ResponseSamples, WindowData
 from train.vocab import SampleEncoder
@@ -29,7 +30,7 @@ def vocab(small_dataset, tmp_path_factory):
 
 
 @pytest.mark.parametrize("objective", ["sequence", "response"])
-def test_batches_do_not_depend_on_workers_and_resume_where_they_stopped(small_dataset, vocab, objective):
+def test_batches_do_not_depend_on_workers_and_resume_where_they_stopped(small_dataset, vocab, objective, tmp_path):
     tok, book = vocab
     cfg = load_config(
         None, ["model.shape=tiny", f"data.objective={objective}", "data.micro_batch_size=4", "data.shuffle_buffer=50"]
@@ -37,9 +38,16 @@ def test_batches_do_not_depend_on_workers_and_resume_where_they_stopped(small_da
     encoder = SampleEncoder(tok, book, PromptTemplate(), 20, objective)
     manifest = load_manifest(small_dataset)
 
+    chunks = None
+    if objective == "sequence":  # what rank 0 writes into the period folder (prepare_sequence_chunks)
+        chunks = str(tmp_path / "chunks")
+        write_chunks(window_chunks(read_split(small_dataset, 0, "train"), 20), chunks)
+
     def batches(workers: int, rank: int, start: int = 0) -> tuple[list, WindowData]:
         cfg.data.num_workers = workers
-        data = WindowData(small_dataset, manifest, 0, cfg=cfg, encoder=encoder, rank=rank, world_size=2, accumulation=1)
+        data = WindowData(
+            small_dataset, manifest, 0, cfg=cfg, encoder=encoder, rank=rank, world_size=2, accumulation=1, chunks=chunks
+        )
         return [(b["input_ids"], b["targets"]) for b in data.train(epoch=1, start=start)], data
 
     def same(a: list, b: list) -> bool:
@@ -97,3 +105,13 @@ def test_the_epoch_order_is_the_streamed_order(small_dataset):
         order = epoch_order(len(everything), rank=rank, world_size=2, seed=5, epoch=epoch, shuffle_buffer=16)
         assert [everything[k]["key"] for k in order] == streamed
         assert streamed != sorted(streamed, key=[s["key"] for s in everything].index)  # it did shuffle
+
+
+def test_sequence_chunks_written_once_are_read_back_by_position(small_dataset, tmp_path):
+    """The chunk file that rank 0 writes gives any chunk by its position, exactly as built."""
+    built = window_chunks(read_split(small_dataset, 0, "train"), 20)
+    write_chunks(built, str(tmp_path / "chunks"))
+    chunks = ChunkFile(str(tmp_path / "chunks"))
+    assert len(chunks) == len(built) > 20
+    wanted = {0, 3, len(built) - 1, 7}
+    assert list(chunks.fetch(wanted)) == [(k, built[k]) for k in sorted(wanted)]
