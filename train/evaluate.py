@@ -32,15 +32,10 @@ left, as long as the export and the evaluation's settings are those the file was
 
 from __future__ import annotations
 
-import dataclasses
-import gc
 import json
 import logging
 import math
-import os
 import random
-import shutil
-import time
 from collections import Counter, defaultdict
 
 import torch
@@ -53,16 +48,16 @@ from data_tools.progress import progress_bar
 from data_tools.reader import iter_split, read_samples_at, split_size
 from data_tools.windows import GROUPS
 from train.data import collate
+from train.eval_replica import build_replica, release_memory, use_replica
+from train.eval_windows import FinishedWindows
 from train.loss import IGNORE, lm_loss
 from train.metrics import Pace
 from train.model import DTYPES
-from train.plan import export_dir, frozen_adapter_periods
 
 log = logging.getLogger(__name__)
 
 NEG = float("-inf")
 REPORT_EVERY_S = 60.0  # without a terminal: one progress line per minute of a window's evaluation
-REPLICA_SHARE = 0.5  # eval.replica auto: a replica if its bytes are at most this share of the free memory
 
 
 def rank_metrics(ranks: list[int | None], ks: list[int]) -> dict[str, float]:
@@ -512,11 +507,15 @@ class Evaluator:
         (what is finished is kept)."""
         cfg, strategy, period = self.cfg, self.strategy, self.period
         todo = [j for j in range(period + 1) if self.manifest["windows"][j]["stats"]["samples"]["test"] > 0]
-        key = self._window_key() if strategy.is_rank0 else None
-        saved = self._saved_windows(key, todo) if strategy.is_rank0 and self.reuse_windows else {}
+        finished = FinishedWindows(cfg, self.run, period)
+        key = finished.key(self.dtype, strategy.world_size) if strategy.is_rank0 else None
+        saved = finished.saved(key, todo) if strategy.is_rank0 and self.reuse_windows else {}
         reused = strategy.broadcast_object({j: w["result"] for j, w in saved.items()})
         windows, recommendations = {}, None
-        replica = len(reused) < len(todo) and self._use_replica() and self._replica_built()
+        replica = None
+        if len(reused) < len(todo) and use_replica(cfg.eval.replica, strategy, self.engine, self.dtype, period):
+            replica = build_replica(cfg, self.run, period, len(self.encoder.tokenizer), self.dtype, strategy)
+        self.model = replica or self.engine
         try:
             for j in todo:
                 if j in reused:
@@ -534,10 +533,12 @@ class Evaluator:
                         f"constrained decoding produced {windows[str(j)]['invalid_outputs']} invalid items in window {j}"
                     )
                 if strategy.is_rank0:
-                    self._save_window(j, key, windows[str(j)], recommendations if j == period else None)
+                    finished.save(j, key, windows[str(j)], recommendations if j == period else None)
         finally:
-            if replica:
-                self._free_replica()
+            if replica is not None:
+                self.model = replica = None
+                release_memory(strategy)
+            self.model = self.engine
         current = windows.get(str(period))
         result = {
             "period": period,
@@ -549,139 +550,8 @@ class Evaluator:
         }
         if strategy.is_rank0:
             self._write(result, recommendations, step)
-            shutil.rmtree(self._eval_dir(), ignore_errors=True)  # metrics.json holds them now
+            finished.clear()  # metrics.json holds them now
         return result
-
-    # ---- finished windows, kept across a stop -------------------------------------------------
-
-    def _eval_dir(self) -> str:
-        return os.path.join(self.run.period_dir(self.period), "eval")
-
-    def _window_path(self, window: int) -> str:
-        return os.path.join(self._eval_dir(), f"window-{window}.json")
-
-    def _window_key(self) -> dict:
-        """What a window's result depends on besides the data: the files of the period's export
-        (and of the frozen earlier adapters it adds), by size and mtime, and the settings of the
-        evaluation. A window file with another key is ignored."""
-        cfg, run, period = self.cfg, self.run, self.period
-        files = {}
-        for folder in [export_dir(cfg, run, period)] + [
-            run.adapter_dir(t) for t in frozen_adapter_periods(cfg, cfg.method.name, period)
-        ]:
-            for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-                path = os.path.join(folder, name)
-                if os.path.isfile(path):
-                    st = os.stat(path)
-                    files[path] = [st.st_size, st.st_mtime_ns]
-        key = {
-            "export": files,
-            "eval": dataclasses.asdict(cfg.eval),
-            "data": os.path.abspath(cfg.data.path),
-            "eval_batch_size": cfg.data.eval_batch_size,
-            "attn_implementation": cfg.model.attn_implementation,
-            "temperature": cfg.method.temperature,
-            "dtype": str(self.dtype),
-            "world_size": self.strategy.world_size,
-        }
-        return json.loads(json.dumps(key))  # as it reads back from a file
-
-    def _saved_windows(self, key: dict, windows: list[int]) -> dict[int, dict]:
-        """Rank 0: the window files that hold a result for this key."""
-        out = {}
-        for j in windows:
-            try:
-                with open(self._window_path(j)) as f:
-                    data = json.load(f)
-            except (OSError, ValueError):
-                continue
-            if data.get("key") == key and data.get("window") == j and (j != self.period or "recommendations" in data):
-                out[j] = data
-        return out
-
-    def _save_window(self, window: int, key: dict, result: dict, recommendations: list | None) -> None:
-        """Rank 0: a finished window's result (with the current window's recommendations), atomically."""
-        data = {"key": key, "window": window, "result": result}
-        if recommendations is not None:
-            data["recommendations"] = sorted((r for part in recommendations for r in part), key=lambda r: r["user"])
-        os.makedirs(self._eval_dir(), exist_ok=True)
-        atomic_write_bytes(self._window_path(window), json.dumps(data).encode())
-
-    # ---- the replica --------------------------------------------------------------------------
-
-    def _use_replica(self) -> bool:
-        """Whether this evaluation runs on a replica (the same answer on every rank: collective
-        under eval.replica auto). Only under ZeRO-3: at stages 0-2 the engine's model is whole."""
-        mode, strategy = self.cfg.eval.replica, self.strategy
-        if strategy.zero_stage != 3 or mode == "never":
-            return False
-        if mode == "always":
-            return True
-        if not strategy.cuda:
-            log.info(
-                f"period {self.period}: evaluating with the sharded engine (eval.replica auto: no replica on the "
-                "CPU, whose ranks share one host's memory; eval.replica=always makes one)"
-            )
-            return False
-        need, free = self._replica_bytes(), free_memory(strategy)
-        use = not strategy.any(need > REPLICA_SHARE * free)
-        log.info(
-            f"period {self.period}: the model takes {need / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB free on rank 0's "
-            "GPU: evaluating with "
-            + (
-                "a replica on every rank"
-                if use
-                else "the sharded engine (a replica needs at most half the free memory on every rank)"
-            )
-        )
-        return use
-
-    def _replica_bytes(self) -> int:
-        """The whole model's parameters in the compute dtype, and its buffers."""
-        module = getattr(self.engine, "module", self.engine)
-        size = torch.empty((), dtype=self.dtype).element_size()
-        params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters()) * size
-        return params + sum(b.numel() * b.element_size() for b in module.buffers())
-
-    def _build_replica(self) -> torch.nn.Module:
-        """The period's model from its export, whole on this rank's device, every parameter in the
-        compute dtype, loaded straight to the device (not partitioned: strategy.plain_loading)."""
-        from train.recommender import load_period_model
-
-        t0 = time.perf_counter()
-        with self.strategy.plain_loading():
-            model = load_period_model(
-                self.run,
-                self.cfg,
-                self.period,
-                len(self.encoder.tokenizer),
-                dtype=self.dtype,
-                device=self.strategy.device,
-                attn_implementation=self.cfg.model.attn_implementation,
-            )
-        model.config.use_cache = False  # as the engine's: only the beam search keeps a cache
-        log.info(f"period {self.period}: the replica is built in {time.perf_counter() - t0:.1f} s")
-        return model
-
-    def _replica_built(self) -> bool:
-        """Build the replica on every rank; if any rank could not (out of memory, say), none uses
-        one (collective): the sharded engine evaluates, as without a replica."""
-        try:
-            self.model, error = self._build_replica(), None
-        except Exception as e:  # any failure: the engine can still evaluate
-            error = repr(e)  # not the exception: its frames would keep a half-built model alive
-            log.warning(f"period {self.period}: the evaluation replica failed on rank {self.strategy.rank}: {error}")
-        if self.strategy.any(error is not None):
-            log.warning(f"period {self.period}: no replica on some rank; evaluating with the sharded engine")
-            self._free_replica()
-            return False
-        return True
-
-    def _free_replica(self) -> None:
-        self.model = self.engine
-        gc.collect()
-        if self.strategy.cuda:
-            torch.cuda.empty_cache()
 
     def _write(self, result: dict, recommendations: list | None, step: int) -> None:
         """Rank 0: metrics.json, recommendations.jsonl, the eval/* scalars and the log lines."""
@@ -718,10 +588,3 @@ def _float_dtype(engine) -> torch.dtype:
     """The dtype of the model's first floating parameter (when no compute dtype is given)."""
     module = getattr(engine, "module", engine)
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
-
-
-def free_memory(strategy) -> int:
-    """Bytes free on this rank's GPU, after returning PyTorch's cached blocks to it."""
-    gc.collect()
-    torch.cuda.empty_cache()
-    return torch.cuda.mem_get_info(strategy.device)[0]

@@ -385,6 +385,7 @@ def test_rank0_scores_both_references_for_every_rank_as_each_rank_did(ml_dataset
 
 
 def test_a_window_file_counts_only_for_the_export_and_settings_it_was_computed_with(tmp_path, ml_dataset):
+    from train.eval_windows import FinishedWindows
     from train.run_folder import RunFolder
 
     run = RunFolder(str(tmp_path / "run"))
@@ -392,23 +393,27 @@ def test_a_window_file_counts_only_for_the_export_and_settings_it_was_computed_w
     os.makedirs(os.path.dirname(adapter))
     with open(adapter, "wb") as f:
         f.write(b"weights")
-    evaluator = _evaluator(ml_dataset, run=run)
-    key = evaluator._window_key()
-    evaluator._save_window(0, key, {"users": 3}, None)
-    evaluator._save_window(1, key, {"users": 4}, [[{"user": 9}, {"user": 2}], [{"user": 5}]])
-    saved = evaluator._saved_windows(key, [0, 1])
+    cfg = _evaluator(ml_dataset, run=run).cfg
+    finished = FinishedWindows(cfg, run, 1)
+    key = finished.key(torch.float32, 2)
+    finished.save(0, key, {"users": 3}, None)
+    finished.save(1, key, {"users": 4}, [[{"user": 9}, {"user": 2}], [{"user": 5}]])
+    saved = finished.saved(key, [0, 1])
     assert {j: w["result"] for j, w in saved.items()} == {0: {"users": 3}, 1: {"users": 4}}
     assert [r["user"] for r in saved[1]["recommendations"]] == [2, 5, 9]
-    evaluator.cfg.eval.beams = 30  # another evaluation setting
-    assert evaluator._saved_windows(evaluator._window_key(), [0, 1]) == {}
-    evaluator.cfg.eval.beams = 20
-    assert evaluator._window_key() == key
+    cfg.eval.beams = 30  # another evaluation setting
+    assert finished.saved(finished.key(torch.float32, 2), [0, 1]) == {}
+    cfg.eval.beams = 20
+    assert finished.key(torch.float32, 2) == key
+    assert finished.key(torch.bfloat16, 2) != key and finished.key(torch.float32, 4) != key
     with open(adapter, "wb") as f:  # another export
         f.write(b"other weights")
-    assert evaluator._window_key() != key and evaluator._saved_windows(evaluator._window_key(), [0, 1]) == {}
-    with open(evaluator._window_path(0), "w") as f:  # a torn file is ignored
+    assert finished.key(torch.float32, 2) != key and finished.saved(finished.key(torch.float32, 2), [0, 1]) == {}
+    with open(os.path.join(finished.folder, "window-0.json"), "w") as f:  # a torn file is ignored
         f.write('{"key": ')
-    assert list(evaluator._saved_windows(key, [0, 1])) == [1]
+    assert list(finished.saved(key, [0, 1])) == [1]
+    finished.clear()
+    assert not os.path.exists(finished.folder)
 
 
 def test_eval_replica_is_auto_always_or_never():
@@ -420,23 +425,24 @@ def test_eval_replica_is_auto_always_or_never():
         load_config(None, ["model.shape=tiny", "eval.replica=sometimes"])
 
 
-def test_when_the_evaluation_uses_a_replica(ml_dataset, monkeypatch):
+def test_when_the_evaluation_uses_a_replica(monkeypatch):
     """Only under ZeRO-3; `auto` only on GPUs, where the model takes at most half the free memory
     on every rank (one decision for all: a rank short of memory means the sharded engine)."""
-    import train.evaluate as evaluate
+    from types import SimpleNamespace
 
-    evaluator = _evaluator(ml_dataset)
-    evaluator.engine = torch.nn.Linear(1000, 1000, bias=False)  # 4 MB in fp32
-    strategy = evaluator.strategy
-    strategy.cuda, strategy.device, strategy.any = False, torch.device("cpu"), lambda flag: flag
+    import train.eval_replica as replica
+
+    engine = torch.nn.Linear(1000, 1000, bias=False)  # 4 MB in fp32
+    strategy = SimpleNamespace(cuda=False, device=torch.device("cpu"), any=lambda flag: flag, zero_stage=2)
     for stage, mode, expected in ((2, "always", False), (3, "never", False), (3, "always", True), (3, "auto", False)):
-        strategy.zero_stage, evaluator.cfg.eval.replica = stage, mode
-        assert evaluator._use_replica() is expected, (stage, mode)
+        strategy.zero_stage = stage
+        assert replica.use_replica(mode, strategy, engine, torch.float32, 1) is expected, (stage, mode)
     strategy.cuda = True
-    assert evaluator._replica_bytes() == 4_000_000
+    assert replica.model_bytes(engine, torch.float32) == 4_000_000
+    assert replica.model_bytes(engine, torch.bfloat16) == 2_000_000
     for free, expected in ((8_000_000, True), (7_999_999, False)):
-        monkeypatch.setattr(evaluate, "free_memory", lambda strategy, free=free: free)
-        assert evaluator._use_replica() is expected, free
+        monkeypatch.setattr(replica, "free_memory", lambda strategy, free=free: free)
+        assert replica.use_replica("auto", strategy, engine, torch.float32, 1) is expected, free
     strategy.any = lambda flag: True  # another rank is short
-    monkeypatch.setattr(evaluate, "free_memory", lambda strategy: 10**12)
-    assert evaluator._use_replica() is False
+    monkeypatch.setattr(replica, "free_memory", lambda strategy: 10**12)
+    assert replica.use_replica("auto", strategy, engine, torch.float32, 1) is False
