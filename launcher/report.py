@@ -22,7 +22,8 @@ MAIN_METRICS = ["hit@5", "hit@10", "ndcg@5", "ndcg@10"]
 
 
 def load_run(run: str) -> dict:
-    """period -> metrics.json content, for the periods that have one."""
+    """period -> metrics.json content, for the periods that have one; with the period's
+    train_summary.json, where there is one, under "train_summary"."""
     out = {}
     base = os.path.join(run, "periods")
     for name in sorted(os.listdir(base), key=lambda n: int(n) if n.isdigit() else -1) if os.path.isdir(base) else []:
@@ -30,6 +31,10 @@ def load_run(run: str) -> dict:
         if name.isdigit() and os.path.isfile(path):
             with open(path) as f:
                 out[int(name)] = json.load(f)
+            summary = os.path.join(base, name, "train_summary.json")
+            if os.path.isfile(summary):
+                with open(summary) as f:
+                    out[int(name)]["train_summary"] = json.load(f)
     return out
 
 
@@ -58,6 +63,8 @@ def summarize(periods: dict, metric: str = "ndcg@10") -> dict:
     avg, groups = averages(lambda w: w)
     popularity, popularity_groups = averages(lambda w: w.get("popularity"))
     transitions, transitions_groups = averages(lambda w: w.get("transitions"))
+    pull = {t: periods[t].get("train_summary", {}).get("pull_ratio_mean") for t in sorted(periods)}
+    moved = {t: periods[t].get("train_summary", {}).get("adapter_relative_distance") for t in sorted(periods)}
     earlier = [j for j in range(last) if j in R.get(j, {}) and j in R[last]]
     bwt = mean([R[last][j] - R[j][j] for j in earlier])
     forgetting = mean([max(R[i][j] for i in range(j, last) if j in R.get(i, {})) - R[last][j] for j in earlier])
@@ -74,11 +81,21 @@ def summarize(periods: dict, metric: str = "ndcg@10") -> dict:
         "popularity_groups": popularity_groups,
         "transitions": transitions,
         "transitions_groups": transitions_groups,
+        # per period: the proximal pull against the data (mean of the logged ratios), and how far
+        # the period moved its adapter from where it started (relative)
+        "pull": pull,
+        "moved": moved,
+        "pull_average": mean([pull[t] for t in incremental if t in pull]),
     }
 
 
 def _fmt(x) -> str:
     return "-" if x is None else f"{x:.4f}"
+
+
+def _ratio(x) -> str:
+    """A ratio that may span orders of magnitude (1e-7 at the authors' lambda, 1 where the pull acts)."""
+    return "-" if x is None else f"{x:.3g}"
 
 
 def markdown(runs: dict[str, dict], metric: str = "ndcg@10") -> str:
@@ -90,8 +107,8 @@ def markdown(runs: dict[str, dict], metric: str = "ndcg@10") -> str:
         + " | ".join(MAIN_METRICS)
         + " | "
         + " | ".join(f"{g} {metric}" for g in GROUPS)
-        + f" | BWT ({metric}) | forgetting |",
-        "| --- | --- | " + " | ".join("---" for _ in MAIN_METRICS + list(GROUPS)) + " | --- | --- |",
+        + f" | BWT ({metric}) | forgetting | pull / data |",
+        "| --- | --- | " + " | ".join("---" for _ in MAIN_METRICS + list(GROUPS)) + " | --- | --- | --- |",
     ]
     sums = {name: summarize(p, metric) for name, p in runs.items()}
     for name, s in sums.items():
@@ -103,7 +120,7 @@ def markdown(runs: dict[str, dict], metric: str = "ndcg@10") -> str:
             + " | ".join(_fmt(s["average_incremental"][k]) for k in MAIN_METRICS)
             + " | "
             + " | ".join(_fmt(s["groups"][g].get(metric)) for g in GROUPS)
-            + f" | {_fmt(s['bwt'])} | {_fmt(s['forgetting'])} |"
+            + f" | {_fmt(s['bwt'])} | {_fmt(s['forgetting'])} | {_ratio(s['pull_average'])} |"
         )
     for key, label in (
         ("popularity", "most popular items of each window"),
@@ -116,8 +133,28 @@ def markdown(runs: dict[str, dict], metric: str = "ndcg@10") -> str:
                 + " | ".join(_fmt(reference[key][k]) for k in MAIN_METRICS)
                 + " | "
                 + " | ".join(_fmt(reference[f"{key}_groups"][g].get(metric)) for g in GROUPS)
-                + " | - | - |"
+                + " | - | - | - |"
             )
+    lines += [
+        "",
+        "pull / data: how hard the proximal term pulled the LoRA factors against the data, the norm of "
+        "lam x its gradient over the norm of the data loss's gradient (mean of the logged steps, over "
+        "periods >= 1; `-`: no proximal term). Below 0.01 the term barely acts (README, section 4).",
+    ]
+    regularized = {name: s for name, s in sums.items() if s and any(v is not None for v in s["moved"].values())}
+    if regularized:
+        periods = sorted({t for s in regularized.values() for t, v in s["moved"].items() if v is not None})
+        lines += [
+            "",
+            "Per period: pull / data, and how far the period moved its adapter from where it started "
+            "(||theta - theta_start|| / ||theta_start|| over the LoRA factors; for peso, its anchor):",
+            "",
+            "| run | " + " | ".join(f"period {t}" for t in periods) + " |",
+            "| --- | " + " | ".join("---" for _ in periods) + " |",
+        ]
+        for name, s in regularized.items():
+            cells = [f"{_ratio(s['pull'].get(t))}; moved {_ratio(s['moved'].get(t))}" for t in periods]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name, s in sums.items():
         if not s:
             continue
@@ -134,12 +171,13 @@ def markdown(runs: dict[str, dict], metric: str = "ndcg@10") -> str:
     return "\n".join(lines)
 
 
-def _popularity_curve(runs: dict[str, dict], panel: str, metric: str) -> list[tuple[int, float]]:
-    """(period, the popularity reference on that period's window) from the first run that has it."""
+def _reference_curve(runs: dict[str, dict], key: str, panel: str, metric: str) -> list[tuple[int, float]]:
+    """(period, a reference ("popularity", "transitions") on that period's window) from the first
+    run that has it."""
     for periods in runs.values():
         points = []
         for t, m in sorted(periods.items()):
-            reference = m["windows"].get(str(t), {}).get("popularity")
+            reference = m["windows"].get(str(t), {}).get(key)
             if reference is None:
                 continue
             vals = reference["overall"] if panel == "overall" else reference["groups"][panel]
@@ -152,15 +190,30 @@ def _popularity_curve(runs: dict[str, dict], panel: str, metric: str) -> list[tu
 
 def plot(runs: dict[str, dict], path: str, metric: str = "ndcg@10") -> None:
     """One PNG: the metric on each period's own window, overall and per user group, per run."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(runs, metric)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def figure(runs: dict[str, dict], metric: str = "ndcg@10"):
+    """The plot's matplotlib figure (`plot` writes it): a panel each for overall and the groups,
+    a line per run and per reference."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = ["overall", *GROUPS]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), sharey=True)
+    # Runs that give the same numbers (peso at a lambda too small to act, and single) must not
+    # hide each other: each later run is drawn thinner, dashed, with hollow markers of its own.
+    styles = [("o", "-", 6, 2.2), ("s", "--", 9, 1.6), ("^", ":", 11, 1.4), ("D", "-.", 8, 1.2), ("v", "--", 10, 1.0)]
     for ax, panel in zip(axes, panels):
-        for name, periods in runs.items():
+        for k, (name, periods) in enumerate(runs.items()):
             xs, ys = [], []
             for t, m in sorted(periods.items()):
                 w = m["windows"].get(str(t))
@@ -171,19 +224,33 @@ def plot(runs: dict[str, dict], path: str, metric: str = "ndcg@10") -> None:
                     continue
                 xs.append(t)
                 ys.append(vals[metric])
-            ax.plot(xs, ys, marker="o", label=name)
-        reference = _popularity_curve(runs, panel, metric)
-        if reference:
-            ax.plot(*zip(*reference), "k--", label="most popular items")
+            marker, line, size, width = styles[k % len(styles)]
+            ax.plot(
+                xs,
+                ys,
+                marker=marker,
+                linestyle=line,
+                markersize=size,
+                linewidth=width,
+                markerfacecolor="none" if k else None,
+                label=name,
+                zorder=3 + len(runs) - k,  # the first run on top, the others' hollow markers around it
+            )
+        for key, style, label in (
+            ("popularity", "k--", "most popular items"),
+            ("transitions", "k:", "items that followed the last ones"),
+        ):
+            reference = _reference_curve(runs, key, panel, metric)
+            if reference:
+                ax.plot(*zip(*reference), style, linewidth=1, label=label, zorder=1)
         ax.set_title(f"{panel}")
         ax.set_xlabel("period")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole periods, never 2.5
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(metric)
     axes[-1].legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def report(run_dirs: list[str], out_png: str | None = None, metric: str = "ndcg@10") -> str:

@@ -68,6 +68,11 @@ class MethodConfig:
         "sum", "the proximal term over layers: sum (the paper's equation) or mean (the authors' code)"
     )
     temperature: float = setting(1.0, "cross-entropy on logits / temperature (the authors use 0.8)")
+    kl_scale: str = setting(
+        "none",
+        "peso's KL per matrix: none (the paper's term) or entries: times twice the matrix's entries, "
+        "about its squared change (a pull of one strength whatever the matrix sizes; README, section 4)",
+    )
 
 
 @dataclass
@@ -290,6 +295,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.objective must be response or sequence, not {cfg.data.objective!r}")
     if cfg.method.reduce not in ("sum", "mean"):
         raise ConfigError(f"method.reduce must be sum or mean, not {cfg.method.reduce!r}")
+    if cfg.method.kl_scale not in ("none", "entries"):
+        raise ConfigError(f"method.kl_scale must be none or entries, not {cfg.method.kl_scale!r}")
     if cfg.method.lam < 0 or cfg.method.temperature <= 0:
         raise ConfigError("method.lam must be >= 0 and method.temperature > 0")
     unknown = set(cfg.lora.targets) - set(LORA_TARGETS)

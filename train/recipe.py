@@ -12,6 +12,8 @@ import math
 import os
 import shutil
 
+from safetensors.torch import load_file
+
 from data_tools.dataset import atomic_write_json
 from train.checkpoint import Checkpointer
 from train.config import accumulation_steps
@@ -43,7 +45,7 @@ from train.model import (
     param_groups,
 )
 from train.plan import PeriodPlan
-from train.regularizers import make_regularizer
+from train.regularizers import make_regularizer, relative_distance
 from train.schedule import make_optimizer, make_scheduler
 from train.stop import StopRequest, StopRequested
 from train.strategy import DeepSpeedStrategy
@@ -305,6 +307,8 @@ class PeriodRecipe:
     def finish(self, progress: Progress, metrics: dict | None) -> None:
         """Rank 0: periods/<t>/train_summary.json, the period done in state.json, TensorBoard's hparams."""
         cfg, run, period, steps = self.cfg, self.run_folder, self.plan.period, self.engine.global_steps
+        pull = self._pull_summary(progress)
+        self.logger.scalars({f"pull/{k}": v for k, v in pull.items()}, self.step_offset + steps)
         summary = {
             "period": period,
             "steps": steps,
@@ -315,6 +319,7 @@ class PeriodRecipe:
             "stopped_early": progress.stopped_early,
             "val_losses": progress.val_losses,
             "world_size": self.strategy.world_size,
+            **pull,
         }
         atomic_write_json(os.path.join(run.period_dir(period), "train_summary.json"), summary)
         state = run.state()
@@ -326,6 +331,21 @@ class PeriodRecipe:
                 **({f"hparam/{k}": v for k, v in metrics["overall"].items()} if metrics else {}),
             },
         )
+
+    def _pull_summary(self, progress: Progress) -> dict:
+        """How hard the proximal term pulled over the period (the mean of its logged pull / data
+        gradient-norm ratios), and how far the period moved its adapter from where it started:
+        ||theta - theta_start|| / ||theta_start|| over the LoRA factors (for peso: its anchor)."""
+        out = {}
+        ratios = [r for r in progress.pull_ratios if not math.isnan(r)]
+        if ratios:
+            out["pull_ratio_mean"] = sum(ratios) / len(ratios)
+        plan = self.plan
+        if not plan.full and plan.start_adapter:
+            name = "adapter_model.safetensors"
+            end, start = (load_file(os.path.join(d, name)) for d in (plan.export_dir, plan.start_adapter))
+            out["adapter_relative_distance"] = relative_distance(end, start)
+        return out
 
     def close(self, ended: bool) -> None:
         """After the period's end, a normal one or a checkpoint on a signal. After an error nothing

@@ -61,11 +61,21 @@ class ProximalTerm:
     one batch per shape, on the rank's device."""
 
     def __init__(
-        self, model: nn.Module, anchor: dict[str, torch.Tensor], kind: str, reduce: str, device: torch.device = None
+        self,
+        model: nn.Module,
+        anchor: dict[str, torch.Tensor],
+        kind: str,
+        reduce: str,
+        device: torch.device = None,
+        kl_scale: str = "none",
     ):
-        self.kind, self.reduce = kind, reduce
+        """`kl_scale` "entries" multiplies each matrix's KL by twice its number of entries N: a
+        softmax over a whole LoRA matrix is nearly uniform, so the KL is about the squared change
+        over 2N, and the scaled term about the squared change itself, whatever N."""
+        self.kind, self.reduce, self.kl_scale = kind, reduce, kl_scale
         self.collecting = False
         self.seen: dict[str, torch.Tensor] = {}  # matrix -> its entries in this forward, fp32, flat
+        self.params: dict[str, nn.Parameter] = {}  # matrix -> the live LoRA weight
         layers = lora_layers(model)
         self.n_layers = len(layers)
         self.handles = []
@@ -76,10 +86,10 @@ class ProximalTerm:
                 if key not in anchor:
                     missing.append(key)
                     continue
-                ref = anchor[key].to(device or "cpu", torch.float32).reshape(-1)
-                # KL needs log softmax(vec M_prev) (fixed: computed once); L2 needs M_prev.
-                targets[key] = torch.log_softmax(ref, 0) if kind == "kl" else ref
-                self.handles.append(layer.__getattr__(which)["default"].register_forward_hook(self._hook(key)))
+                targets[key] = anchor[key].to(device or "cpu", torch.float32).reshape(-1)  # vec M_prev
+                linear = layer.__getattr__(which)["default"]
+                self.params[key] = linear.weight
+                self.handles.append(linear.register_forward_hook(self._hook(key)))
         if missing:
             raise ValueError(
                 f"the anchor lacks {len(missing)} LoRA matrices (first: {missing[0]}); "
@@ -90,6 +100,8 @@ class ProximalTerm:
         for key, target in targets.items():
             self.groups.setdefault(target.numel(), []).append(key)
         self.targets = {n: torch.stack([targets[k] for k in keys]) for n, keys in self.groups.items()}
+        # softmax(vec M_prev), fixed: computed once
+        self.anchor_probs = {n: torch.softmax(t, 1) for n, t in self.targets.items()} if kind == "kl" else {}
 
     def _hook(self, key: str):
         def hook(module, inputs, output):
@@ -116,6 +128,23 @@ class ProximalTerm:
         finally:
             self.collecting = False
 
+    def _kl(self, entries: torch.Tensor, n: int):
+        """KL(softmax(w) || softmax(w_prev)) per row of `entries` [matrices, n], in a form that
+        keeps its precision when w barely moved (the usual case: the term is about |w - w_prev|^2
+        over 2n): with d = w - w_prev, p = softmax(w), q = softmax(w_prev),
+        KL = E_p[d] - log E_q[exp(d)] = E_p[d] - log1p(E_q[expm1(d)]). The textbook
+        sum p (log p - log q) subtracts two logs of size log n to get each term, and in fp32 that
+        rounding is as large as the whole KL of a small change (20% off at n = 128).
+        Returns (KL [matrices], p, d, log E_q[exp(d)] [matrices])."""
+        delta = entries - self.targets[n]
+        p = torch.softmax(entries, 1)
+        shift = torch.log1p((self.anchor_probs[n] * torch.expm1(delta)).sum(1))
+        return (p * delta).sum(1) - shift, p, delta, shift
+
+    def _scale(self, entries: int) -> float:
+        """The factor of a matrix's distance (and gradient): 2N under kl_scale entries, else 1."""
+        return 2.0 * entries if self.kind == "kl" and self.kl_scale == "entries" else 1.0
+
     def distances(self) -> torch.Tensor:
         """[matrices]: each collected matrix's distance to its anchor, in `self.groups` order."""
         missing = [k for keys in self.groups.values() for k in keys if k not in self.seen]
@@ -128,8 +157,7 @@ class ProximalTerm:
         for n, keys in self.groups.items():
             entries = torch.stack([self.seen[k] for k in keys])  # [matrices, n]
             if self.kind == "kl":
-                logp = torch.log_softmax(entries, 1)
-                out.append((logp.exp() * (logp - self.targets[n])).sum(1))
+                out.append(self._kl(entries, n)[0] * self._scale(n))
             else:
                 out.append((entries - self.targets[n]).pow(2).sum(1))
         return torch.cat(out)
@@ -137,6 +165,46 @@ class ProximalTerm:
     def term(self) -> torch.Tensor:
         total = self.distances().sum()
         return total / self.n_layers if self.reduce == "mean" else total
+
+    def gradients(self) -> dict[str, torch.Tensor]:
+        """The gradient of `term()` on each collected matrix (flat, fp32), in closed form, without
+        a backward: for KL(p || q) with p = softmax(w) it is p * (log p - log q - KL); for the L2
+        distance 2 (w - w_prev)."""
+        scale = 1.0 / self.n_layers if self.reduce == "mean" else 1.0
+        out = {}
+        with torch.no_grad():
+            for n, keys in self.groups.items():
+                entries = torch.stack([self.seen[k] for k in keys])
+                if self.kind == "kl":
+                    kl, p, delta, shift = self._kl(entries, n)
+                    # d KL / d w = p * (log p - log q - KL), and log p - log q = d - shift
+                    grad = p * (delta - (shift + kl).unsqueeze(1))
+                else:
+                    grad = 2 * (entries - self.targets[n])
+                out.update(zip(keys, grad * (scale * self._scale(n))))
+        return out
+
+
+def relative_distance(adapter: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> float:
+    """||theta - theta_start|| / ||theta_start|| over the LoRA factors of two adapter states: how
+    far a period moved its adapter from where it started (peso's anchor). NaN if the start is zero."""
+    keys = sorted(lora_factors(start))
+    diff = sum(float((adapter[k].double() - start[k].double()).pow(2).sum()) for k in keys)
+    base = sum(float(start[k].double().pow(2).sum()) for k in keys)
+    return (diff / base) ** 0.5 if base > 0 else float("nan")
+
+
+def pull_and_data_norms(term: ProximalTerm, lam: float, grads: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """How hard the proximal term pulls against the data, on the LoRA factors: (the norm of
+    lam x the term's gradient, the norm of the data loss's gradient), over all factors. `grads`:
+    each factor's whole gradient of the loss (flat, fp32, after the backward), from which the
+    term's part is taken away. One read-back."""
+    pull = term.gradients()
+    squares = torch.stack(
+        [torch.stack([(lam * pull[k]).pow(2).sum(), (grads[k].float() - lam * pull[k]).pow(2).sum()]) for k in pull]
+    ).sum(0)
+    pull_sq, data_sq = squares.tolist()
+    return pull_sq**0.5, data_sq**0.5
 
 
 NORM_EPS = 1e-8  # a zero factor (an adapter that never trained) normalizes to zero, not NaN
@@ -198,4 +266,5 @@ def make_regularizer(cfg, plan, run, model: nn.Module, strategy) -> ProximalTerm
     anchor = lora_factors(load_file(os.path.join(plan.anchor, "adapter_model.safetensors")))
     if strategy.is_rank0:
         atomic_write_bytes(run.anchor_path(plan.period), save(anchor))
-    return ProximalTerm(model, anchor, "kl" if name == "peso" else "l2", cfg.method.reduce, device=strategy.device)
+    kind = "kl" if name == "peso" else "l2"
+    return ProximalTerm(model, anchor, kind, cfg.method.reduce, device=strategy.device, kl_scale=cfg.method.kl_scale)

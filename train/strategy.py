@@ -172,6 +172,14 @@ class DeepSpeedStrategy:
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
 
+    def full_grads(self, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+        """Each parameter's whole gradient (flat, fp32) after the backward and before the step, as
+        DeepSpeed has reduced it over the ranks. Collective under ZeRO (the partitions are
+        gathered): every rank asks, for the same parameters in the same order."""
+        from deepspeed.utils import safe_get_full_grad
+
+        return {k: safe_get_full_grad(p).detach().float().reshape(-1) for k, p in params.items()}
+
     # ---- collectives --------------------------------------------------------------------------
 
     def all_reduce_sum_tensor(self, t: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ from data_tools.progress import progress_bar
 from train.checkpoint import Checkpointer
 from train.loss import IGNORE, lm_loss
 from train.metrics import Pace, Throughput, memory_stats
+from train.regularizers import pull_and_data_norms
 from train.stop import StopRequest, StopRequested
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Progress:
     stopped_early: bool = False  # `schedule.patience` epochs without a better validation loss
     finished: bool = False  # the last epoch's end (validation, export) is done
     epoch_val: float | None = None  # the validation loss of `epoch`, once computed (before its export)
+    pull_ratios: list = field(default_factory=list)  # the proximal pull / the data's, at each logged step
 
 
 STOP_CHECK_EVERY = 8  # validation batches between two looks at a stop request (each is a collective)
@@ -71,6 +73,9 @@ class MicroStep:
     proximal: float | None  # the proximal term (mean over ranks), or None without a regularizer
     skipped: bool  # a non-finite loss on some rank: no backward, no step
     stop: bool  # some rank got a stop request
+    # At a logged step of a regularized period: (norm of lam x the term's gradient, norm of the
+    # data loss's gradient) on the LoRA factors (train/regularizers.py, pull_and_data_norms).
+    pull: tuple[float, float] | None = None
 
 
 class Trainer:
@@ -130,8 +135,13 @@ class Trainer:
             )
         ).tolist()
         skip = nonfinite > 0
+        pull = None
         if not skip:
             self.engine.backward(loss)
+            if proximal is not None and self._logs_after_this_step():
+                # the gradients are whole (reduced) now, before the step uses and clears them
+                grads = self.strategy.full_grads(self.regularizer.params)
+                pull = pull_and_data_norms(self.regularizer, self.cfg.method.lam, grads)
             self.engine.step()
         world = self.strategy.world_size
         return MicroStep(
@@ -139,7 +149,14 @@ class Trainer:
             proximal=None if proximal is None else proximal_sum_ranks / world,
             skipped=skip,
             stop=stop > 0,
+            pull=pull,
         )
+
+    def _logs_after_this_step(self) -> bool:
+        """Whether this micro-batch ends an optimizer step that is logged (`_train_epoch`)."""
+        step = self.engine.global_steps + 1
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        return boundary and (step % self.cfg.logging.every_steps == 0 or step == self.total_steps)
 
     # ---- validation -------------------------------------------------------------------------
 
@@ -207,7 +224,7 @@ class Trainer:
         """Micro-batches from progress.micro to the epoch's end (or the step cap)."""
         cfg, engine, strategy, epoch_plan = self.cfg, self.engine, self.strategy, self.data.train_plan
         meter = Throughput()
-        losses, proximals, bad_in_a_row = [], [], 0
+        losses, proximals, bad_in_a_row, pull = [], [], 0, None
         loader = iter(self.data.train(progress.epoch, start=progress.micro))
         while progress.micro < epoch_plan.micro_batches and engine.global_steps < self.total_steps:
             t0 = time.perf_counter()
@@ -230,6 +247,7 @@ class Trainer:
                 losses.append(micro.ce)
                 if micro.proximal is not None:
                     proximals.append(micro.proximal)
+                pull = micro.pull or pull
             tokens = int(batch["attention_mask"].sum())
             meter.add(
                 tokens,
@@ -243,8 +261,8 @@ class Trainer:
             bar.update(1)
             step = engine.global_steps
             if step % cfg.logging.every_steps == 0 or step == self.total_steps:
-                self._log(step, losses, proximals, meter, progress)
-                losses, proximals = [], []
+                self._log(step, losses, proximals, pull, meter, progress)
+                losses, proximals, pull = [], [], None
                 meter.reset()
             if micro.stop or step % cfg.checkpoint.every_steps == 0:
                 self.checkpointer.save(engine, step, self._client_state(progress))
@@ -280,9 +298,9 @@ class Trainer:
         progress.finished = progress.epoch >= self.epochs or step >= self.total_steps or progress.stopped_early
         self.checkpointer.save(self.engine, step, self._client_state(progress))
 
-    def _log(self, step: int, losses: list, proximals: list, meter: Throughput, progress: Progress) -> None:
+    def _log(self, step: int, losses: list, proximals: list, pull, meter: Throughput, progress: Progress) -> None:
         """`losses`, `proximals`: the micro-batches' values since the last log point, already
-        averaged over ranks."""
+        averaged over ranks; `pull`: this step's (pull, data) gradient norms, or None."""
         n_proximal = len(proximals)
         values = {
             "train/loss_ce": sum(losses) / len(losses) if losses else math.nan,
@@ -298,6 +316,13 @@ class Trainer:
         if n_proximal:
             values["train/proximal"] = sum(proximals) / n_proximal
             values["train/loss"] = values["train/loss_ce"] + self.cfg.method.lam * values["train/proximal"]
+        if pull is not None:
+            # How hard the proximal term pulls the LoRA factors, against the data: the number to
+            # read when choosing method.lam (README, "4. The methods").
+            pull_norm, data_norm = pull
+            values["pull/proximal_grad_norm"], values["pull/data_grad_norm"] = pull_norm, data_norm
+            values["pull/ratio"] = pull_norm / data_norm if data_norm > 0 else math.nan
+            progress.pull_ratios.append(values["pull/ratio"])
         else:
             values["train/loss"] = values["train/loss_ce"]
         grad_norm = values["train/grad_norm"]
@@ -308,6 +333,7 @@ class Trainer:
             log.info(
                 f"period {self.period} step {step}/{self.total_steps}: loss {values['train/loss']:.4f}"
                 + (f" (proximal {values['train/proximal']:.3g})" if n_proximal else "")
+                + (f", pull/data {values['pull/ratio']:.3g}" if pull is not None else "")
                 + f", lr {values['train/lr']:.3g}, {values['perf/input_tokens_per_s_per_rank']:.0f} tokens/s/rank, "
                 + self.pace.summary(step)
             )

@@ -36,7 +36,7 @@ from train.data import collate  # noqa: E402
 from train.item_vectors import attach_item_input, item_input_of  # noqa: E402
 from train.loss import lm_loss  # noqa: E402
 from train.model import apply_lora  # noqa: E402
-from train.regularizers import ProximalTerm, attach_frozen_adapters, lora_layers  # noqa: E402
+from train.regularizers import ProximalTerm, attach_frozen_adapters, lora_layers, pull_and_data_norms  # noqa: E402
 
 NEW_TOKENS = list(range(200, 232))
 
@@ -163,9 +163,15 @@ def main():
             with prox.collect():
                 first = mean_ce(model, sequence_batch(0, vectors))
             term = prox.term()
-            ((first + mean_ce(model, sequence_batch(1, vectors))) / 2 + term).backward()
+            data = (first + mean_ce(model, sequence_batch(1, vectors))) / 2
+            # The pull against the data on the LoRA factors, by autograd: each part's own gradient.
+            lora = list(prox.params.values())
+            norm = lambda parts: torch.sqrt(sum(g.pow(2).sum() for g in parts)).reshape(1)
+            pull_norm = norm(torch.autograd.grad(term, lora, retain_graph=True))
+            data_norm = norm(torch.autograd.grad(data, lora, retain_graph=True))
+            (data + term).backward()
             grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-            save_file({"term": term.detach().reshape(1), **grads}, out)
+            save_file({"term": term.detach().reshape(1), "pull_norm": pull_norm, "data_norm": data_norm, **grads}, out)
             return
         prox = ProximalTerm(model, anchor_of(model), kind, "sum")
         with prox.collect():
@@ -219,11 +225,15 @@ def main():
             ce = mean_ce(engine, sequence_batch(strategy.rank, vectors))
         term = prox.term()
         engine.backward(ce + term)
+        # What the trainer logs at a logging step: the closed-form pull against the data's share
+        # of the reduced gradient (collective).
+        pull_norm, data_norm = pull_and_data_norms(prox, 1.0, strategy.full_grads(prox.params))
         grads = {
             n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad
         }
         if strategy.is_rank0:
-            save_file({"term": term.detach().reshape(1), **grads}, out)
+            norms = {"pull_norm": torch.tensor([pull_norm]), "data_norm": torch.tensor([data_norm])}
+            save_file({"term": term.detach().reshape(1), **norms, **grads}, out)
         strategy.close()
         return
     prox = ProximalTerm(engine.module, anchor, kind, "sum")

@@ -152,6 +152,18 @@ def lora_period(tmp_path_factory, cds_data, ds_configs, zero_runs):
 def test_peso_period_and_evaluation_under_zero3(lora_period):
     prox = scalars(lora_period, "train/proximal")
     assert len(prox) == 4 and prox[min(prox)] == 0.0 and max(prox.values()) > 0
+    # How hard the term pulls, at every logged step (exact under ZeRO-3: tests/dist/test_methods.py):
+    # nothing at the first step (the adapter is its anchor), then a small pull against the data.
+    ratio, pull, data = (scalars(lora_period, f"pull/{k}") for k in ("ratio", "proximal_grad_norm", "data_grad_norm"))
+    assert sorted(ratio) == sorted(prox) and ratio[min(ratio)] == 0.0 and all(v > 0 for v in data.values())
+    assert all(ratio[s] == pytest.approx(pull[s] / data[s]) for s in ratio) and 0 < max(ratio.values()) < 1
+    with open(os.path.join(lora_period, "periods", "2", "train_summary.json")) as f:
+        summary = json.load(f)
+    assert summary["pull_ratio_mean"] == pytest.approx(sum(ratio.values()) / 4)
+    assert 0 < summary["adapter_relative_distance"] < 1  # period 2 moved its adapter, a little
+    with open(os.path.join(lora_period, "periods", "1", "train_summary.json")) as f:
+        first = json.load(f)  # the first LoRA period: no anchor, no pull; it started from zero B factors
+    assert "pull_ratio_mean" not in first
     with open(os.path.join(lora_period, "periods", "2", "metrics.json")) as f:
         m = json.load(f)
     assert sorted(m["windows"]) == ["0", "1", "2"]  # row 2 of R: windows 0..2

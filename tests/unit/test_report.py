@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from launcher.report import load_run, markdown, plot, summarize
+from launcher.report import figure, load_run, markdown, plot, summarize
 
 GROUPS = ("new", "dormant", "continuing")
 
@@ -73,3 +73,33 @@ def test_markdown_and_plot(run, tmp_path):
     png = str(tmp_path / "plot.png")
     plot({"peso-run": load_run(run)}, png)
     assert os.path.getsize(png) > 5000
+
+
+def test_the_pull_of_the_proximal_term_is_reported(run):
+    """pull / data (the logged ratios' mean) over periods >= 1, and per period how far the
+    adapter moved from where it started."""
+    for t, (ratio, moved) in {1: (2e-7, 0.5), 2: (4e-7, 0.25)}.items():
+        summary = {"period": t, "pull_ratio_mean": ratio, "adapter_relative_distance": moved}
+        with open(os.path.join(run, "periods", str(t), "train_summary.json"), "w") as f:
+            json.dump(summary, f)
+    s = summarize(load_run(run))
+    assert s["pull_average"] == pytest.approx(3e-7) and s["moved"] == {0: None, 1: 0.5, 2: 0.25}
+    text = markdown({"peso-run": load_run(run)})
+    (row,) = [line for line in text.splitlines() if line.startswith("| peso-run | peso |")]
+    assert row.endswith(" | 3e-07 |")  # the average table's last column
+    assert "| peso-run | 2e-07; moved 0.5 | 4e-07; moved 0.25 |" in text
+
+
+def test_the_plot_shows_coinciding_runs_both_references_and_whole_periods(run):
+    """Two methods with the same numbers (peso at a lambda too small to act, and single): both
+    visible, in different styles; both references drawn; the period axis in whole periods."""
+    fig = figure({"peso": load_run(run), "single": load_run(run)})
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert {"peso", "single", "most popular items", "items that followed the last ones"} <= set(lines)
+    peso, single = lines["peso"], lines["single"]
+    assert list(peso.get_xdata()) == list(single.get_xdata()) and list(peso.get_ydata()) == list(single.get_ydata())
+    assert (peso.get_marker(), peso.get_linestyle()) != (single.get_marker(), single.get_linestyle())
+    assert single.get_markerfacecolor() == "none" and single.get_markersize() > peso.get_markersize()
+    fig.canvas.draw()
+    assert all(float(t).is_integer() for t in ax.get_xticks())
