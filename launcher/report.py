@@ -139,7 +139,7 @@ def markdown(runs: dict[str, dict], metric: str = "ndcg@10") -> str:
         "",
         "pull / data: how hard the proximal term pulled the LoRA factors against the data, the norm of "
         "lam x its gradient over the norm of the data loss's gradient (mean of the logged steps, over "
-        "periods >= 1; `-`: no proximal term). Below 0.01 the term barely acts (README, section 4).",
+        "periods >= 1; `-`: no proximal term). What its size means: README, section 4.",
     ]
     regularized = {name: s for name, s in sums.items() if s and any(v is not None for v in s["moved"].values())}
     if regularized:
