@@ -51,7 +51,7 @@ def device_index(local_rank: int, visible: int) -> int:
     deepspeed launcher, torchrun and `srun --gpus-per-node`: the rank's local index. Under
     `srun --gpus-per-task=1` each task sees only its own GPU (SLURM sets CUDA_VISIBLE_DEVICES per
     task), as device 0; with k per task, the local rank picks one of its k."""
-    return local_rank if local_rank < visible else local_rank % visible
+    return local_rank % visible
 
 
 def _gpu_of_this_rank() -> None:

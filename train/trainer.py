@@ -153,10 +153,11 @@ class Trainer:
         )
 
     def _logs_after_this_step(self) -> bool:
-        """Whether this micro-batch ends an optimizer step that is logged (`_train_epoch`)."""
-        step = self.engine.global_steps + 1
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        return boundary and (step % self.cfg.logging.every_steps == 0 or step == self.total_steps)
+        """Whether this micro-batch ends an optimizer step that is logged."""
+        return self.engine.is_gradient_accumulation_boundary() and self._is_log_step(self.engine.global_steps + 1)
+
+    def _is_log_step(self, step: int) -> bool:
+        return step % self.cfg.logging.every_steps == 0 or step == self.total_steps
 
     # ---- validation -------------------------------------------------------------------------
 
@@ -260,7 +261,7 @@ class Trainer:
                 continue  # inside an accumulation window
             bar.update(1)
             step = engine.global_steps
-            if step % cfg.logging.every_steps == 0 or step == self.total_steps:
+            if self._is_log_step(step):
                 self._log(step, losses, proximals, pull, meter, progress)
                 losses, proximals, pull = [], [], None
                 meter.reset()

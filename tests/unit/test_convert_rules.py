@@ -204,23 +204,33 @@ def test_reading_a_whole_split_at_once_gives_the_stream_readers_samples(tmp_path
         read_split(out, 1, "test")
 
 
+# The SLURM test fixture's SIGTERM handler, in a script that then opens the shard writers' pool.
+RAISING_SIGTERM_HANDLER = (
+    "import signal\n"
+    "from data_tools.convert import _shard_writers\n"
+    "def handler(signum, frame):\n"
+    "    raise KeyboardInterrupt\n"
+    "signal.signal(signal.SIGTERM, handler)\n"
+)
+
+
+def _run(script: str) -> str:
+    """The script's standard output, in a fresh interpreter (it must exit 0)."""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
 def test_forked_writers_take_sigterm_by_default_whatever_the_caller_installed():
     """Leaving the writers' pool stops them with SIGTERM. A caller with a Python SIGTERM handler
     (the SLURM test fixture's turns it into KeyboardInterrupt) must not pass it to the workers:
     one of them outlived the pool's terminate and the test session waited for it forever."""
     script = (
-        "import signal\n"
-        "from data_tools.convert import _shard_writers\n"
-        "def handler(signum, frame):\n"
-        "    raise KeyboardInterrupt\n"
-        "signal.signal(signal.SIGTERM, handler)\n"
-        "with _shard_writers(2) as imap:\n"
+        RAISING_SIGTERM_HANDLER + "with _shard_writers(2) as imap:\n"
         "    seen = list(imap(signal.getsignal, [signal.SIGTERM] * 8))\n"
         "print(sorted({h == signal.SIG_DFL for h in seen}))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "[True]"
+    assert _run(script).strip() == "[True]"
 
 
 def test_writers_stopped_while_they_start_end_and_run_none_of_the_callers_code():
@@ -229,17 +239,11 @@ def test_writers_stopped_while_they_start_end_and_run_none_of_the_callers_code()
     and the child went on running the caller's code: a second copy of the test session, waiting
     forever on the pool's lock. Pools left at once, many times over: every child ends."""
     script = (
-        "import os, signal\n"
-        "from data_tools.convert import _shard_writers\n"
-        "def handler(signum, frame):\n"
-        "    raise KeyboardInterrupt\n"
-        "signal.signal(signal.SIGTERM, handler)\n"
+        RAISING_SIGTERM_HANDLER + "import os\n"
         "parent = os.getpid()\n"
         "for _ in range(40):\n"
         "    with _shard_writers(2):\n"
         "        pass\n"
         "print('left', os.getpid() == parent, signal.getsignal(signal.SIGTERM) is handler)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines() == ["left True True"]  # one process got there, with its handler kept
+    assert _run(script).splitlines() == ["left True True"]  # one process got there, with its handler kept
