@@ -33,7 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 CDS = os.path.join(os.path.dirname(REPO), "shared", "data", "amazon-cds-blocks")
-VARIANTS = {  # a shape of train/shapes.py, its embeddings tied or not, the optimizer, the objective
+VARIANTS = {  # a shape of train/model/shapes.py, its embeddings tied or not, the optimizer, the objective
     "tiny (sequence)": dict(shape="tiny", lr=3e-3),
     "tiny, tied embeddings (sequence)": dict(shape="tiny", tied=True, lr=3e-3),
     "tiny, weight decay 0.1, attention dropout 0.1 (sequence)": dict(
@@ -220,9 +220,9 @@ def run_variant(
     from data_tools.index.trie import CodeTrie
     from data_tools.reader import window_split
     from data_tools.sequences import window_chunks
-    from train.evaluate import CACHE_ARG, constrained_beam_search, rank_metrics
-    from train.model import param_groups
-    from train.shapes import SHAPES
+    from train.evaluation.evaluator import CACHE_ARG, constrained_beam_search, rank_metrics
+    from train.model.build import param_groups
+    from train.model.shapes import SHAPES
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
@@ -290,7 +290,7 @@ def run_variant(
     embed, item_table = item_input_embedder(model, spec, train, codes, levels, per_level)
     params = sum(p.numel() for p in model.parameters())
     decay = spec.get("weight_decay", 0.01)
-    # The framework (train/model.py) exempts embeddings and norms from weight decay; this loop
+    # The framework (train/model/build.py) exempts embeddings and norms from weight decay; this loop
     # decays everything unless the variant asks for the framework's groups.
     groups = param_groups(model, decay) if spec.get("framework_groups") else model.parameters()
     if item_table is not None and spec.get("item_dropout"):

@@ -77,7 +77,7 @@ def generate(path: str, n: int, seed: int = 0) -> None:
     ratings = rng.choice([1.0, 2.0, 3.0, 4.0, 5.0], n, p=[0.05, 0.05, 0.1, 0.2, 0.6])
     lengths = rng.integers(3, 80, n)
     word_idx = rng.integers(0, len(WORDS), int(lengths.sum()))
-    from data_tools.dataset import replaced_on_close
+    from data_tools.atomic import replaced_on_close
 
     with replaced_on_close(path) as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6) as f:
         off = 0

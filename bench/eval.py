@@ -4,7 +4,7 @@
                          [--device cpu] [--dtype auto]
 
 The same model and prompts, side by side:
-- batched: what training's evaluation runs per batch (`decode_batch` in train/evaluate.py), in
+- batched: what training's evaluation runs per batch (`decode_batch` in train/evaluation/evaluator.py), in
   the run's compute dtype (`--dtype auto`: bf16 on a GPU that has it, else fp32, as training
   resolves it): a batch of users at once, the prompt run once per user and its KV cache shared
   by the user's beams (each step feeds the beams' newest tokens as one row per user, with a 4D
@@ -44,9 +44,9 @@ sys.path.insert(0, REPO)
 from data_tools.help_format import HelpFormatter  # noqa: E402
 from data_tools.index.prompt import PromptTemplate  # noqa: E402
 from data_tools.index.tokenizer import ItemCodebook, add_code_tokens, train_sentencepiece_tokenizer  # noqa: E402
-from train.evaluate import constrained_beam_search, decode_batch, decoding_forward  # noqa: E402
-from train.model import DTYPES  # noqa: E402
-from train.shapes import SHAPES, shape_config  # noqa: E402
+from train.evaluation.evaluator import constrained_beam_search, decode_batch, decoding_forward  # noqa: E402
+from train.model.build import DTYPES  # noqa: E402
+from train.model.shapes import SHAPES, shape_config  # noqa: E402
 
 CDS = os.path.join(os.path.dirname(REPO), "shared", "data", "amazon-cds-blocks", "semantic_ids.json")
 
@@ -66,7 +66,9 @@ def catalog() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--shape", default="tiny", choices=list(SHAPES), help="the random-weight model (train/shapes.py)")
+    ap.add_argument(
+        "--shape", default="tiny", choices=list(SHAPES), help="the random-weight model (train/model/shapes.py)"
+    )
     ap.add_argument("--users", type=int, default=256, help="users decoded by each way")
     ap.add_argument("--batch", type=int, default=64, help="users per batch of the batched way")
     ap.add_argument("--beams", type=int, default=10, help="beams of the beam search")

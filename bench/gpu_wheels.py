@@ -83,7 +83,7 @@ CARRIED = {
     # Its data only (MovieLens-100K for the tests and benchmarks), installed without its
     # dependencies as `make setup` does; the package itself is never imported.
     "recbole": ("1.2.1", None, "MovieLens-100K (data_tools.examples)"),
-    "gguf": ("0.19.0", "gguf", "train.backbone convert-gguf (bench/gpu.sh's SmolLM2 step)"),
+    "gguf": ("0.19.0", "gguf", "train.model.backbone convert-gguf (bench/gpu.sh's SmolLM2 step)"),
     "peft": ("0.21.2", "peft", "the project, where the image's peft is outside pyproject.toml's range"),
 }
 SDISTS = {"deepspeed"}  # no wheel on PyPI

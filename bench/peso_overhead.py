@@ -5,10 +5,10 @@ training takes.
     python bench/peso_overhead.py --shape 1b --device cuda --dtype bf16 --steps 10 --batch 8 --length 256 \
         --max-seconds 80                                                    (bench/gpu.sh)
 
-One process, a world of one (train/strategy.py sets it up for a plain `python` run). Each method
-gets a DeepSpeed engine built the way train/recipe.py builds a period's: ds_configs/zero{2,3}.json
+One process, a world of one (train/dist/strategy.py sets it up for a plain `python` run). Each method
+gets a DeepSpeed engine built the way train/period/recipe.py builds a period's: ds_configs/zero{2,3}.json
 filled by fill_ds_config (gradient accumulation 1, so every micro-step is an optimizer step), a
-random-weight shape (train/shapes.py; built on the device in the compute dtype as
+random-weight shape (train/model/shapes.py; built on the device in the compute dtype as
 build_shape_backbone does; under ZeRO-3 inside zero.Init, where `from_pretrained` loads), LoRA and
 the code-token rows (apply_lora), every parameter in the compute dtype (hold_trainable_in), then the
 method as make_regularizer sets it up (before `deepspeed.initialize`): peso's anchor is written as
@@ -16,10 +16,10 @@ the previous period's adapter (adapter_model.safetensors, by export_adapter), lo
 on the CPU and handed to ProximalTerm(..., device=strategy.device). Each timed step is the real
 `Trainer._micro_step` (forward inside `regularizer.collect()`, lm_loss, the proximal term, the one
 all-reduce read-back, engine.backward and engine.step) on a response-objective batch made by
-train/data.py's collate (a prompt, then 4 code tokens and EOS as the labels). Each method has its
+train/loop/data.py's collate (a prompt, then 4 code tokens and EOS as the labels). Each method has its
 own engine, with the same weights at the start:
 - single: no regularizer;
-- peso: the proximal term (train/regularizers.py, ProximalTerm);
+- peso: the proximal term (train/methods/regularizers.py, ProximalTerm);
 - old: HEAD ce6b008's hooks (`HeadProximalTerm` below, kept for comparison): the anchor's targets on
   the CPU and copied to the device in every hook call (a no-op on a CPU run), and the term computed
   in every forward, no-grad ones included (`--no-old` leaves it out).
@@ -63,17 +63,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_tools.help_format import HelpFormatter
 from data_tools.index.prompt import IGNORE
-from train.config import load_config
-from train.data import collate
-from train.ds_config import fill_ds_config, load_ds_config, resolve_dtype
-from train.export import export_adapter
-from train.model import DTYPES, apply_lora, hold_trainable_in, param_groups
-from train.regularizers import ProximalTerm, attach_frozen_adapters, lora_factors
-from train.schedule import make_optimizer, make_scheduler
-from train.shapes import SHAPES, shape_config
-from train.stop import StopRequest
-from train.strategy import DeepSpeedStrategy
-from train.trainer import Progress, Trainer
+from train.common.config import load_config
+from train.dist.ds_config import fill_ds_config, load_ds_config, resolve_dtype
+from train.dist.stop import StopRequest
+from train.dist.strategy import DeepSpeedStrategy
+from train.loop.data import collate
+from train.loop.schedule import make_optimizer, make_scheduler
+from train.loop.trainer import Progress, Trainer
+from train.methods.regularizers import ProximalTerm, attach_frozen_adapters, lora_factors
+from train.model.build import DTYPES, apply_lora, hold_trainable_in, param_groups
+from train.model.export import export_adapter
+from train.model.shapes import SHAPES, shape_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAD, BOS, EOS = 0, 1, 2
@@ -86,7 +86,7 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is depreca
 
 
 class HeadProximalTerm(ProximalTerm):
-    """The hooks as HEAD ce6b008's train/regularizers.py had them (for comparison only): the
+    """The hooks as HEAD ce6b008's train/methods/regularizers.py had them (for comparison only): the
     targets stay on the CPU and are copied to the weight's device in every hook call, and each
     matrix's term is computed in its hook in every forward (validation, beam search and
     recomputation too), kept only while collecting."""
@@ -175,7 +175,7 @@ def synchronize(cuda: bool) -> None:
 
 
 def make_batch(size: int, length: int) -> dict:
-    """A response-objective micro-batch through train/data.py's collate: BOS, a prompt of text
+    """A response-objective micro-batch through train/loop/data.py's collate: BOS, a prompt of text
     tokens, then an item's 4 code tokens and EOS, which are the labels."""
     g = torch.Generator().manual_seed(1)
     examples = []
@@ -211,7 +211,7 @@ class Bench:
         self.config = shape_config(a.shape, VOCAB + CODES, BOS, EOS, PAD)
 
     def engine(self, method: str, anchor_dir: str | None = None, frozen_dirs: list[str] | None = None) -> Trainer:
-        """A Trainer around a fresh engine, set up as train/recipe.py's _model and _engine do."""
+        """A Trainer around a fresh engine, set up as train/period/recipe.py's _model and _engine do."""
         cfg, strategy, config = self.cfg, self.strategy, self.config
         ds = fill_ds_config(
             self.template,
@@ -436,7 +436,9 @@ class Bench:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--shape", default="small", choices=list(SHAPES), help="the random-weight model (train/shapes.py)")
+    ap.add_argument(
+        "--shape", default="small", choices=list(SHAPES), help="the random-weight model (train/model/shapes.py)"
+    )
     ap.add_argument("--zero", type=int, default=2, choices=(2, 3), help="ds_configs/zero{2,3}.json")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="the compute dtype (bf16 on a GPU)")
     ap.add_argument(

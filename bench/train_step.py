@@ -10,9 +10,9 @@ under ZeRO-2 with the response objective (one sample per target, same template) 
 --steps steps of 32 rows, through the real entry point (train/main.py); the figures are
 TensorBoard's, averaged over the log points after the first (start-up excluded). The objectives
 compare by target tokens per second: how many targets' code tokens the model learns from per
-second. MFU on the CPU is against a nominal peak (train/flops.py).
+second. MFU on the CPU is against a nominal peak (train/loop/flops.py).
 The CPU runs stay on the CPU where there is a GPU too (CUDA_VISIBLE_DEVICES="").
-`--backbone DIR` (a converted real model, e.g. `python -m train.backbone convert-gguf smollm2 --out
+`--backbone DIR` (a converted real model, e.g. `python -m train.model.backbone convert-gguf smollm2 --out
 DIR`) adds configs/smollm2.yaml's LoRA period (on the GPU where there is one, one rank per GPU at
 most; on a slice of the CDs blocks, 200 users a block, so that its closing validation pass is
 short) under ZeRO-3 with DIR as model.path against the tiny shape in the same config (its own
@@ -105,7 +105,7 @@ def train(
 
 
 def memory(s: dict) -> dict:
-    """The peak memory a run logged: train/metrics.py writes the process's RSS on the CPU and the
+    """The peak memory a run logged: train/loop/telemetry.py writes the process's RSS on the CPU and the
     allocated and reserved GPU memory on a GPU."""
     keys = {
         "memory/cpu_max_rss_gib": "max_rss_gib",

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from data_tools.accounting import InputError
-from data_tools.dataset import WriteError
+from data_tools.atomic import WriteError
 from data_tools.formats import FORMATS
 from data_tools.help_format import HelpFormatter
 

@@ -25,17 +25,9 @@ import orjson
 
 from data_tools import __version__
 from data_tools.accounting import InputError, Ledger, Skip
+from data_tools.atomic import atomic_write_json, written_aside
 from data_tools.blocks import read_blocks
-from data_tools.dataset import (
-    ITEMS,
-    MANIFEST,
-    SCHEMA_VERSION,
-    USERS,
-    atomic_write_json,
-    load_manifest,
-    window_dir,
-    written_aside,
-)
+from data_tools.dataset import ITEMS, MANIFEST, SCHEMA_VERSION, USERS, load_manifest, window_dir
 from data_tools.formats import FORMATS, METAS, REVIEWS, default_max_seconds
 from data_tools.progress import progress_bar
 from data_tools.shards import write_tar

@@ -1,5 +1,5 @@
 """Collaborative item vectors: which items users take up near each other, as fixed dense vectors
-(the input of `model.item_vectors`, train/item_vectors.py).
+(the input of `model.item_vectors`, train/model/item_vectors.py).
 
 A model that sees an item only through its semantic-ID codes (built from the item's text) learns
 what *kind* of item comes next; which exact items go together is collaborative knowledge the codes

@@ -8,7 +8,7 @@ converter already stored training samples in a seeded random order, so contiguou
 random subsets; a shuffle buffer seeded by (seed, epoch, consumer) reorders them each epoch.
 Everything is deterministic, so a resumed run replays the same order and skips what it has seen.
 
-The trainer (train/data.py) reads by index instead: `epoch_order` gives the order of a rank's
+The trainer (train/loop/data.py) reads by index instead: `epoch_order` gives the order of a rank's
 slice without reading a sample (a shuffle buffer never looks at what it shuffles), and
 `read_samples_at` reads and decodes only the samples a DataLoader worker's batches need.
 """

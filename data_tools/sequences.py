@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import orjson
 
-from data_tools.dataset import written_aside
+from data_tools.atomic import written_aside
 
 
 def _position(sample: dict) -> int:

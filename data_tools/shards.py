@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from data_tools.dataset import replaced_on_close
+from data_tools.atomic import replaced_on_close
 
 BLOCK = 512
 _EOF = b"\0" * (2 * BLOCK)

@@ -20,8 +20,8 @@ import sys
 
 from data_tools.help_format import HelpFormatter
 from launcher.files import shipped
-from train.exit_codes import EXIT_REQUEUE
-from train.logs import configure_logging
+from train.common.exit_codes import EXIT_REQUEUE
+from train.common.logs import configure_logging
 
 DEFAULT_DS = shipped("ds_configs", "zero3.json")
 SLURM_REQUIRED = ("PESO_CONFIG", "PESO_DATA", "PESO_RUN")
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _config_error(config: str, overrides: list[str]) -> str | None:
     """The config's first problem, found here rather than in a child that has loaded torch."""
-    from train.config import ConfigError, load_config
+    from train.common.config import ConfigError, load_config
 
     try:
         load_config(config, overrides)

@@ -94,8 +94,8 @@ def example_recommendations(run: str, data: str, k: int = 5) -> str:
     from transformers.utils import logging as hf_logging
 
     from data_tools.dataset import load_manifest
-    from train.evaluate import test_users
-    from train.recommender import Recommender
+    from train.evaluation.evaluator import test_users
+    from train.serve.recommender import Recommender
 
     hf_logging.disable_progress_bar()
     rec = Recommender.from_run(run, device="cpu")

@@ -18,9 +18,9 @@ import threading
 import time
 
 from data_tools.dataset import load_manifest
-from train.exit_codes import EXIT_REQUEUE
-from train.logs import stamped
-from train.run_folder import RunFolder
+from train.common.exit_codes import EXIT_REQUEUE
+from train.common.logs import stamped
+from train.common.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 

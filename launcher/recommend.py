@@ -1,6 +1,6 @@
 """`python -m launcher recommend` and `python -m launcher export`: a trained run's recommendations,
-and a self-contained folder of one period's recommender (train/recommender.py,
-train/export_recommender.py do the work; this is the command line around them)."""
+and a self-contained folder of one period's recommender (train/serve/recommender.py,
+train/serve/export.py do the work; this is the command line around them)."""
 
 from __future__ import annotations
 
@@ -89,14 +89,14 @@ def _quiet_loading() -> None:
     """No "Loading weights" bars from transformers, no DeepSpeed accelerator warning."""
     from transformers.utils import logging as hf_logging
 
-    from train.strategy import _quiet_cpu_accelerator
+    from train.dist.strategy import _quiet_cpu_accelerator
 
     hf_logging.disable_progress_bar()
     _quiet_cpu_accelerator()  # an export's merge imports DeepSpeed, which would warn that it guessed the CPU
 
 
 def recommend_command(args) -> int:
-    from train.recommender import Recommender, UnknownIdError
+    from train.serve.recommender import Recommender, UnknownIdError
 
     _quiet_loading()
     if args.k < 1:
@@ -172,7 +172,7 @@ def _write(answers: list[dict], period: int, out: str | None) -> None:
         }
 
     if out:
-        from data_tools.dataset import atomic_write_bytes
+        from data_tools.atomic import atomic_write_bytes
 
         atomic_write_bytes(out, "".join(json.dumps(record(answer)) + "\n" for answer in answers).encode())
         print(f"{len(answers)} answers (period {period}) written to {out}")
@@ -190,8 +190,8 @@ def _write(answers: list[dict], period: int, out: str | None) -> None:
 
 
 def export_command(args) -> int:
-    from data_tools.dataset import WriteError
-    from train.export_recommender import export_recommender
+    from data_tools.atomic import WriteError
+    from train.serve.export import export_recommender
 
     _quiet_loading()
     try:
@@ -206,5 +206,7 @@ def export_command(args) -> int:
         )
     else:
         print(f"  load: AutoModelForCausalLM.from_pretrained('{args.out}')")
-    print(f"  or:   Recommender.from_export('{args.out}').recommend([[item, ...]], k=10)   (train/recommender.py)")
+    print(
+        f"  or:   Recommender.from_export('{args.out}').recommend([[item, ...]], k=10)   (train/serve/recommender.py)"
+    )
     return 0

@@ -27,8 +27,8 @@ import time
 
 from launcher.periods import MAIN, remaining_periods, stopped_on_signal, train_args
 from launcher.report import write_report
-from train.exit_codes import EXIT_REQUEUE
-from train.launch_env import free_port, tasks_per_node
+from train.common.exit_codes import EXIT_REQUEUE
+from train.common.launch_env import free_port, tasks_per_node
 
 log = logging.getLogger(__name__)
 

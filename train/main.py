@@ -7,10 +7,10 @@
     python train/main.py --print-config --config configs/tiny.yaml [optim.lr=1e-4 ...]   (the resolved config)
 
 A period that resumes from its checkpoint must keep the config it started with (the keys that may
-change are marked in train/config.py); --restart-period discards its checkpoints instead.
+change are marked in train/common/config.py); --restart-period discards its checkpoints instead.
 
 Read top to bottom: configuration (every error before any rank trains) -> the period's plan
-(train/plan.py) -> the period's recipe (train/recipe.py): distributed set-up -> vocabulary ->
+(train/period/plan.py) -> the period's recipe (train/period/recipe.py): distributed set-up -> vocabulary ->
 model -> data -> DeepSpeed engine -> train (resuming if a checkpoint exists) -> export the
 adapter -> evaluate -> mark the period done in state.json.
 """
@@ -23,7 +23,7 @@ import os
 import sys
 import warnings
 
-from data_tools.dataset import DISK_FULL, WriteError
+from data_tools.atomic import DISK_FULL, WriteError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def print_config(args) -> int:
     """`--print-config`: the configuration a run with these arguments would train with."""
-    from train.config import ConfigError, describe, load_config
+    from train.common.config import ConfigError, describe, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -97,10 +97,10 @@ def print_config(args) -> int:
 def check_inputs(args):
     """Everything that can be checked before a process group exists."""
     from data_tools.dataset import ITEM_INDEX, load_manifest
-    from train.config import ConfigError, accumulation_steps, load_config
-    from train.ds_config import load_ds_config
-    from train.plan import export_dir, trains_in_full
-    from train.run_folder import RunFolder
+    from train.common.config import ConfigError, accumulation_steps, load_config
+    from train.common.run_folder import RunFolder
+    from train.dist.ds_config import load_ds_config
+    from train.period.plan import export_dir, trains_in_full
 
     cfg = load_config(args.config, args.overrides)
     ds_template = load_ds_config(args.ds_config)
@@ -130,7 +130,7 @@ def check_inputs(args):
     if period > 0 and trains_in_full(cfg, 0) and not os.path.isdir(run.model_dir(0)):
         raise ConfigError(f"period {period} needs period 0's model ({run.model_dir(0)}); train period 0 first")
     if cfg.model.item_vectors and period > 0:
-        from train.item_vectors import vectors_path
+        from train.model.item_vectors import vectors_path
 
         if not os.path.isfile(vectors_path(run, period - 1)):
             raise ConfigError(
@@ -167,7 +167,7 @@ def check_device(run, period: int) -> None:
     when this process was given GPUs that torch cannot use (a CPU build of torch, no driver),
     and not when an earlier period of the run trained on GPUs (a resubmitted job that lost its
     GPUs). PESO_ALLOW_CPU=1 allows it."""
-    from train.config import ConfigError
+    from train.common.config import ConfigError
 
     if os.environ.get(ALLOW_CPU) == "1":
         return
@@ -199,9 +199,9 @@ def check_device(run, period: int) -> None:
 
 def check_resume(run, period: int, cfg) -> None:
     """A period resumes from its checkpoint only with the config it started with (apart from the
-    keys that may change, train/config.py): otherwise one period would mix two experiments."""
-    from train.checkpoint import COMPLETE
-    from train.config import ConfigError, resume_conflicts
+    keys that may change, train/common/config.py): otherwise one period would mix two experiments."""
+    from train.common.config import ConfigError, resume_conflicts
+    from train.dist.checkpoint import COMPLETE
 
     started = os.path.join(run.period_dir(period), "config.json")
     if not (os.path.isfile(os.path.join(run.ckpt_dir(period), COMPLETE)) and os.path.isfile(started)):
@@ -219,7 +219,7 @@ def check_resume(run, period: int, cfg) -> None:
 
 
 def main(argv=None) -> int:
-    from train.config import ConfigError
+    from train.common.config import ConfigError
 
     args = parse_args(argv)
     if args.print_config:
@@ -254,9 +254,9 @@ def _write_failed(message: str) -> int:
 
 
 def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool = False, restart: bool = False) -> int:
-    """Plan the period, then run it (train/recipe.py); returns the exit code."""
-    from train.plan import PeriodPlan
-    from train.recipe import PeriodRecipe
+    """Plan the period, then run it (train/period/recipe.py); returns the exit code."""
+    from train.period.plan import PeriodPlan
+    from train.period.recipe import PeriodRecipe
 
     plan = PeriodPlan.make(cfg, run, period, eval_only=eval_only, restart=restart)
     return PeriodRecipe(cfg, ds_template, manifest, run, plan).run()

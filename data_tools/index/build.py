@@ -23,7 +23,8 @@ import numpy as np
 import orjson
 
 from data_tools.accounting import InputError
-from data_tools.dataset import ITEM_INDEX, ITEMS, atomic_write_bytes, writing
+from data_tools.atomic import atomic_write_bytes, writing
+from data_tools.dataset import ITEM_INDEX, ITEMS
 from data_tools.index.codes import assign_unique, collision_groups, load_item_index, parse_tokens, write_item_index
 from data_tools.index.embed import Embedder
 from data_tools.index.rqvae import RQVAE, RQVAEConfig, fit_rqvae

@@ -17,7 +17,8 @@ from collections import Counter
 import numpy as np
 
 from data_tools.accounting import InputError
-from data_tools.dataset import ITEM_INDEX, SCHEMA_VERSION, atomic_write_json
+from data_tools.atomic import atomic_write_json
+from data_tools.dataset import ITEM_INDEX, SCHEMA_VERSION
 
 LETTERS = string.ascii_lowercase
 TOKEN_RE = re.compile(r"^<([a-z])_(\d+)>$")

@@ -10,7 +10,7 @@ or as a single plain process (the reference). Computes, with the project's own c
 
 and saves them (rank 0) to OUT for the test to compare.
 
-- vectors: the same as sequence, on a model with item vectors (train/item_vectors.py), whose
+- vectors: the same as sequence, on a model with item vectors (train/model/item_vectors.py), whose
   projection's gradient is compared too.
 
     python probe_methods.py {zero3|plain} {kl|l2|cumulative|sequence|vectors} OUT [BASE]
@@ -31,12 +31,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from train.config import load_config  # noqa: E402
-from train.data import collate  # noqa: E402
-from train.item_vectors import attach_item_input, item_input_of  # noqa: E402
-from train.loss import lm_loss  # noqa: E402
-from train.model import apply_lora  # noqa: E402
-from train.regularizers import ProximalTerm, attach_frozen_adapters, lora_layers, pull_and_data_norms  # noqa: E402
+from train.common.config import load_config  # noqa: E402
+from train.loop.data import collate  # noqa: E402
+from train.loop.loss import lm_loss  # noqa: E402
+from train.methods.regularizers import ProximalTerm, attach_frozen_adapters, lora_layers, pull_and_data_norms  # noqa: E402
+from train.model.build import apply_lora  # noqa: E402
+from train.model.item_vectors import attach_item_input, item_input_of  # noqa: E402
 
 NEW_TOKENS = list(range(200, 232))
 
@@ -182,7 +182,7 @@ def main():
         save_file({"term": term.detach().reshape(1), **grads}, out)
         return
 
-    from train.strategy import DeepSpeedStrategy
+    from train.dist.strategy import DeepSpeedStrategy
 
     strategy = DeepSpeedStrategy()
     base = given or (build(tmp) if strategy.is_rank0 else os.path.join(tmp, "base"))

@@ -182,7 +182,7 @@ def test_smollm2_lora_then_peso_under_zero3(smollm2_folder, cds_slice, ds_config
     assert tok("<a_0><b_1>", add_special_tokens=False).input_ids == [len(original), len(original) + 256 + 1]
     base = AutoModelForCausalLM.from_pretrained(smollm2_folder)
     hidden = base.config.hidden_size
-    # The rows the new tokens started from (train/model.py, init_new_token_rows, model.seed 0).
+    # The rows the new tokens started from (train/model/build.py, init_new_token_rows, model.seed 0).
     old = base.get_input_embeddings().weight.detach()
     start = torch.randn((4 * 256, hidden), generator=torch.Generator().manual_seed(0)) * float(old.std())
     base.resize_token_embeddings(len(tok))
@@ -208,7 +208,7 @@ def test_smollm2_lora_then_peso_under_zero3(smollm2_folder, cds_slice, ds_config
     assert 0 < int(moved0.sum()) < 4 * 256 and int(moved1.sum()) > 0
     # The plain CPU model with period 1's adapter (no DeepSpeed) ranks the test users' items as the
     # engine's evaluation did, with the same beam scores (sums of log-probabilities).
-    from train.recommender import Recommender
+    from train.serve.recommender import Recommender
 
     rec = Recommender.from_run(run, 1, device="cpu")
     metrics, lists = rec.evaluate_window(cds_slice, 1, [5, 10], max_users=4)

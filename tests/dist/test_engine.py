@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from launcher.periods import local_command
 from tests.dist.conftest import MAIN, QUICK, REPO, RESPONSE, env, kill_all_with, train
-from train.checkpoint import tag_step
+from train.dist.checkpoint import tag_step
 
 CONFIG = os.path.join(REPO, "configs", "tiny.yaml")
 
@@ -299,7 +299,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, small_data
         proc.wait()
     assert not os.path.exists(os.path.join(killed, "periods", "0", "train_summary.json"))
     _log_past_the_checkpoint(killed)
-    # Settings that may change when a period resumes (train/config.py) change here: it still resumes.
+    # Settings that may change when a period resumes (train/common/config.py) change here: it still resumes.
     resumed = train(
         2, _resume_args(ds_configs[3], small_dataset, killed, objective) + ["checkpoint.keep=3", "eval.max_users=7"]
     )
@@ -399,7 +399,7 @@ def test_patience_ends_a_period_and_period0_has_its_own_epoch_cap(tmp_path, smal
 def test_each_rank_flushes_exactly_the_checkpoint_files_it_wrote(zero_runs):
     """Every file of a 2-rank checkpoint has one rank to fsync it (O(ranks) syncs, not
     O(ranks^2)): the per-rank ZeRO partitions and RNG states their rank's, the rest rank 0's."""
-    from train.checkpoint import COMPLETE, files_of_rank
+    from train.dist.checkpoint import COMPLETE, files_of_rank
 
     for stage, run in zero_runs.items():
         folder = os.path.join(run, "periods", "0", "ds_ckpt")

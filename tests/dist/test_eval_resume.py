@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import small_stream
 from tests.dist.conftest import QUICK, REPO, env, train
-from train.exit_codes import EXIT_REQUEUE
+from train.common.exit_codes import EXIT_REQUEUE
 
 CONFIG = os.path.join(REPO, "configs", "tiny.yaml")
 SETTINGS = [

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from tests.dist.conftest import QUICK, REPO, env, train
-from train.exit_codes import EXIT_REQUEUE
+from train.common.exit_codes import EXIT_REQUEUE
 
 CONFIG = os.path.join(REPO, "configs", "tiny.yaml")
 # A period long enough to be stopped in (12 steps), checkpointed every 2 steps.

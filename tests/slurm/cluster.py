@@ -63,7 +63,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from train.launch_env import free_port
+from train.common.launch_env import free_port
 
 from . import install, procs
 from .conf import SlurmConf

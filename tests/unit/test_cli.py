@@ -16,7 +16,7 @@ from data_tools.__main__ import build_parser as data_tools_parser
 from data_tools.help_format import HelpFormatter
 from launcher.__main__ import build_parser as launcher_parser
 from launcher.__main__ import main as launcher_main
-from train.exit_codes import EXIT_REQUEUE
+from train.common.exit_codes import EXIT_REQUEUE
 from train.main import build_parser as train_parser
 from train.main import main as train_main
 

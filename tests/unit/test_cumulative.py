@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from train.config import load_config
-from train.model import apply_lora
-from train.plan import frozen_adapter_periods
-from train.regularizers import attach_frozen_adapters, lora_layers
+from train.common.config import load_config
+from train.methods.regularizers import attach_frozen_adapters, lora_layers
+from train.model.build import apply_lora
+from train.period.plan import frozen_adapter_periods
 
 NEW_TOKENS = list(range(100, 116))
 
@@ -92,13 +92,13 @@ def test_a_zero_factor_adds_nothing_and_no_nan(tmp_path):
 
 
 def test_export_folds_the_frozen_sum_into_one_adapter_of_higher_rank(tmp_path):
-    """cumulative's export (train/export_recommender.py): the live adapter and the frozen,
+    """cumulative's export (train/serve/export.py): the live adapter and the frozen,
     normalized previous one as one PEFT adapter of rank 2r, loaded on a plain backbone, give the
     logits of the model that trained and was evaluated."""
     from peft import PeftModel
 
-    from train.export_recommender import folded_adapter, save_adapter
-    from train.run_folder import RunFolder
+    from train.common.run_folder import RunFolder
+    from train.serve.export import folded_adapter, save_adapter
 
     run = RunFolder(str(tmp_path / "run"))
     cfg = load_config(None, ["model.shape=tiny", "model.period0=full", "method.name=cumulative", "lora.r=4"])

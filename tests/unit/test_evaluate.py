@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from data_tools.index.prompt import PromptTemplate
 from data_tools.index.tokenizer import ItemCodebook, add_code_tokens, train_sentencepiece_tokenizer
-from train.evaluate import NEG, constrained_beam_search, decoding_forward, rank_metrics
+from train.evaluation.evaluator import NEG, constrained_beam_search, decoding_forward, rank_metrics
 
 
 def test_rank_metrics_by_hand():
@@ -151,7 +151,7 @@ def test_max_users_is_a_seeded_sample_not_the_first_users(ml_dataset):
 
     from data_tools.dataset import load_manifest
     from data_tools.reader import window_split
-    from train.evaluate import test_users
+    from train.evaluation.evaluator import test_users
 
     manifest = load_manifest(ml_dataset)
     everyone = list(window_split(ml_dataset, 1, "test"))
@@ -169,7 +169,7 @@ def test_max_users_is_a_seeded_sample_not_the_first_users(ml_dataset):
 def test_transitions_reference_ranks_followers_by_recency_then_popularity():
     from collections import Counter
 
-    from train.evaluate import transition_top
+    from train.evaluation.evaluator import transition_top
 
     following = {1: Counter({(9,): 1, (8,): 5}), 2: Counter({(7,): 2}), 3: Counter({(9,): 4})}
     popular = [(5,), (7,), (6,)]
@@ -185,7 +185,7 @@ def test_following_codes_counts_consecutive_training_targets(ml_dataset):
 
     from data_tools.dataset import load_manifest
     from data_tools.reader import read_split
-    from train.evaluate import following_codes
+    from train.evaluation.evaluator import following_codes
 
     class Codes:  # an item's "code" is the item itself, so counts can be checked by hand
         @staticmethod
@@ -202,7 +202,7 @@ def test_following_codes_counts_consecutive_training_targets(ml_dataset):
 def test_generate_with_the_trie_logits_processor_equals_our_beam_search(vocab):
     """For people who call Hugging Face `generate` themselves: beam search with
     TrieLogitsProcessor returns the same items, in the same order, as constrained_beam_search."""
-    from train.recommender import TrieLogitsProcessor
+    from train.serve.recommender import TrieLogitsProcessor
 
     tok, book = vocab
     model = _sharp_gqa_model(tok)
@@ -305,7 +305,7 @@ def test_test_indices_pick_the_users_that_sampling_the_samples_picked(ml_dataset
     same order, so results stay comparable with runs before the change."""
     from data_tools.dataset import load_manifest
     from data_tools.reader import read_split
-    from train.evaluate import test_indices, test_users
+    from train.evaluation.evaluator import test_indices, test_users
 
     manifest = load_manifest(ml_dataset)
     everyone = read_split(ml_dataset, 1, "test", manifest)
@@ -330,8 +330,8 @@ def _evaluator(root: str, *, world: int = 1, max_users: int | None = None, run=N
     from types import SimpleNamespace
 
     from data_tools.dataset import load_manifest
-    from train.config import Config
-    from train.evaluate import Evaluator
+    from train.common.config import Config
+    from train.evaluation.evaluator import Evaluator
 
     cfg = Config()
     cfg.data.path, cfg.eval.max_users = root, max_users
@@ -356,7 +356,7 @@ def test_rank0_scores_both_references_for_every_rank_as_each_rank_did(ml_dataset
 
     from data_tools.dataset import load_manifest
     from data_tools.reader import read_split
-    from train.evaluate import test_indices, transition_top
+    from train.evaluation.evaluator import test_indices, transition_top
 
     manifest = load_manifest(ml_dataset)
     train = read_split(ml_dataset, 1, "train", manifest)
@@ -385,8 +385,8 @@ def test_rank0_scores_both_references_for_every_rank_as_each_rank_did(ml_dataset
 
 
 def test_a_window_file_counts_only_for_the_export_and_settings_it_was_computed_with(tmp_path, ml_dataset):
-    from train.eval_windows import FinishedWindows
-    from train.run_folder import RunFolder
+    from train.common.run_folder import RunFolder
+    from train.evaluation.windows import FinishedWindows
 
     run = RunFolder(str(tmp_path / "run"))
     adapter = os.path.join(run.adapter_dir(1), "adapter_model.safetensors")
@@ -417,7 +417,7 @@ def test_a_window_file_counts_only_for_the_export_and_settings_it_was_computed_w
 
 
 def test_eval_replica_is_auto_always_or_never():
-    from train.config import ConfigError, load_config
+    from train.common.config import ConfigError, load_config
 
     assert load_config(None, ["model.shape=tiny"]).eval.replica == "auto"
     assert load_config(None, ["model.shape=tiny", "eval.replica=never"]).eval.replica == "never"
@@ -430,7 +430,7 @@ def test_when_the_evaluation_uses_a_replica(monkeypatch):
     on every rank (one decision for all: a rank short of memory means the sharded engine)."""
     from types import SimpleNamespace
 
-    import train.eval_replica as replica
+    import train.evaluation.replica as replica
 
     engine = torch.nn.Linear(1000, 1000, bias=False)  # 4 MB in fp32
     strategy = SimpleNamespace(cuda=False, device=torch.device("cpu"), any=lambda flag: flag, zero_stage=2)

@@ -16,7 +16,7 @@ import pytest
 
 import data_tools.convert
 from data_tools.__main__ import main as data_tools_main
-from data_tools.dataset import WriteError
+from data_tools.atomic import WriteError
 from tests.unit.test_bad_input import good_stream, write_lines
 
 FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -124,9 +124,9 @@ def test_item_index_on_a_full_disk(tmp_path, monkeypatch, capsys):
 
 def test_tokenizer_on_a_full_disk(tmp_path, monkeypatch):
     from data_tools.index.prompt import DEFAULT_TEMPLATE, PromptTemplate
-    from train.config import load_config
-    from train.run_folder import RunFolder
-    from train.vocab import prepare_tokenizer
+    from train.common.config import load_config
+    from train.common.run_folder import RunFolder
+    from train.model.vocab import prepare_tokenizer
 
     data = tmp_path / "data"
     data.mkdir()
@@ -164,7 +164,7 @@ class _Engine:
 def test_checkpoint_on_a_full_disk_keeps_the_complete_one_whole(tmp_path):
     """An epoch that ends on a checkpoint step saves that step twice: the second save must not
     write into the complete tag, or a full disk there leaves a corrupt checkpoint trusted."""
-    from train.checkpoint import COMPLETE, Checkpointer, tag_step
+    from train.dist.checkpoint import COMPLETE, Checkpointer, tag_step
 
     folder = tmp_path / "ds_ckpt"
     one_rank = SimpleNamespace(
@@ -189,7 +189,7 @@ def test_adapter_export_on_a_full_disk_keeps_the_previous_one(tmp_path, monkeypa
     import torch
 
     from tests.unit.test_cumulative import _model
-    from train.export import export_adapter
+    from train.model.export import export_adapter
 
     model = _model()
     rank0 = SimpleNamespace(is_rank0=True, barrier=lambda: None, gathered=lambda params: nullcontext())
@@ -206,13 +206,13 @@ def test_adapter_export_on_a_full_disk_keeps_the_previous_one(tmp_path, monkeypa
 
 
 def test_launcher_export_reports_a_write_error_in_one_line(tmp_path, monkeypatch, capsys):
-    import train.export_recommender
+    import train.serve.export
     from launcher.__main__ import main as launcher_main
 
     def export_recommender(*args):
         raise WriteError(f"cannot write the export ({tmp_path / 'x'}): No space left on device")
 
-    monkeypatch.setattr(train.export_recommender, "export_recommender", export_recommender)
+    monkeypatch.setattr(train.serve.export, "export_recommender", export_recommender)
     assert launcher_main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err == f"error: cannot write the export ({tmp_path / 'x'}): No space left on device\n"
 

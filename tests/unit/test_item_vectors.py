@@ -16,7 +16,7 @@ from data_tools.dataset import load_manifest
 from data_tools.index.codes import load_item_index
 from data_tools.index.tokenizer import ItemCodebook, add_code_tokens, train_sentencepiece_tokenizer
 from data_tools.reader import window_split
-from train.item_vectors import attach_item_input, build_item_vectors, code_keys, item_codes, item_input_of
+from train.model.item_vectors import attach_item_input, build_item_vectors, code_keys, item_codes, item_input_of
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from launcher.slurm import next_job_command, parse_scontrol_line
-from train.launch_env import free_port, tasks_per_node
+from train.common.launch_env import free_port, tasks_per_node
 
 JOB_LINE = (
     "JobId=42 JobName=cds study UserId=root(0) JobState=RUNNING Reason=None "

@@ -8,9 +8,10 @@ import re
 
 import pytest
 
-from train import evaluate, metrics
-from train.logs import PACKAGES, configure_logging
-from train.metrics import MetricsLogger, Pace
+from train.common.logs import PACKAGES, configure_logging
+from train.evaluation import evaluator as evaluate
+from train.loop import telemetry as metrics
+from train.loop.telemetry import MetricsLogger, Pace
 
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
 
@@ -27,7 +28,7 @@ def fresh_loggers():
 
 @pytest.fixture
 def clock(monkeypatch):
-    """A settable perf_counter for train.metrics (Pace measures with it)."""
+    """A settable perf_counter for train.loop.telemetry (Pace measures with it)."""
     now = [1000.0]
     monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
     return now
@@ -37,22 +38,22 @@ def test_rank0_logs_info_with_a_timestamp_other_ranks_only_warnings(fresh_logger
     monkeypatch.delenv("PESO_LOG_LEVEL", raising=False)
     configure_logging(0)
     configure_logging(0)  # again: replaces its handler, does not print every line twice
-    logging.getLogger("train.trainer").info("period 0 epoch 0: validation loss 1.0")
+    logging.getLogger("train.loop.trainer").info("period 0 epoch 0: validation loss 1.0")
     assert re.fullmatch(rf"{STAMP} INFO period 0 epoch 0: validation loss 1.0\n", capsys.readouterr().out)
     configure_logging(1)
     logging.getLogger("launcher.periods").info("not shown")
-    logging.getLogger("train.trainer").warning("shown")
+    logging.getLogger("train.loop.trainer").warning("shown")
     assert re.fullmatch(rf"{STAMP} WARNING \[rank 1\] shown\n", capsys.readouterr().out)
 
 
 def test_the_level_comes_from_PESO_LOG_LEVEL(fresh_loggers, capsys, monkeypatch):
     monkeypatch.setenv("PESO_LOG_LEVEL", "warning")
     configure_logging(0)
-    logging.getLogger("train.evaluate").info("not shown")
+    logging.getLogger("train.evaluation.evaluator").info("not shown")
     assert capsys.readouterr().out == ""
     monkeypatch.setenv("PESO_LOG_LEVEL", "loud")
     configure_logging(0)
-    logging.getLogger("train.evaluate").info("shown")
+    logging.getLogger("train.evaluation.evaluator").info("shown")
     out = capsys.readouterr().out
     assert "PESO_LOG_LEVEL='loud' is not one of DEBUG, INFO, WARNING, ERROR; using INFO" in out and "shown" in out
 

@@ -1,5 +1,5 @@
-"""Device placement after `deepspeed.initialize` (train/placement.py) and the precision policy
-(train/model.py `hold_trainable_in`, `rope_in_fp32`), on a model shaped like a period's: LoRA,
+"""Device placement after `deepspeed.initialize` (train/dist/placement.py) and the precision policy
+(train/model/build.py `hold_trainable_in`, `rope_in_fp32`), on a model shaped like a period's: LoRA,
 code-token rows and the item-vector input added after the backbone was built.
 
 A model built under ZeRO-3's zero.Init is not moved by DeepSpeed, so the strategy moves what was
@@ -13,10 +13,10 @@ import torch
 
 from tests.unit.test_item_vectors import table, tiny_model
 from tests.unit.test_train_config import TINY
-from train.config import load_config
-from train.item_vectors import attach_item_input
-from train.model import apply_lora, hold_trainable_in, rope_in_fp32
-from train.placement import misplaced, move_to
+from train.common.config import load_config
+from train.dist.placement import misplaced, move_to
+from train.model.build import apply_lora, hold_trainable_in, rope_in_fp32
+from train.model.item_vectors import attach_item_input
 
 
 def period_model() -> torch.nn.Module:

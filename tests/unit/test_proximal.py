@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.unit.test_cumulative import _model
-from train.regularizers import ProximalTerm, lora_factors, lora_layers, pull_and_data_norms
+from train.methods.regularizers import ProximalTerm, lora_factors, lora_layers, pull_and_data_norms
 
 
 def _anchor(model, spread: float) -> dict[str, torch.Tensor]:

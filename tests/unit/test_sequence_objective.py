@@ -15,9 +15,9 @@ from data_tools.index.prompt import COMPACT_SEPARATOR, COMPACT_TEMPLATE, PromptT
 from data_tools.index.tokenizer import ItemCodebook, add_code_tokens, train_sentencepiece_tokenizer
 from data_tools.reader import window_split
 from data_tools.sequences import chunk_sequence, user_sequences, window_chunks
-from train.data import collate
-from train.loss import lm_loss
-from train.vocab import SampleEncoder
+from train.loop.data import collate
+from train.loop.loss import lm_loss
+from train.model.vocab import SampleEncoder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

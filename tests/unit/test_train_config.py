@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from train.config import ConfigError, accumulation_steps, describe, load_config, resume_conflicts
-from train.ds_config import fill_ds_config, load_ds_config
+from train.common.config import ConfigError, accumulation_steps, describe, load_config, resume_conflicts
+from train.dist.ds_config import fill_ds_config, load_ds_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "configs", "tiny.yaml")

@@ -15,9 +15,9 @@ from data_tools.index.prompt import PromptTemplate
 from data_tools.index.tokenizer import ItemCodebook, add_code_tokens, train_sentencepiece_tokenizer
 from data_tools.reader import epoch_order, read_split, window_split
 from data_tools.sequences import ChunkFile, window_chunks, write_chunks
-from train.config import load_config
-from train.data import RankEpoch, ResponseSamples, WindowData
-from train.vocab import SampleEncoder
+from train.common.config import load_config
+from train.loop.data import RankEpoch, ResponseSamples, WindowData
+from train.model.vocab import SampleEncoder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -39,8 +39,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save, save_file
 
+from data_tools.atomic import atomic_write_bytes
 from data_tools.cooccurrence import REACH, align_to, cooccurrence_counts, ppmi_svd_vectors
-from data_tools.dataset import atomic_write_bytes
 from data_tools.reader import window_split
 from data_tools.sequences import user_sequences
 

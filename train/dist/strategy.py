@@ -14,8 +14,8 @@ import os
 
 import torch
 
-from train.launch_env import free_port, tasks_per_node
-from train.placement import misplaced, move_to
+from train.common.launch_env import free_port, tasks_per_node
+from train.dist.placement import misplaced, move_to
 
 
 def _quiet_cpu_accelerator() -> None:
@@ -92,7 +92,7 @@ class DeepSpeedStrategy:
         self.comm = comm
         self.rank = comm.get_rank()
         self.world_size = comm.get_world_size()
-        # torchrun and srun (train/strategy.py) set LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
+        # torchrun and srun (train/dist/strategy.py) set LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
         self.ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or self.world_size)
         self.ds_config: dict | None = None
         self._hf_ds_config = None

@@ -9,7 +9,7 @@
     <out>/base/                   the backbone (code-token rows included)
     <out>/adapter/                the period's adapter (PEFT format)
     <out>/item_vectors.safetensors  with `model.item_vectors`: the item vectors and their trained
-                                  projection (train/item_vectors.py)
+                                  projection (train/model/item_vectors.py)
 
 So `AutoModelForCausalLM.from_pretrained(out)` (merged), or `PeftModel.from_pretrained(
 AutoModelForCausalLM.from_pretrained(out/base), out/adapter)`, with the saved index, computes
@@ -18,7 +18,7 @@ of earlier adapters is folded into the exported adapter. A LoRA's output is
 scaling * B A x, and the frozen sum adds scaling * B_i' A_i' x (normalized factors), so the
 two together are one LoRA of rank r * (1 + n) with A stacked over the A_i' and B beside the B_i',
 and lora_alpha chosen to keep the same scaling. A model trained with `model.item_vectors` also
-needs its vectors on the input: `Recommender.from_export(out)` (train/recommender.py) attaches
+needs its vectors on the input: `Recommender.from_export(out)` (train/serve/recommender.py) attaches
 them (`attach_item_input`); a plain `from_pretrained` alone would decode without them. The folder
 appears atomically.
 """
@@ -36,11 +36,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from data_tools.dataset import ITEM_INDEX, ITEMS, written_aside
-from train.item_vectors import FILE as ITEM_VECTORS
-from train.model import SHARD_SIZE
-from train.plan import backbone_dir, export_dir, frozen_adapter_periods, trains_in_full
-from train.recommender import (
+from data_tools.atomic import written_aside
+from data_tools.dataset import ITEM_INDEX, ITEMS
+from train.common.run_folder import RunFolder
+from train.methods.regularizers import normalized
+from train.model.build import SHARD_SIZE
+from train.model.item_vectors import FILE as ITEM_VECTORS
+from train.period.plan import backbone_dir, export_dir, frozen_adapter_periods, trains_in_full
+from train.serve.recommender import (
     EXPORT_INFO,
     default_device,
     last_done_period,
@@ -50,8 +53,6 @@ from train.recommender import (
     saved_config,
     torch_dtype,
 )
-from train.regularizers import normalized
-from train.run_folder import RunFolder
 
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 
@@ -151,7 +152,7 @@ def export_recommender(
         else:
             save_adapter(*adapter, os.path.join(tmp, "adapter"), {"period": str(period), "method": cfg.method.name})
             if merged:
-                with warnings.catch_warnings():  # see train/recommender.py
+                with warnings.catch_warnings():  # see train/serve/recommender.py
                     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
                     model = PeftModel.from_pretrained(
                         base, os.path.join(tmp, "adapter"), autocast_adapter_dtype=False
@@ -163,7 +164,7 @@ def export_recommender(
         tokenizer.save_pretrained(tmp)
         for name in (ITEM_INDEX, ITEMS):
             shutil.copyfile(os.path.join(data_root, name), os.path.join(tmp, name))
-        if cfg.model.item_vectors:  # the vectors and their trained projection (train/item_vectors.py)
+        if cfg.model.item_vectors:  # the vectors and their trained projection (train/model/item_vectors.py)
             shutil.copyfile(os.path.join(export_dir(cfg, run, period), ITEM_VECTORS), os.path.join(tmp, ITEM_VECTORS))
         with open(os.path.join(tmp, EXPORT_INFO), "w") as f:
             json.dump(info, f, indent=1)

@@ -6,8 +6,8 @@ The signal only sets a flag on the rank that got it; ranks agree on it in a coll
 validation batches, before an export, between evaluation batches. So the period stops wherever
 it is, not only between optimizer steps: at 8B a validation pass, an export or the evaluation of
 windows 0..t can outlast the warning, and the job would be killed with nothing saved. Where it
-stops decides what is saved first (train/trainer.py, train/evaluate.py); the process then exits
-with EXIT_REQUEUE (train/exit_codes.py).
+stops decides what is saved first (train/loop/trainer.py, train/evaluation/evaluator.py); the process then exits
+with EXIT_REQUEUE (train/common/exit_codes.py).
 """
 
 from __future__ import annotations

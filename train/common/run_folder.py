@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 
-from data_tools.dataset import atomic_write_json
+from data_tools.atomic import atomic_write_json
 
 
 class RunFolder:

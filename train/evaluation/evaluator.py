@@ -25,7 +25,7 @@ for all of them, while the other ranks compute only the model's metrics. The dev
 once per batch (the beams' codes and scores), the test loss once per window, and the trie's masks
 are built on the device (`DeviceTrie`, data_tools/index/trie.py).
 
-A stop request (train/stop.py) is honoured before any batch; each finished window is kept in
+A stop request (train/dist/stop.py) is honoured before any batch; each finished window is kept in
 `periods/<t>/eval/window-<j>.json` (rank 0, atomically), so a rerun evaluates only the windows
 left, as long as the export and the evaluation's settings are those the file was computed with.
 """
@@ -43,16 +43,16 @@ import transformers
 from packaging.version import Version
 from transformers import DynamicCache
 
-from data_tools.dataset import atomic_write_bytes, atomic_write_json
+from data_tools.atomic import atomic_write_bytes, atomic_write_json
 from data_tools.progress import progress_bar
 from data_tools.reader import iter_split, read_samples_at, split_size
 from data_tools.windows import GROUPS
-from train.data import collate
-from train.eval_replica import build_replica, release_memory, use_replica
-from train.eval_windows import FinishedWindows
-from train.loss import IGNORE, lm_loss
-from train.metrics import Pace
-from train.model import DTYPES
+from train.evaluation.replica import build_replica, release_memory, use_replica
+from train.evaluation.windows import FinishedWindows
+from train.loop.data import collate
+from train.loop.loss import IGNORE, lm_loss
+from train.loop.telemetry import Pace
+from train.model.build import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ class Evaluator:
     items (internal item ids, best first, with their beam log-probabilities and the target's rank)
     to recommendations.jsonl.
 
-    `stop`: a StopRequest (train/stop.py), checked before every batch (a collective: every rank
+    `stop`: a StopRequest (train/dist/stop.py), checked before every batch (a collective: every rank
     runs the same number of batches); `dtype`: the run's compute dtype (a replica's);
     `reuse_windows`: take the windows a stopped evaluation of the same export finished from
     their files (False with --eval_only, which evaluates from scratch)."""
@@ -492,7 +492,7 @@ class Evaluator:
 
     def _stop_point(self, window: int, batch: int) -> None:
         """Before each batch: stop if any rank got a stop request (collective). Tests name the
-        point "eval:<window>:<batch>" in PESO_FAULT_SIGNAL_AT (train/stop.py) to signal rank 0 there."""
+        point "eval:<window>:<batch>" in PESO_FAULT_SIGNAL_AT (train/dist/stop.py) to signal rank 0 there."""
         if self.stop is None:
             return
         self.stop.fault_point(f"eval:{window}:{batch}")

@@ -2,7 +2,7 @@
 code tokens, and EOS in the response objective), on logits divided by `method.temperature`.
 
 The output layer runs only on the positions the loss reads (`logits_to_keep`): from the first
-labelled column of the micro-batch on (train/data.py's `collate`), so a long prompt costs no
+labelled column of the micro-batch on (train/loop/data.py's `collate`), so a long prompt costs no
 vocabulary-sized logits.
 """
 

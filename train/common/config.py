@@ -37,7 +37,7 @@ def setting(default=None, help: str = "", *, factory=None, resume_may_change: bo
 @dataclass
 class ModelConfig:
     path: str | None = setting(None, "a local Hugging Face folder (a real backbone); or set model.shape")
-    shape: str | None = setting(None, "a named shape with random weights: tiny, small, 1b, 8b (train/shapes.py)")
+    shape: str | None = setting(None, "a named shape with random weights: tiny, small, 1b, 8b (train/model/shapes.py)")
     dtype: str = setting("auto", "auto (bf16 on a GPU that has it, fp32 on the CPU), fp32, bf16 or fp16")
     attn_implementation: str = setting("sdpa", "sdpa, eager or flash_attention_2", resume_may_change=True)
     gradient_checkpointing: bool = setting(
@@ -48,7 +48,7 @@ class ModelConfig:
     item_vectors: int = setting(
         0,
         "dimension of the collaborative item vectors added at each item's last code token "
-        "(train/item_vectors.py); 0: none",
+        "(train/model/item_vectors.py); 0: none",
     )
 
 
@@ -62,7 +62,7 @@ class LoraConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = setting("single", "single, peso, l2, cumulative or cumulative_all (train/regularizers.py)")
+    name: str = setting("single", "single, peso, l2, cumulative or cumulative_all (train/methods/regularizers.py)")
     lam: float = setting(0.0, "weight of the proximal term (peso, l2)")
     reduce: str = setting(
         "sum", "the proximal term over layers: sum (the paper's equation) or mean (the authors' code)"

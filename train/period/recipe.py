@@ -2,7 +2,7 @@
 data, DeepSpeed engine), then `fit` (train, resuming from a checkpoint; the best epoch is
 exported), `evaluate` (the exported weights on windows 0..t) and `finish` (the period's summary,
 state.json), and one `close`. What the period does was decided before any rank trains: its plan
-(train/plan.py).
+(train/period/plan.py).
 """
 
 from __future__ import annotations
@@ -14,26 +14,22 @@ import shutil
 
 from safetensors.torch import load_file
 
-from data_tools.dataset import atomic_write_json
-from train.checkpoint import Checkpointer
-from train.config import accumulation_steps
-from train.data import WindowData, prepare_sequence_chunks, sequence_chunks_dir
-from train.ds_config import fill_ds_config, resolve_dtype
-from train.evaluate import Evaluator
-from train.exit_codes import EXIT_REQUEUE
-from train.export import export_adapter, export_full_model
-from train.flops import FlopCounter, device_peak_flops
-from train.item_vectors import (
-    attach_item_input,
-    has_item_vectors,
-    item_input_of,
-    load_item_input_weights,
-    load_item_vectors,
-    prepare_item_vectors,
-)
-from train.logs import configure_logging
-from train.metrics import MetricsLogger
-from train.model import (
+from data_tools.atomic import atomic_write_json
+from train.common.config import accumulation_steps
+from train.common.exit_codes import EXIT_REQUEUE
+from train.common.logs import configure_logging
+from train.dist.checkpoint import Checkpointer
+from train.dist.ds_config import fill_ds_config, resolve_dtype
+from train.dist.stop import StopRequest, StopRequested
+from train.dist.strategy import DeepSpeedStrategy
+from train.evaluation.evaluator import Evaluator
+from train.loop.data import WindowData, prepare_sequence_chunks, sequence_chunks_dir
+from train.loop.flops import FlopCounter, device_peak_flops
+from train.loop.schedule import make_optimizer, make_scheduler
+from train.loop.telemetry import MetricsLogger
+from train.loop.trainer import Progress, Trainer
+from train.methods.regularizers import make_regularizer, relative_distance
+from train.model.build import (
     apply_lora,
     build_shape_backbone,
     hidden_size,
@@ -44,13 +40,17 @@ from train.model import (
     load_full_weights,
     param_groups,
 )
-from train.plan import PeriodPlan
-from train.regularizers import make_regularizer, relative_distance
-from train.schedule import make_optimizer, make_scheduler
-from train.stop import StopRequest, StopRequested
-from train.strategy import DeepSpeedStrategy
-from train.trainer import Progress, Trainer
-from train.vocab import load_vocab
+from train.model.export import export_adapter, export_full_model
+from train.model.item_vectors import (
+    attach_item_input,
+    has_item_vectors,
+    item_input_of,
+    load_item_input_weights,
+    load_item_vectors,
+    prepare_item_vectors,
+)
+from train.model.vocab import load_vocab
+from train.period.plan import PeriodPlan
 
 log = logging.getLogger(__name__)
 

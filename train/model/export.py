@@ -14,9 +14,9 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from data_tools.dataset import written_aside
-from train.item_vectors import gather_item_input, is_item_input_param, write_item_vectors
-from train.model import adapter_state_keys
+from data_tools.atomic import written_aside
+from train.model.build import adapter_state_keys
+from train.model.item_vectors import gather_item_input, is_item_input_param, write_item_vectors
 
 
 def _check_nonempty(state: dict[str, torch.Tensor], what: str) -> None:
@@ -44,7 +44,7 @@ def gather_adapter_state(strategy, model) -> dict[str, torch.Tensor] | None:
 
 def export_adapter(strategy, model, out_dir: str, metadata: dict | None = None) -> None:
     """Write the adapter in PEFT format (adapter_config.json + adapter_model.safetensors), and
-    the item vectors with their trained projection (train/item_vectors.py) if the model has them."""
+    the item vectors with their trained projection (train/model/item_vectors.py) if the model has them."""
     state = gather_adapter_state(strategy, model)
     item_vectors = gather_item_input(strategy, model)
     if strategy.is_rank0:
@@ -64,7 +64,7 @@ def export_adapter(strategy, model, out_dir: str, metadata: dict | None = None) 
 def export_full_model(strategy, model, tokenizer, out_dir: str) -> None:
     """Write the whole model (Hugging Face format), gathering one module at a time so no rank
     holds more than one layer's parameters beyond its partition. The item-vector input has its own
-    file (train/item_vectors.py): a plain `from_pretrained` would not know its keys."""
+    file (train/model/item_vectors.py): a plain `from_pretrained` would not know its keys."""
     state = {}
     for prefix, module in model.named_modules():
         params = dict(module.named_parameters(recurse=False))

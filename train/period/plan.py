@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from train.config import Config, period_epochs
-from train.run_folder import RunFolder
+from train.common.config import Config, period_epochs
+from train.common.run_folder import RunFolder
 
 CUMULATIVE = ("cumulative", "cumulative_all")  # methods that add earlier adapters, frozen
 PROXIMAL = ("peso", "l2")  # methods that pull the adapter toward the previous one

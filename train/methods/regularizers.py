@@ -36,8 +36,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save
 
-from data_tools.dataset import atomic_write_bytes
-from train.plan import CUMULATIVE, PROXIMAL
+from data_tools.atomic import atomic_write_bytes
+from train.period.plan import CUMULATIVE, PROXIMAL
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def attach_frozen_adapters(model: nn.Module, adapter_dirs: list[str]) -> int:
 
 
 def make_regularizer(cfg, plan, run, model: nn.Module, strategy) -> ProximalTerm | None:
-    """Set up the method for the period of `plan` (train/plan.py); returns the proximal term
+    """Set up the method for the period of `plan` (train/period/plan.py); returns the proximal term
     (peso, l2) or None."""
     name = cfg.method.name
     if name in CUMULATIVE:

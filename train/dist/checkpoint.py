@@ -20,7 +20,7 @@ import shutil
 
 import torch
 
-from data_tools.dataset import atomic_write_json, writing
+from data_tools.atomic import atomic_write_json, writing
 
 COMPLETE = "COMPLETE.json"
 AGAIN = "-again"  # the suffix of a second save at the same step (Checkpointer._new_tag)

@@ -1,8 +1,8 @@
 """The training loop of one period: epochs of micro-batches, validation after each epoch, the
 best epoch exported, checkpoints, and everything reported to TensorBoard.
 
-The loss is the cross-entropy of the labelled tokens (train/loss.py), plus `method.lam` times
-the regularizer's proximal term when there is one (train/regularizers.py). An epoch ends with the
+The loss is the cross-entropy of the labelled tokens (train/loop/loss.py), plus `method.lam` times
+the regularizer's proximal term when there is one (train/methods/regularizers.py). An epoch ends with the
 validation loss; the best epoch so far is exported, and with `schedule.patience` the period
 stops after that many epochs without a better one (`schedule.epochs`, or
 `schedule.period0_epochs` in period 0, is the cap). A micro-batch whose loss is not finite on any rank
@@ -10,10 +10,10 @@ is skipped on every rank (no backward, and it does not count toward the accumula
 so the optimizer step waits for the next good micro-batch), counted, and too many in a row stop
 the run with an error.
 
-A stop request (SIGUSR1 or SIGTERM: a SLURM time limit or preemption, train/stop.py) is honoured
+A stop request (SIGUSR1 or SIGTERM: a SLURM time limit or preemption, train/dist/stop.py) is honoured
 at the next optimizer step, between validation batches and before an export: every rank saves a
 checkpoint of where it stands (a validation loss already computed is kept in it, so a resumed
-run goes on with the export) and the period exits with EXIT_REQUEUE (train/exit_codes.py).
+run goes on with the export) and the period exits with EXIT_REQUEUE (train/common/exit_codes.py).
 
 One read-back from the device per micro-batch: a single all-reduce of [non-finite?, stop
 requested?, cross-entropy, proximal term] tells every rank whether to step and carries what the
@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 import torch
 
 from data_tools.progress import progress_bar
-from train.checkpoint import Checkpointer
-from train.loss import IGNORE, lm_loss
-from train.metrics import Pace, Throughput, memory_stats
-from train.regularizers import pull_and_data_norms
-from train.stop import StopRequest, StopRequested
+from train.dist.checkpoint import Checkpointer
+from train.dist.stop import StopRequest, StopRequested
+from train.loop.loss import IGNORE, lm_loss
+from train.loop.telemetry import Pace, Throughput, memory_stats
+from train.methods.regularizers import pull_and_data_norms
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class MicroStep:
     skipped: bool  # a non-finite loss on some rank: no backward, no step
     stop: bool  # some rank got a stop request
     # At a logged step of a regularized period: (norm of lam x the term's gradient, norm of the
-    # data loss's gradient) on the LoRA factors (train/regularizers.py, pull_and_data_norms).
+    # data loss's gradient) on the LoRA factors (train/methods/regularizers.py, pull_and_data_norms).
     pull: tuple[float, float] | None = None
 
 

@@ -40,7 +40,7 @@ import torch.utils.data
 
 from data_tools.reader import consumer_slice, epoch_order, read_samples_at, read_split, split_size
 from data_tools.sequences import OFFSETS, ChunkFile, window_chunks, write_chunks
-from train.loss import IGNORE
+from train.loop.loss import IGNORE
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ class RankEpoch(torch.utils.data.IterableDataset):
 
 
 class WindowData:
-    """Loaders over one window's splits for one rank; `encoder` (train/vocab.py's SampleEncoder)
+    """Loaders over one window's splits for one rank; `encoder` (train/model/vocab.py's SampleEncoder)
     turns an item into token ids and labels, padded with its tokenizer's pad token."""
 
     def __init__(

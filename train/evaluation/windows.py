@@ -16,8 +16,8 @@ import json
 import os
 import shutil
 
-from data_tools.dataset import atomic_write_bytes
-from train.plan import export_dir, frozen_adapter_periods
+from data_tools.atomic import atomic_write_bytes
+from train.period.plan import export_dir, frozen_adapter_periods
 
 
 class FinishedWindows:

@@ -1,7 +1,7 @@
 """The evaluation's replica: under ZeRO-3 every forward of the beam search is a collective that
 gathers every layer again, at each code level of every batch. Where the whole model fits the
 rank's GPU (1B-8B in bf16 on today's GPUs), the evaluation runs on a plain copy of the period's
-export instead, built on every rank's device (train/recommender.py `load_period_model`, every
+export instead, built on every rank's device (train/serve/recommender.py `load_period_model`, every
 parameter in the compute dtype), with no collective inside the forward (docs/zero3.md,
 "Evaluating with a replica").
 
@@ -70,7 +70,7 @@ def build_replica(cfg, run, period: int, vocab_size: int, dtype: torch.dtype, st
     compute dtype, loaded straight to the device (not partitioned: strategy.plain_loading), on
     every rank; None on every rank if any rank could not build it (out of memory, say): then the
     sharded engine evaluates, as without a replica (collective)."""
-    from train.recommender import load_period_model
+    from train.serve.recommender import load_period_model
 
     t0, model, error = time.perf_counter(), None, None
     try:

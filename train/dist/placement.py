@@ -1,10 +1,10 @@
 """Every tensor of the model on the rank's device after `deepspeed.initialize`.
 
 DeepSpeed moves a model to the rank's device, except one built under `zero.Init` (ZeRO-3 with
-`HfDeepSpeedConfig`, train/strategy.py): there it only partitions and places the parameters
+`HfDeepSpeedConfig`, train/dist/strategy.py): there it only partitions and places the parameters
 (deepspeed/runtime/engine.py, `_configure_distributed_model`: "zero.Init() handles device
 placement of model"). Buffers and modules added after `from_pretrained` stay where they were
-made, on the CPU: the item-vector input's lookup tables (train/item_vectors.py) would then be
+made, on the CPU: the item-vector input's lookup tables (train/model/item_vectors.py) would then be
 indexed with CUDA ids on the first forward. `move_to` moves the buffers left behind; `misplaced`
 lists whatever is not where it should be (the strategy refuses to train with any).
 """

@@ -1,7 +1,7 @@
 """Recommendations out of a trained run, without DeepSpeed: one period's model exactly as it was
 evaluated, and the top-K items for histories of items or for users of the dataset.
 
-    from train.recommender import Recommender
+    from train.serve.recommender import Recommender
 
     rec = Recommender.from_run("runs/cds-peso", period=4)      # or Recommender.from_export("export/cds-peso")
     rec.recommend([["B00004T9W9", "B000002O7D"]], k=10)        # histories of source item ids
@@ -9,7 +9,7 @@ evaluated, and the top-K items for histories of items or for users of the datase
 
 Each answer is a list of `Recommendation(item, title, score)`, best first: the source item id,
 its title where the data has one, and the beam's log-probability. Decoding is the evaluation's
-(train/evaluate.py): batched beam search over the prefix trie of real item codes, with
+(train/evaluation/evaluator.py): batched beam search over the prefix trie of real item codes, with
 `eval.beams` beams (or k, if larger), so the first item of a test user's answer is the
 evaluation's.
 
@@ -34,15 +34,15 @@ from data_tools.dataset import ITEM_INDEX, ITEMS, USERS, load_manifest
 from data_tools.index.codes import load_item_index
 from data_tools.index.tokenizer import ItemCodebook
 from data_tools.reader import read_split
-from train.config import Config, config_from_dict
-from train.evaluate import NEG, constrained_beam_search, decoding_forward
-from train.item_vectors import attach_item_input, has_item_vectors, load_item_vectors
-from train.model import DTYPES
-from train.plan import evaluated_model_dir, export_dir, frozen_adapter_periods, trains_in_full
-from train.run_folder import RunFolder
-from train.vocab import Vocabulary, prompt_template
+from train.common.config import Config, config_from_dict
+from train.common.run_folder import RunFolder
+from train.evaluation.evaluator import NEG, constrained_beam_search, decoding_forward
+from train.model.build import DTYPES
+from train.model.item_vectors import attach_item_input, has_item_vectors, load_item_vectors
+from train.model.vocab import Vocabulary, prompt_template
+from train.period.plan import evaluated_model_dir, export_dir, frozen_adapter_periods, trains_in_full
 
-EXPORT_INFO = "recommender.json"  # what an export folder is (train/export_recommender.py writes it)
+EXPORT_INFO = "recommender.json"  # what an export folder is (train/serve/export.py writes it)
 
 
 class UnknownIdError(KeyError):
@@ -145,12 +145,12 @@ def load_period_model(
 
     `dtype` "auto" keeps the saved dtypes, and the adapters take the backbone's; a torch dtype
     puts every parameter in it (the training's precision policy, docs/precision.md: the
-    evaluation's replica, train/evaluate.py; a served period, `period_compute_dtype`). `device`: built
+    evaluation's replica, train/evaluation/evaluator.py; a served period, `period_compute_dtype`). `device`: built
     there (the backbone loaded straight onto it), or "auto" over the devices there are."""
     from peft import PeftModel
 
-    from train.placement import move_to
-    from train.regularizers import attach_frozen_adapters
+    from train.dist.placement import move_to
+    from train.methods.regularizers import attach_frozen_adapters
 
     source = evaluated_model_dir(cfg, run, period)
     model = plain_backbone(source, vocab_size, dtype, device, attn_implementation)
@@ -180,7 +180,7 @@ class TrieLogitsProcessor(LogitsProcessor):
     """Hugging Face `generate` with real items only: each new token must continue the code of a
     catalog item (the trie), and after a whole code only EOS may follow. Give it the width of the
     (left-padded) prompt batch; use with `num_beams` and `max_new_tokens = levels (+ 1 for EOS)`.
-    Beam search masks the log-softmax of the logits, as train/evaluate.py does."""
+    Beam search masks the log-softmax of the logits, as train/evaluation/evaluator.py does."""
 
     def __init__(self, trie, prompt_width: int, eos_token_id: int | None = None):
         self.trie, self.prompt_width, self.eos_token_id = trie, prompt_width, eos_token_id
@@ -404,9 +404,9 @@ class Recommender:
         batch_size: int = 64,
     ) -> tuple[dict, list[dict]]:
         """Hit@K and NDCG@K on a window's test users (all, or the evaluation's seeded sample of
-        `max_users`), and each user's list, as train/evaluate.py computes them during training:
+        `max_users`), and each user's list, as train/evaluation/evaluator.py computes them during training:
         the figures of a period's metrics.json, from this model alone."""
-        from train.evaluate import rank_metrics, test_users
+        from train.evaluation.evaluator import rank_metrics, test_users
 
         users = test_users(data_root, load_manifest(data_root), window, max_users, seed)
         ranked = self.top_items([u["history"] for u in users], max(ks), batch_size)

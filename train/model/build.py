@@ -2,11 +2,11 @@
 
 Where the backbone comes from:
 - `model.path`: a local Hugging Face folder (a real pretrained model);
-- `model.shape`: random weights of a named shape (train/shapes.py), built once by rank 0 into
+- `model.shape`: random weights of a named shape (train/model/shapes.py), built once by rank 0 into
   `<run>/base/` so every rank, period and restart loads the very same weights;
 - after a full-training period 0 (`model.period0: full`), its exported model is the backbone of
   every later period.
-Which of them a period loads, and whether it trains in full or LoRA, is its plan (train/plan.py).
+Which of them a period loads, and whether it trains in full or LoRA, is its plan (train/period/plan.py).
 Under ZeRO-3 the strategy's HfDeepSpeedConfig is alive before `from_pretrained`, so each rank
 only ever materializes its own partition.
 
@@ -23,11 +23,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
-from data_tools.dataset import written_aside
-from train.config import Config
-from train.item_vectors import is_item_input_param
-from train.run_folder import RunFolder
-from train.shapes import shape_config
+from data_tools.atomic import written_aside
+from train.common.config import Config
+from train.common.run_folder import RunFolder
+from train.model.item_vectors import is_item_input_param
+from train.model.shapes import shape_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

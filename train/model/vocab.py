@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from data_tools.dataset import ITEMS, written_aside
+from data_tools.atomic import written_aside
+from data_tools.dataset import ITEMS
 from data_tools.index.codes import load_item_index
 from data_tools.index.prompt import DEFAULT_TEMPLATE, IGNORE, PromptTemplate
 from data_tools.index.tokenizer import ItemCodebook, add_code_tokens, train_sentencepiece_tokenizer

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import json
 
-from train.config import Config, ConfigError, accumulation_steps
+from train.common.config import Config, ConfigError, accumulation_steps
 
 
 def load_ds_config(path: str) -> dict:
