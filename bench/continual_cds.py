@@ -43,7 +43,7 @@ from data_tools.convert import ConvertOptions, convert, convert_blocks  # noqa: 
 from data_tools.dataset import ITEM_INDEX, load_manifest  # noqa: E402
 from data_tools.help_format import HelpFormatter  # noqa: E402
 from data_tools.windows import GROUPS  # noqa: E402
-from launcher.periods import local_command, run_local, start_from_period0, train_args  # noqa: E402
+from launcher.periods import RunSettings, local_command, run_local, start_from_period0, train_args  # noqa: E402
 from launcher.report import MAIN_METRICS, load_run, summarize  # noqa: E402
 
 CDS = os.path.join(os.path.dirname(REPO), "shared", "data", "amazon-cds-blocks")
@@ -77,7 +77,7 @@ def prepare_data(a, work: str) -> str:
 
         inter, item = movielens_100k()
         convert(ConvertOptions(format="movielens", reviews=inter, meta=item, out=data, progress=False))
-        build_index(data, embedder="minilm", progress=False)
+        build_index(data, progress=False)  # MiniLM embeddings: the default CodingOptions
         return data
     if not os.path.isdir(a.blocks):
         raise SystemExit(f"no blocks folder at {a.blocks} (pass --blocks DIR, --movielens or --data DIR)")
@@ -144,7 +144,7 @@ def main() -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
     period0 = os.path.join(a.work, "period0")
-    run_local(a.config, data, period0, DS, a.nproc, list(a.overrides), env=env, upto=0)
+    run_local(RunSettings(a.config, data, period0, DS, list(a.overrides)), a.nproc, env=env, upto=0)
     window0 = evaluate_on_every_user(a, data, period0, env)
     jobs = {}  # run folder -> overrides
     for seed in a.seeds:
@@ -167,7 +167,7 @@ def main() -> None:
     def run_job(job: tuple[str, list]) -> None:
         run, overrides = job
         with open(run + ".log", "a") as log:
-            run_local(a.config, data, run, DS, 1, [*a.overrides, *overrides], env=env, log=log)
+            run_local(RunSettings(a.config, data, run, DS, [*a.overrides, *overrides]), 1, env=env, log=log)
         print(
             f"{os.path.relpath(run, a.work)}: every period done ({(time.time() - t0) / 60:.0f} min; log {run}.log)",
             flush=True,

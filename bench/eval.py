@@ -4,7 +4,7 @@
                          [--device cpu] [--dtype auto]
 
 The same model and prompts, side by side:
-- batched: what training's evaluation runs per batch (`decode_batch` in train/evaluation/evaluator.py), in
+- batched: what training's evaluation runs per batch (`decode_batch` in train/evaluation/beam_search.py), in
   the run's compute dtype (`--dtype auto`: bf16 on a GPU that has it, else fp32, as training
   resolves it): a batch of users at once, the prompt run once per user and its KV cache shared
   by the user's beams (each step feeds the beams' newest tokens as one row per user, with a 4D
@@ -18,7 +18,9 @@ The same model and prompts, side by side:
   search for one user per call, constrained by a `prefix_allowed_tokens_fn` that asks the trie;
 - one at a time with our own beam search (to separate the two effects).
 The catalog is the paper's CDs index (39,191 items) when the shared data is there, else random
-codes. The top item of each is compared, and the two batched ways' codes and scores in full
+codes, imported as the framework imports an index; the tokenizer, codebook and prompts are the
+framework's (train/model/vocab.py), the compute dtype is resolved as training resolves it, and
+the model is the shape's (train/model/shapes.py) with random weights. The top item of each is compared, and the two batched ways' codes and scores in full
 (they must be equal). Each way runs `--repeats` times, interleaved; the medians are compared.
 Prints one JSON line (goal: batched >= 10x the reference).
 """
@@ -26,6 +28,7 @@ Prints one JSON line (goal: batched >= 10x the reference).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -34,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 import torch
 from transformers import LlamaForCausalLM
@@ -41,27 +45,39 @@ from transformers import LlamaForCausalLM
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from data_tools.dataset import ITEMS  # noqa: E402
 from data_tools.help_format import HelpFormatter  # noqa: E402
-from data_tools.index.prompt import PromptTemplate  # noqa: E402
-from data_tools.index.tokenizer import ItemCodebook, add_code_tokens, train_sentencepiece_tokenizer  # noqa: E402
-from train.evaluation.evaluator import constrained_beam_search, decode_batch, decoding_forward  # noqa: E402
+from data_tools.index.build import import_index  # noqa: E402
+from train.common.config import load_config  # noqa: E402
+from train.common.run_folder import RunFolder  # noqa: E402
+from train.dist.ds_config import resolve_dtype  # noqa: E402
+from train.evaluation.beam_search import constrained_beam_search, decode_batch, decoding_forward  # noqa: E402
 from train.model.build import DTYPES  # noqa: E402
 from train.model.shapes import SHAPES, shape_config  # noqa: E402
+from train.model.vocab import load_vocab  # noqa: E402
 
 CDS = os.path.join(os.path.dirname(REPO), "shared", "data", "amazon-cds-blocks", "semantic_ids.json")
 
 
-def catalog() -> dict:
+def catalog(folder: str) -> str:
+    """`folder` as a dataset folder of items alone, with the item index the framework's importer
+    makes (data_tools/index/build.py `import_index`): the paper's CDs index when the shared data is
+    there (item ids in the file's order), else 40,000 items of random codes. One item has a text,
+    "a record": the framework trains the tokenizer on the prompt template and the item texts."""
     if os.path.exists(CDS):
+        codes = CDS
         with open(CDS) as f:
-            table = json.load(f)
-        return {"levels": 4, "codes_per_level": 256, "items": {str(i): toks for i, toks in enumerate(table.values())}}
-    rng = random.Random(0)
-    return {
-        "levels": 4,
-        "codes_per_level": 256,
-        "items": {str(i): [f"<{'abcd'[k]}_{rng.randrange(256)}>" for k in range(4)] for i in range(40000)},
-    }
+            sources = list(json.load(f))
+    else:
+        rng = random.Random(0)
+        codes, sources = os.path.join(folder, "codes.json"), [str(i) for i in range(40000)]
+        with open(codes, "w") as f:
+            json.dump({s: [f"<{'abcd'[k]}_{rng.randrange(256)}>" for k in range(4)] for s in sources}, f)
+    with open(os.path.join(folder, ITEMS), "w") as f:
+        for i, source in enumerate(sources):
+            f.write(json.dumps({"item_id": i, "source_id": source, **({"text": "a record"} if i == 0 else {})}) + "\n")
+    import_index(folder, codes, log=io.StringIO())
+    return folder
 
 
 def main() -> None:
@@ -81,14 +97,16 @@ def main() -> None:
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device {a.device}: torch sees no CUDA device here")
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    dtype = a.dtype if a.dtype != "auto" else ("bf16" if bf16 else "fp32")
-    index = catalog()
-    template = PromptTemplate()
+    cuda = device.type == "cuda"
+    # The framework's defaults otherwise: the paper's prompt template, 20 history items.
+    cfg = load_config(None, [f"model.shape={a.shape}", f"model.dtype={a.dtype}", "data.objective=response"])
+    dtype = resolve_dtype(cfg, cuda, cuda and torch.cuda.is_bf16_supported())
     with tempfile.TemporaryDirectory() as tmp:
-        tok = train_sentencepiece_tokenizer(template.tokenizer_corpus(["a record"]), tmp)
-    add_code_tokens(tok, 4, 256)
-    book = ItemCodebook(index, tok)
+        data = catalog(tmp)
+        # The run's vocabulary, as rank 0 of a world of one makes it (no other rank to wait for).
+        single = SimpleNamespace(is_rank0=True, barrier=lambda: None)
+        vocab = load_vocab(cfg, RunFolder(os.path.join(tmp, "run")), data, single)
+    tok, book = vocab.tokenizer, vocab.codebook
     torch.manual_seed(0)
     model = LlamaForCausalLM(
         shape_config(a.shape, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
@@ -96,8 +114,8 @@ def main() -> None:
     model.to(device, DTYPES[dtype])
     book.trie.on(device)  # built once per evaluation: not timed
     rng = random.Random(1)
-    n_items = len(index["items"])
-    prompts = [template.encode_prompt(tok, book, [rng.randrange(n_items) for _ in range(20)]) for _ in range(a.users)]
+    n_items = len(book)
+    prompts = [vocab.encoder.prompt([rng.randrange(n_items) for _ in range(20)]) for _ in range(a.users)]
 
     forward = decoding_forward(model)
 

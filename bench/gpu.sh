@@ -6,7 +6,7 @@
 # 0. where .gpu-wheels/ is there (`python bench/gpu_wheels.py gather` fills it on a machine with
 #    PyPI), the packages it holds that this python lacks go into a --target folder put first on
 #    PYTHONPATH ($PESO_GPU_SITE, default /tmp/peso-gpu-site; DeepSpeed built from its source, no
-#    prebuilt ops): the lent GPU machine reaches no registry (README, "Tests and benchmarks");
+#    prebuilt ops): the lent GPU machine reaches no registry (docs/testing.md);
 # 1. the `gpu`-marked tests (tests/gpu: one period in bf16 through the real entry point);
 # 2. the 1B-shaped model (Llama-3.2-1B's shape, random weights) with LoRA under ZeRO-3 in bf16:
 #    tokens/s per GPU, MFU and peak memory (bench/train_step.py --gpu-only);

@@ -269,7 +269,7 @@ def main() -> None:
     import torch
 
     from data_tools.dataset import ITEMS
-    from data_tools.index.build import build_index
+    from data_tools.index.build import CodingOptions, build_index
     from data_tools.index.embed import Embedder
 
     root = os.path.join(a.cache, f"item-index-{a.items}")
@@ -286,7 +286,7 @@ def main() -> None:
     np.save(npy, x)
 
     t0 = time.perf_counter()
-    doc = build_index(root, embedder=f"npy:{npy}", force=True, progress=False, log=io.StringIO())
+    doc = build_index(root, CodingOptions(embedder=f"npy:{npy}"), force=True, progress=False, log=io.StringIO())
     index_s = time.perf_counter() - t0
 
     m = doc["method"]

@@ -11,7 +11,7 @@ filled by fill_ds_config (gradient accumulation 1, so every micro-step is an opt
 random-weight shape (train/model/shapes.py; built on the device in the compute dtype as
 build_shape_backbone does; under ZeRO-3 inside zero.Init, where `from_pretrained` loads), LoRA and
 the code-token rows (apply_lora), every parameter in the compute dtype (hold_trainable_in), then the
-method as make_regularizer sets it up (before `deepspeed.initialize`): peso's anchor is written as
+method as make_term (train/methods/proximal.py) sets it up (before `deepspeed.initialize`): peso's anchor is written as
 the previous period's adapter (adapter_model.safetensors, by export_adapter), loaded from that file
 on the CPU and handed to ProximalTerm(..., device=strategy.device). Each timed step is the real
 `Trainer._micro_step` (forward inside `regularizer.collect()`, lm_loss, the proximal term, the one
@@ -19,7 +19,7 @@ all-reduce read-back, engine.backward and engine.step) on a response-objective b
 train/loop/data.py's collate (a prompt, then 4 code tokens and EOS as the labels). Each method has its
 own engine, with the same weights at the start:
 - single: no regularizer;
-- peso: the proximal term (train/methods/regularizers.py, ProximalTerm);
+- peso: the proximal term (train/methods/proximal.py, ProximalTerm);
 - old: HEAD ce6b008's hooks (`HeadProximalTerm` below, kept for comparison): the anchor's targets on
   the CPU and copied to the device in every hook call (a no-op on a CPU run), and the term computed
   in every forward, no-grad ones included (`--no-old` leaves it out).
@@ -65,14 +65,17 @@ from data_tools.help_format import HelpFormatter
 from data_tools.index.prompt import IGNORE
 from train.common.config import load_config
 from train.dist.ds_config import fill_ds_config, load_ds_config, resolve_dtype
+from train.dist.params import is_partitioned
 from train.dist.stop import StopRequest
 from train.dist.strategy import DeepSpeedStrategy
 from train.loop.data import collate
 from train.loop.schedule import make_optimizer, make_scheduler
-from train.loop.trainer import Progress, Trainer
-from train.methods.regularizers import ProximalTerm, attach_frozen_adapters, lora_factors
+from train.loop.trainer import LoopSettings, Reporting, Trainer, TrainingState
+from train.methods.proximal import ProximalTerm
+from train.model.addons.frozen_sum import attach_frozen_adapters
 from train.model.build import DTYPES, apply_lora, hold_trainable_in, param_groups
 from train.model.export import export_adapter
+from train.model.lora import lora_factors
 from train.model.shapes import SHAPES, shape_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,7 +105,7 @@ class HeadProximalTerm(ProximalTerm):
 
         def hook(module, inputs, output):
             weight = module.weight
-            if hasattr(weight, "ds_numel") and weight.numel() != weight.ds_numel:
+            if is_partitioned(weight):
                 raise RuntimeError(
                     "a LoRA weight is partitioned inside its own forward; the proximal term would be wrong"
                 )
@@ -236,9 +239,9 @@ class Bench:
         regularizer = None
         if frozen_dirs:
             attach_frozen_adapters(model, frozen_dirs)
-        if anchor_dir:  # as make_regularizer: the previous adapter's LoRA factors, read on the CPU
+        if anchor_dir:  # as make_term: the previous adapter's LoRA factors, read on the CPU
             anchor = lora_factors(load_file(os.path.join(anchor_dir, "adapter_model.safetensors")))
-            self.anchor_bytes = len(save(anchor))  # what make_regularizer writes as the period's anchor
+            self.anchor_bytes = len(save(anchor))  # what make_term writes as the period's anchor
             term = ProximalTerm if method == "peso" else HeadProximalTerm
             regularizer = term(model, anchor, "kl", cfg.method.reduce, device=strategy.device)
             self.lora_matrices = len(regularizer.handles)
@@ -250,19 +253,16 @@ class Bench:
         )
         engine.train()  # as Trainer.fit
         trainer = Trainer(
-            cfg=cfg,
+            settings=LoopSettings.of(
+                cfg, types.SimpleNamespace(period=1, epochs=1), total_steps=TOTAL_STEPS, step_offset=0
+            ),
             strategy=strategy,
             engine=engine,
             data=Batches(self.batch, self.a.warmup + self.a.steps, strategy.cuda),
             checkpointer=None,
             export=None,
-            logger=None,
-            flops=None,
-            peak_flops=(0.0, "none"),
-            step_offset=0,
-            plan=types.SimpleNamespace(period=1, epochs=1),
+            reporting=Reporting(logger=None, flops=None, peak_flops=(0.0, "none")),
             regularizer=regularizer,
-            total_steps=TOTAL_STEPS,
             stop=StopRequest(self.strategy),
         )
         trainer.micro_index = 0
@@ -287,7 +287,7 @@ class Bench:
     def eval_times(self, trainer: Trainer) -> list[float]:
         """Seconds per batch of the real `Trainer.validate` (no_grad, eval mode), after its first
         `--warmup` batches."""
-        trainer.validate(Progress())
+        trainer.validate(TrainingState())
         synchronize(self.strategy.cuda)
         marks = [*trainer.data.marks, time.perf_counter()]
         return [b - a for a, b in zip(marks[self.a.warmup :], marks[self.a.warmup + 1 :])]
@@ -300,7 +300,7 @@ class Bench:
         trainer.micro_index += 1
         trainer.data.count, count = 1, trainer.data.count
         with OpCount() as evaluation:
-            trainer.validate(Progress())
+            trainer.validate(TrainingState())
         trainer.data.count = count
         return {"train": (train.ops, train.transfers), "eval": (evaluation.ops, evaluation.transfers)}
 

@@ -91,10 +91,11 @@ def train(
     data: str, ds: str, run: str, nproc: int, overrides: list[str], config: str = "tiny.yaml", cpu: bool = False
 ) -> dict:
     """One period through the real entry point; TensorBoard's scalars. `cpu`: hide the GPUs."""
-    from launcher.periods import local_command
+    from launcher.periods import RunSettings, local_command
 
-    args = ["--ds_config", ds, "--config", os.path.join(REPO, "configs", config), "--data", data, "--run_dir", run]
-    cmd = local_command(nproc, [*args, "eval.every_period=false", "logging.progress=false", *overrides])
+    overrides = ["eval.every_period=false", "logging.progress=false", *overrides]
+    settings = RunSettings(os.path.join(REPO, "configs", config), data, run, ds, overrides)
+    cmd = local_command(nproc, settings.train_args())
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""

@@ -1,4 +1,4 @@
-"""Command line: `python -m data_tools {convert,inspect,index} ...` (also installed as `peso-data`)."""
+"""Command line: `python -m data_tools {convert,append,inspect,index} ...` (also installed as `peso-data`)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,24 @@ def _convert(args) -> None:
             force=args.force,
             progress=not args.no_progress,
             workers=args.workers,
+            until=args.until,
+        )
+    )
+    print(window_table(manifest))
+
+
+def _append(args) -> None:
+    from data_tools.append import AppendOptions, append
+    from data_tools.inspect import window_table
+
+    manifest = append(
+        AppendOptions(
+            data=args.dir,
+            reviews=args.reviews,
+            meta=args.meta,
+            until=args.until,
+            progress=not args.no_progress,
+            workers=args.workers,
         )
     )
     print(window_table(manifest))
@@ -62,13 +80,18 @@ def embedder_spec(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert_parser(sub)
+    _add_append_parser(sub)
+    _add_inspect_parser(sub)
+    _add_index_parser(sub)
+    return parser
 
+
+def _add_convert_parser(sub) -> None:
     convert_parser = sub.add_parser(
         "convert", help="review stream -> dataset folder of per-window WebDataset shards", formatter_class=HelpFormatter
     )
-    convert_parser.add_argument(
-        "--format", required=True, choices=FORMATS, help="the input's format (README, section 1)"
-    )
+    convert_parser.add_argument("--format", required=True, choices=FORMATS, help="the input's format (docs/data.md)")
     convert_parser.add_argument(
         "--reviews",
         required=True,
@@ -83,7 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert_parser.add_argument("--out", required=True, help="dataset folder to write")
     convert_parser.add_argument(
-        "--split", default="paper", help="paper (60%% then 4 equal windows), paper:FRACTION:WINDOWS, or calendar:DAYS"
+        "--split",
+        default="paper",
+        help="paper (60%% then 4 equal windows), paper:FRACTION:WINDOWS, or calendar:DAYS (a dataset that "
+        "`append` can grow)",
+    )
+    convert_parser.add_argument(
+        "--until",
+        default=None,
+        help="calendar: the stream is complete up to this UTC date (2026-12-05), date and time, or Unix "
+        "second; windows that end by then are written (default: those the stream's last review has passed)",
     )
     convert_parser.add_argument(
         "--min-interactions", type=int, default=5, help="a user's interactions in a window to be eligible there"
@@ -114,6 +146,37 @@ def build_parser() -> argparse.ArgumentParser:
     convert_parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     convert_parser.set_defaults(func=_convert)
 
+
+def _add_append_parser(sub) -> None:
+    append_parser = sub.add_parser(
+        "append",
+        help="add new reviews to a calendar dataset folder: writes only the windows they close",
+        formatter_class=HelpFormatter,
+    )
+    append_parser.add_argument("dir", help="dataset folder (python -m data_tools convert --split calendar:DAYS)")
+    append_parser.add_argument(
+        "--reviews", help="the new reviews, in the dataset's format (plain or .gz) (default: none, only --until)"
+    )
+    append_parser.add_argument(
+        "--meta", help="item metadata for the new items (plain or .gz) (default: none, new items without text)"
+    )
+    append_parser.add_argument(
+        "--until",
+        default=None,
+        help="the stream is complete up to this UTC date (2026-12-05), date and time, or Unix second: windows "
+        "that end by then close (default: those the last review has passed)",
+    )
+    append_parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes writing shards; the bytes do not depend on it (default: all cores)",
+    )
+    append_parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    append_parser.set_defaults(func=_append)
+
+
+def _add_inspect_parser(sub) -> None:
     inspect_parser = sub.add_parser(
         "inspect", help="print the per-window statistics of a dataset folder", formatter_class=HelpFormatter
     )
@@ -121,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_parser.add_argument("--json", action="store_true", help="the statistics as JSON (for machines)")
     inspect_parser.set_defaults(func=_inspect)
 
+
+def _add_index_parser(sub) -> None:
     index_parser = sub.add_parser(
         "index", help="build (or import) the item index: semantic IDs per item", formatter_class=HelpFormatter
     )
@@ -152,7 +217,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     index_parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     index_parser.set_defaults(func=_index)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,6 +55,8 @@ class Ledger:
             return
         if self.strict and reason == "duplicate":
             raise InputError(f"{count} duplicate records (same user, item and time) [--strict]")
+        if self.strict and reason == "late":
+            raise InputError(f"{count} records are late: dated in a window already written [--strict]")
         self.kept -= count
         self.dropped[reason] += count
 

@@ -45,6 +45,28 @@ def _items(value, path: str, user: str, key: str) -> list[str]:
     return value
 
 
+def _block_source(path: str, raw: bytes) -> dict:
+    """The manifest's record of one block file."""
+    return {
+        "role": "block",
+        "path": os.path.abspath(path),
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        "bytes": len(raw),
+        "format": "blocks",
+    }
+
+
+def _block_table(path: str, raw: bytes) -> dict:
+    """A block file's `user -> {previous_block, current_block}` object."""
+    try:
+        table = json.loads(raw)
+    except ValueError as e:
+        raise InputError(f"not a JSON object ({e})", path) from None
+    if not isinstance(table, dict):
+        raise InputError("a block file must map user -> {previous_block, current_block}", path)
+    return table
+
+
 def read_blocks(folder: str, ledger: Ledger, progress: bool = True) -> tuple[Stream, list[dict]]:
     """Build the stream (windows = blocks) and describe each file as a source."""
     users: dict[str, int] = {}
@@ -57,21 +79,8 @@ def read_blocks(folder: str, ledger: Ledger, progress: bool = True) -> tuple[Str
     for b, path in enumerate(progress_bar(files, desc="blocks", enabled=progress)):
         with open_input(path) as f:
             raw = f.read()
-        sources.append(
-            {
-                "role": "block",
-                "path": os.path.abspath(path),
-                "sha256": hashlib.sha256(raw).hexdigest(),
-                "bytes": len(raw),
-                "format": "blocks",
-            }
-        )
-        try:
-            table = json.loads(raw)
-        except ValueError as e:
-            raise InputError(f"not a JSON object ({e})", path) from None
-        if not isinstance(table, dict):
-            raise InputError("a block file must map user -> {previous_block, current_block}", path)
+        sources.append(_block_source(path, raw))
+        table = _block_table(path, raw)
         for user in sorted(table):
             entry = table[user]
             if not isinstance(entry, dict):

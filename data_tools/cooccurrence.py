@@ -9,13 +9,16 @@ do not carry, and a small model cannot memorize it from a few epochs (bench/RESU
 1. co-occurrence counts of item pairs within `reach` positions of a user's sequence, weighted
    1/distance, both directions;
 2. their positive pointwise mutual information (PPMI);
-3. a truncated SVD of that matrix (scipy's `svds`, seeded): `u * sqrt(sigma)`, unit-normalized.
+3. a truncated SVD of that matrix (scipy's `svds`, seeded): `u * sqrt(sigma)`, unit-normalized;
+4. a later period's vectors rotated onto the earlier ones on the items both have (`align_to`,
+   orthogonal Procrustes), since an SVD's basis is arbitrary.
 
 The word2vec-as-matrix-factorization view (Levy & Goldberg 2014): PPMI + SVD gives embeddings
 like skip-gram's, in seconds, deterministically. LLaRA and CoLLM feed a collaborative model's
 item embeddings into an LLM's input the same way.
 
-Only training splits are read: no validation or test target leaks into the vectors.
+Only training splits go in (train/model/item_vectors.py reads them): no validation or test target
+leaks into the vectors.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
-"""`inspect`: the per-window statistics table of a dataset folder (like the paper's Table 1)."""
+"""`inspect`: the per-window statistics table of a dataset folder (like the paper's Table 1), under
+its totals and above its input accounting and warnings; or all of them as JSON (`--json`)."""
 
 from __future__ import annotations
 
 import json
 
 from data_tools.dataset import load_manifest
+from data_tools.windows import utc
 
 COLUMNS = [
     ("window", lambda w: str(w["index"])),
@@ -43,6 +45,8 @@ def inspect(root: str, as_json: bool = False) -> str:
                 "counts": m["counts"],
                 "accounting": m["accounting"],
                 "split": m["split"],
+                "pending": m.get("pending"),
+                "appends": len(m.get("appends", [])),
                 "windows": [{"index": w["index"], **w["stats"]} for w in m["windows"]],
             },
             indent=1,
@@ -52,4 +56,25 @@ def inspect(root: str, as_json: bool = False) -> str:
         f"{root}: {c['interactions']:,} interactions, {c['users']:,} users, {c['items']:,} items; "
         f"split {m['split']['rule']}"
     )
-    return "\n".join([head, window_table(m), *accounting_lines(m), *("warning: " + w for w in m.get("warnings", []))])
+    return "\n".join(
+        [
+            head,
+            window_table(m),
+            *pending_lines(m),
+            *accounting_lines(m),
+            *("warning: " + w for w in m.get("warnings", [])),
+        ]
+    )
+
+
+def pending_lines(manifest: dict) -> list[str]:
+    """A calendar dataset's appends and what it holds back (docs/data.md, "Keeping a dataset fresh")."""
+    p = manifest.get("pending")
+    if p is None:
+        return []
+    appends = len(manifest.get("appends", []))
+    return [
+        f"written up to {utc(manifest['closed_until'])} ({appends} append(s)); held back: {p['interactions']:,} "
+        f"interactions of window {p['first_open_window']} and later (open until the stream passes "
+        f"{utc(p['closes_at'])})"
+    ]

@@ -1,21 +1,25 @@
-"""The train side's reader: one window's split as a WebDataset pipeline, split by rank and worker.
+"""Reading a dataset folder's samples back: one window's split, split by rank and worker.
 
-Each consumer (rank x DataLoader worker) reads one contiguous slice of the split's samples, cut
-by sample count, not by shard: a window with fewer shards than consumers (common: a small window
-on many GPUs) still gives every consumer its share, every sample is read exactly once, and the
-ranks' counts differ by at most one. Shards outside a consumer's slice are never opened. The
-converter already stored training samples in a seeded random order, so contiguous slices are
-random subsets; a shuffle buffer seeded by (seed, epoch, consumer) reorders them each epoch.
-Everything is deterministic, so a resumed run replays the same order and skips what it has seen.
+`window_split` streams a split as a WebDataset pipeline. Each consumer (rank x DataLoader
+worker) reads one contiguous slice of the split's samples, cut by sample count, not by shard: a
+window with fewer shards than consumers (common: a small window on many GPUs) still gives every
+consumer its share, every sample is read exactly once, and the ranks' counts differ by at most
+one. Shards outside a consumer's slice are never opened. The converter already stored training
+samples in a seeded random order, so contiguous slices are random subsets; a shuffle buffer
+seeded by (seed, epoch, consumer) reorders them each epoch (`ReadOrder`). Everything is
+deterministic, so a resumed run replays the same order and skips what it has seen.
 
 The trainer (train/loop/data.py) reads by index instead: `epoch_order` gives the order of a rank's
 slice without reading a sample (a shuffle buffer never looks at what it shuffles), and
 `read_samples_at` reads and decodes only the samples a DataLoader worker's batches need.
+`read_split` and `iter_split` read a whole split in stored order, for what one process needs
+whole (a window's user sequences, its popular items, its test users).
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import orjson
 import torch.utils.data
@@ -23,6 +27,23 @@ import webdataset as wds
 
 from data_tools.dataset import load_manifest, split_shards
 from data_tools.shards import read_tar
+
+
+@dataclass(frozen=True)
+class ReadOrder:
+    """Which samples of a split a rank reads, and in what order: rank `rank` of `world_size`
+    reads its contiguous slice (each DataLoader worker a slice of that), through a shuffle buffer
+    of `shuffle_buffer` samples seeded by (seed, epoch, consumer) (no shuffle for 0 or 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    epoch: int = 0
+    shuffle_buffer: int = 0
+
+    def __post_init__(self):
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
 
 
 def consumer_slice(n: int, consumer: int, consumers: int) -> tuple[int, int]:
@@ -36,10 +57,10 @@ def _consumer(rank: int, world_size: int) -> tuple[int, int]:
     return rank * workers + worker, world_size * workers
 
 
-def _shuffled(src, bufsize: int, seed: int, epoch: int, consumer: int):
+def _shuffled(src, order: ReadOrder, consumer: int):
     """The consumer's seeded shuffle buffer over `src` (samples, or their indices: the same order)."""
-    rng = random.Random(f"{seed}/{epoch}/{consumer}")
-    return wds.shuffle(bufsize, initial=bufsize, rng=rng)(src)
+    rng = random.Random(f"{order.seed}/{order.epoch}/{consumer}")
+    return wds.shuffle(order.shuffle_buffer, initial=order.shuffle_buffer, rng=rng)(src)
 
 
 class _SliceSource(torch.utils.data.IterableDataset):
@@ -67,12 +88,12 @@ class _SliceSource(torch.utils.data.IterableDataset):
 
 
 class _ConsumerShuffle(wds.PipelineStage):
-    def __init__(self, bufsize: int, seed: int, epoch: int, rank: int, world_size: int):
-        self.bufsize, self.seed, self.epoch, self.rank, self.world_size = bufsize, seed, epoch, rank, world_size
+    def __init__(self, order: ReadOrder):
+        self.order = order
 
     def run(self, src):
-        consumer, _ = _consumer(self.rank, self.world_size)
-        return _shuffled(src, self.bufsize, self.seed, self.epoch, consumer)
+        consumer, _ = _consumer(self.order.rank, self.order.world_size)
+        return _shuffled(src, self.order, consumer)
 
 
 def _decode(sample: dict) -> dict:
@@ -82,40 +103,28 @@ def _decode(sample: dict) -> dict:
 
 
 def window_split(
-    root: str,
-    window: int,
-    split: str,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-    epoch: int = 0,
-    shuffle_buffer: int = 0,
-    manifest: dict | None = None,
+    root: str, window: int, split: str, order: ReadOrder = ReadOrder(), *, manifest: dict | None = None
 ) -> wds.DataPipeline:
-    """Samples (`user`, `history`, `target`, `ts`, `group`, `key`) of one window's split for this
-    rank; iterate it directly or wrap it in a torch DataLoader (its workers split it further)."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    """Samples (`user`, `history`, `target`, `ts`, `group`, `key`) of one window's split for the
+    rank of `order` (by default all of them, in stored order); iterate it directly or wrap it in
+    a torch DataLoader (its workers split it further)."""
     shards = split_shards(root, manifest or load_manifest(root), window, split)
-    stages = [_SliceSource(shards, rank, world_size)]
-    if shuffle_buffer > 1:
-        stages.append(_ConsumerShuffle(shuffle_buffer, seed, epoch, rank, world_size))
+    stages = [_SliceSource(shards, order.rank, order.world_size)]
+    if order.shuffle_buffer > 1:
+        stages.append(_ConsumerShuffle(order))
     stages.append(wds.map(_decode))
     return wds.DataPipeline(*stages)
 
 
-def epoch_order(n: int, *, rank: int, world_size: int, seed: int, epoch: int, shuffle_buffer: int) -> list[int]:
-    """The split's sample indices that `window_split` (iterated without DataLoader workers) gives
-    this rank in this epoch, in its order, computed without reading a sample: the shuffle buffer
-    draws from its own seeded generator and never looks at the samples, so shuffling the indices
-    gives the same order as shuffling the samples."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world size {world_size}")
-    lo, hi = consumer_slice(n, rank, world_size)
-    if shuffle_buffer <= 1:
+def epoch_order(n: int, order: ReadOrder) -> list[int]:
+    """The indices of a split of `n` samples that `window_split` with this `order` (iterated
+    without DataLoader workers) gives, in its order, computed without reading a sample: the
+    shuffle buffer draws from its own seeded generator and never looks at the samples, so
+    shuffling the indices gives the same order as shuffling the samples."""
+    lo, hi = consumer_slice(n, order.rank, order.world_size)
+    if order.shuffle_buffer <= 1:
         return list(range(lo, hi))
-    return list(_shuffled(iter(range(lo, hi)), shuffle_buffer, seed, epoch, rank))
+    return list(_shuffled(iter(range(lo, hi)), order, order.rank))
 
 
 def read_samples_at(root: str, window: int, split: str, wanted: set[int], manifest: dict | None = None):

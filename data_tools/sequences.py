@@ -10,8 +10,10 @@ A chunk holds at most `max_history + 1` items: context, then the targets it trai
 target in exactly one chunk, its history being the items before it in the chunk. Chunks are
 cut so that a user whose targets fit after some context gets one chunk with as much context as
 fits; a longer sequence is cut into chunks whose targets see at least `max_history // 2` items
-of history (less only where the user has no more). So every target of the response objective is
-trained once per epoch, from the same kind of history, in one causal pass per chunk.
+of history (less only where the user has no more). So every training target (a sample of the
+response objective) is trained once per epoch, from the same kind of history, in one causal pass
+per chunk. A window's chunks are built once and written to a folder (`write_chunks`), from which
+`ChunkFile` reads any of them by position.
 """
 
 from __future__ import annotations

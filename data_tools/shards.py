@@ -3,9 +3,10 @@
 The writer emits ustar headers itself with every metadata field fixed (mtime 0, uid/gid 0, mode
 0644, no user names), so the same samples always give the same bytes; `tarfile` and
 `webdataset.TarWriter` stamp the current time and take several times longer per member, which
-matters when a conversion writes millions of members. Training streams shards with webdataset;
-`read_tar` reads a whole shard of this writer back at once (a window's targets for its
-sequences and its popular items), about 15x faster than a webdataset or `tarfile` pipeline.
+matters when a conversion writes millions of members. `read_tar` reads a whole shard of this
+writer back at once, about 15x faster than a webdataset or `tarfile` pipeline: the trainer's
+reads by index and the whole-split reads go through it (data_tools/reader.py, where
+`window_split` streams shards with webdataset instead).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 
 from data_tools.atomic import replaced_on_close
+from data_tools.textio import sha256_file
 
 BLOCK = 512
 _EOF = b"\0" * (2 * BLOCK)
@@ -42,7 +44,9 @@ def tar_header(name: bytes, size: int) -> bytes:
 
 def write_tar(path: str, members) -> dict:
     """Write `(key, payload)` members as `<key>.json` into a tar file, atomically (temp, rename;
-    not flushed to disk: the dataset folder is flushed whole before it is renamed into place)."""
+    not flushed to disk: the dataset folder is flushed whole before it is renamed into place).
+    Returns its manifest record: name, samples, bytes and sha256 (read back from the page cache:
+    one pass at memory speed, cheaper than hashing each member as it is written)."""
     n = 0
     with replaced_on_close(path, fsync=False, buffering=1 << 20) as f:
         write = f.write
@@ -52,7 +56,7 @@ def write_tar(path: str, members) -> dict:
             n += 1
         write(_EOF)
         size = f.tell()
-    return {"name": os.path.basename(path), "samples": n, "bytes": size}
+    return {"name": os.path.basename(path), "samples": n, "bytes": size, "sha256": sha256_file(path)}
 
 
 _PAD = [b"\0" * (-k % BLOCK) for k in range(BLOCK)]

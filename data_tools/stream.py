@@ -152,17 +152,25 @@ def _dense(ids: np.ndarray, names: dict[str, int]) -> tuple[np.ndarray, list[str
     return remap[ids], [inverse[j] for j in order.tolist()]
 
 
-def normalize(c: IdCollector, ledger: Ledger, min_rating: float | None, kcore: int | None) -> Stream:
-    """Filter, order, de-duplicate and re-number the collected rows; every drop is counted."""
+def normalize(
+    c: IdCollector, ledger: Ledger, min_rating: float | None, kcore: int | None, late_before: int | None = None
+) -> Stream:
+    """Filter, order, de-duplicate and re-number the collected rows; every drop is counted.
+    `late_before` (an append): rows dated before it fall into a window already written and are
+    dropped as `late`."""
     u = np.frombuffer(c.u, dtype=np.int32)
     i = np.frombuffer(c.i, dtype=np.int32)
     ts = np.frombuffer(c.ts, dtype=np.int64)
     keep = np.ones(len(u), dtype=bool)
+    if late_before is not None:
+        late = ts < late_before
+        ledger.drop_later("late", int(late.sum()))
+        keep &= ~late
     if min_rating is not None:
         r = np.frombuffer(c.rating, dtype=np.float32)
-        missing = np.isnan(r)
+        missing = keep & np.isnan(r)
         ledger.drop_later("rating_missing", int(missing.sum()))
-        low = ~missing & (r < min_rating)
+        low = keep & ~missing & (r < min_rating)
         ledger.drop_later("below_min_rating", int(low.sum()))
         keep &= ~missing & ~low
     u, i, ts = u[keep], i[keep], ts[keep]

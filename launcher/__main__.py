@@ -3,6 +3,7 @@
     python -m launcher run --config configs/tiny.yaml --data data/ml --run runs/ml [--nproc 2]
     python -m launcher report runs/ml-peso runs/ml-single [--png report.png]
     python -m launcher demo            (README's first command: MovieLens-100K end to end, CPU)
+    python -m launcher demo --fresh    (keeping a model fresh: convert, two appends, a period after each)
     python -m launcher recommend runs/ml --user 196 [--period 4] [--k 10] [--out recs.jsonl]
     python -m launcher export runs/ml --out export/ml [--merged]
     python -m launcher slurm-step      (inside slurm/continual.sh; settings from PESO_* variables)
@@ -74,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo_parser.add_argument("--workdir", default="demo", help="where data and runs go (default: ./demo)")
     demo_parser.add_argument("--nproc", type=int, default=2, help="ranks of period 0")
+    demo_parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="keeping a model fresh instead: the stream in three arrivals (convert, then two appends), "
+        "a period after each (launcher/fresh.py)",
+    )
 
     from launcher.recommend import add_parsers
 
@@ -101,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nplot: {png}")
         return 0
     if args.command == "demo":
+        if args.fresh:
+            from launcher.fresh import run_fresh
+
+            run_fresh(args.workdir, args.nproc)
+            return 0
         from launcher.demo import run_demo
 
         run_demo(args.workdir, args.nproc)
@@ -130,8 +142,9 @@ def _config_error(config: str, overrides: list[str]) -> str | None:
 
 
 def run_command(args) -> int:
-    from launcher.periods import PeriodFailed, PeriodInterrupted, run_local
+    from launcher.periods import PeriodFailed, PeriodInterrupted, RunSettings, run_local
     from launcher.report import write_report
+    from train.common.run_folder import DatasetChanged
 
     problem = _config_error(args.config, args.overrides)
     if problem:
@@ -140,19 +153,23 @@ def run_command(args) -> int:
     # Absolute paths: the run's saved config names its dataset wherever it is read from later.
     config, data, run, ds_config = (os.path.abspath(x) for x in (args.config, args.data, args.run, args.ds_config))
     try:
-        run_local(config, data, run, ds_config, args.nproc, args.overrides, restart=args.restart_period)
+        run_local(RunSettings(config, data, run, ds_config, args.overrides), args.nproc, restart=args.restart_period)
     except PeriodInterrupted as e:
         print(str(e), file=sys.stderr)
         return EXIT_REQUEUE
     except PeriodFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (DatasetChanged, FileNotFoundError) as e:  # a window changed under the run; no dataset
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(write_report(args.run))
     print(f"\nreport: {args.run}/report.md and report.png")
     return 0
 
 
 def slurm_step_command() -> int:
+    from launcher.periods import RunSettings
     from launcher.slurm import slurm_step
 
     env = os.environ
@@ -164,13 +181,21 @@ def slurm_step_command() -> int:
             file=sys.stderr,
         )
         return 2
-    return slurm_step(
-        env["PESO_CONFIG"],
-        env["PESO_DATA"],
-        env["PESO_RUN"],
-        env.get("PESO_DS_CONFIG", DEFAULT_DS),
-        env.get("PESO_OVERRIDES", "").split(),
-    )
+    from train.common.run_folder import DatasetChanged
+
+    try:
+        return slurm_step(
+            RunSettings(
+                env["PESO_CONFIG"],
+                env["PESO_DATA"],
+                env["PESO_RUN"],
+                env.get("PESO_DS_CONFIG", DEFAULT_DS),
+                env.get("PESO_OVERRIDES", "").split(),
+            )
+        )
+    except DatasetChanged as e:  # the chain stops: a window changed under a period of the run
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ already exist, so a rerun only redoes what is missing.
 
 peso with the authors' lambda (2, mean over modules) pulls the LoRA factors about 0.003 as hard as
 the data does here, and gives single's numbers to four decimals; `method.kl_scale: entries` with
-lambda 0.2 pulls about 0.2 as hard (README, section 4, for the sweep that chose it).
+lambda 0.2 pulls about 0.2 as hard (docs/methods.md, for the sweep that chose it).
 
 ZeRO-2: on two CPU ranks, ZeRO-3 gathers and re-partitions every module's weights around its use,
 which costs a model this small most of its throughput (bench/RESULTS.md, train_step); the tests
@@ -27,7 +27,7 @@ from data_tools.examples import movielens_100k
 from data_tools.index.build import build_index
 from data_tools.inspect import window_table
 from launcher.files import shipped
-from launcher.periods import run_local, start_from_period0
+from launcher.periods import RunSettings, run_local, start_from_period0
 from launcher.report import report
 
 CONFIG = shipped("configs", "demo.yaml")
@@ -52,11 +52,11 @@ def run_demo(workdir: str, nproc: int = 2) -> None:
     inter, item = movielens_100k()
     manifest = convert(ConvertOptions(format="movielens", reviews=inter, meta=item, out=data))
     print(window_table(manifest), flush=True)
-    build_index(data, embedder="minilm")
+    build_index(data)  # MiniLM embeddings: the default CodingOptions
 
     runs = {name: os.path.join(workdir, "runs", name) for name in RUNS}
     first = runs["peso"]
-    run_local(CONFIG, data, first, DS_CONFIG, nproc, [], env=env, upto=0)
+    run_local(RunSettings(CONFIG, data, first, DS_CONFIG), nproc, env=env, upto=0)
     for run in runs.values():
         if run != first:
             start_from_period0(first, run)
@@ -65,7 +65,7 @@ def run_demo(workdir: str, nproc: int = 2) -> None:
         """One run's periods 1.. on one rank, its output in <workdir>/runs/<name>.log."""
         path = os.path.join(workdir, "runs", f"{name}.log")
         with open(path, "a") as log:
-            run_local(CONFIG, data, runs[name], DS_CONFIG, 1, RUNS[name], env=env, log=log)
+            run_local(RunSettings(CONFIG, data, runs[name], DS_CONFIG, RUNS[name]), 1, env=env, log=log)
         return f"{name}: every period done ({(time.time() - t0) / 60:.1f} min so far; log: {path})"
 
     # The runs side by side, one rank each: on a model this small, independent jobs use the
@@ -90,11 +90,11 @@ def run_demo(workdir: str, nproc: int = 2) -> None:
 
 def example_recommendations(run: str, data: str, k: int = 5) -> str:
     """What the trained recommender says for one user of the last window, beside what they did
-    next: the same as `python -m launcher recommend RUN --history ...` (README, section 7)."""
+    next: the same as `python -m launcher recommend RUN --history ...` (docs/recommend.md)."""
     from transformers.utils import logging as hf_logging
 
     from data_tools.dataset import load_manifest
-    from train.evaluation.evaluator import test_users
+    from train.evaluation.users import test_users
     from train.serve.recommender import Recommender
 
     hf_logging.disable_progress_bar()

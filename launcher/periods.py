@@ -1,8 +1,11 @@
-"""Which periods remain, and how one is launched on this machine.
+"""Which periods remain, and how they are launched on this machine (`run_local`).
 
-The run's state.json (written by train/main.py when a period is done) is the truth: a rerun
-continues with the first period not done, and never repeats a finished one. A period that was
-interrupted resumes inside itself from its own checkpoints.
+The run's state.json (written by train/main.py when a period is done, and when one stops on a
+signal after its checkpoint) is the truth: a rerun continues with the first period not done, and
+never repeats a finished one. A period that was interrupted resumes inside itself from its own
+checkpoints. SIGTERM or SIGUSR1 to this process asks the running period to checkpoint and stop.
+`start_from_period0` starts a run from another run's finished period 0, to compare methods on
+the later periods.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from data_tools.dataset import load_manifest
 from train.common.exit_codes import EXIT_REQUEUE
@@ -45,9 +50,15 @@ class PeriodInterrupted(RuntimeError):
         self.period = period
 
 
-def remaining_periods(data: str, run: str) -> list[int]:
+def remaining_periods(data: str, run: str, restart: bool = False) -> list[int]:
+    """The periods still to train, in order: the dataset's windows the run has not done (a
+    dataset that `data_tools append` grew has new ones). Raises DatasetChanged (one line) if a
+    window a period trained on has changed since (`restart`: the period that started trains
+    again from its start, so its own window may have)."""
     manifest = load_manifest(data)
-    done = set(RunFolder(run).state()["done"])
+    folder = RunFolder(run)
+    folder.check_windows(manifest, data, restart=restart)
+    done = set(folder.state()["done"])
     return [t for t in range(len(manifest["windows"])) if t not in done]
 
 
@@ -68,6 +79,22 @@ def train_args(
     return args + list(overrides)
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """What every period of a run trains with: train/main.py's --config, --data, --run_dir and
+    --ds_config, and the dotted overrides."""
+
+    config: str
+    data: str
+    run_dir: str
+    ds_config: str
+    overrides: Sequence[str] = ()
+
+    def train_args(self, period: int | None = None, restart: bool = False) -> list[str]:
+        """train/main.py's arguments for `period` (default: the next one the run has not done)."""
+        return train_args(self.config, self.data, self.run_dir, self.ds_config, list(self.overrides), period, restart)
+
+
 def local_command(nproc: int, args: list[str], script: str = MAIN) -> list[str]:
     """`script` (train/main.py by default) with `args` on `nproc` ranks of this machine: torchrun
     for several (it picks a free port: several runs can share a machine), a plain process for one."""
@@ -77,30 +104,28 @@ def local_command(nproc: int, args: list[str], script: str = MAIN) -> list[str]:
 
 
 def run_local(
-    config: str,
-    data: str,
-    run: str,
-    ds_config: str,
+    settings: RunSettings,
     nproc: int,
-    overrides: list[str] = (),
+    *,
     env: dict | None = None,
     upto: int | None = None,
     log=None,
     restart: bool = False,
 ) -> list[int]:
-    """Train every remaining period (up to period `upto`) on this machine; returns those trained.
+    """Train every remaining period (up to period `upto`) of the run on `nproc` ranks of this
+    machine; returns those trained. `env`: the periods' environment (default: this process's).
     `log`: a file that takes the periods' output (default: this process's stdout and stderr).
     `restart`: the first period discards its checkpoints instead of resuming (--restart-period).
     Raises PeriodFailed, or PeriodInterrupted when a period checkpointed on a signal."""
     trained = []
-    for t in remaining_periods(data, run):
+    for t in remaining_periods(settings.data, settings.run_dir, restart=restart):
         if upto is not None and t > upto:
             break
-        _announce(f"== period {t}: {os.path.basename(config)} on {nproc} rank(s)", log)
+        _announce(f"== period {t}: {os.path.basename(settings.config)} on {nproc} rank(s)", log)
         started = time.time()
-        args = train_args(config, data, run, ds_config, list(overrides), t, restart=restart and not trained)
+        args = settings.train_args(t, restart=restart and not trained)
         code = _run_period(local_command(nproc, args), env, log)
-        if code == EXIT_REQUEUE or (code != 0 and stopped_on_signal(run, t, started)):
+        if code == EXIT_REQUEUE or (code != 0 and stopped_on_signal(settings.run_dir, t, started)):
             raise PeriodInterrupted(t)
         if code != 0:
             raise PeriodFailed(t, code)

@@ -14,6 +14,11 @@ PARTIAL_EXIT = 1  # some users or histories were unknown; the others were answer
 
 
 def add_parsers(sub) -> None:
+    _add_recommend_parser(sub)
+    _add_export_parser(sub)
+
+
+def _add_recommend_parser(sub) -> None:
     recommend_parser = sub.add_parser(
         "recommend",
         help="top-K items for users of the dataset or for histories of items",
@@ -57,6 +62,8 @@ def add_parsers(sub) -> None:
     )
     recommend_parser.add_argument("--batch-size", type=int, default=64, help="histories decoded together")
 
+
+def _add_export_parser(sub) -> None:
     export_parser = sub.add_parser(
         "export",
         help="a self-contained folder of one period's recommender (PEFT adapter or merged)",

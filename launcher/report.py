@@ -100,6 +100,12 @@ def _ratio(x) -> str:
 
 def markdown(runs: dict[str, dict], metric: str = "ndcg@10") -> str:
     """`runs`: name -> load_run(...)."""
+    sums = {name: summarize(p, metric) for name, p in runs.items()}
+    return "\n".join(_summary_table(sums, metric) + _pull_table(sums) + _r_matrices(sums, metric))
+
+
+def _summary_table(sums: dict[str, dict], metric: str) -> list[str]:
+    """One row per run (averages over periods >= 1), then the references, then what pull / data is."""
     lines = [
         "Average over the incremental windows (periods >= 1), each period on its own test window:",
         "",
@@ -110,7 +116,6 @@ def markdown(runs: dict[str, dict], metric: str = "ndcg@10") -> str:
         + f" | BWT ({metric}) | forgetting | pull / data |",
         "| --- | --- | " + " | ".join("---" for _ in MAIN_METRICS + list(GROUPS)) + " | --- | --- | --- |",
     ]
-    sums = {name: summarize(p, metric) for name, p in runs.items()}
     for name, s in sums.items():
         if not s:
             lines.append(f"| {name} | (no evaluated period) |")
@@ -135,26 +140,37 @@ def markdown(runs: dict[str, dict], metric: str = "ndcg@10") -> str:
                 + " | ".join(_fmt(reference[f"{key}_groups"][g].get(metric)) for g in GROUPS)
                 + " | - | - | - |"
             )
-    lines += [
+    return lines + [
         "",
         "pull / data: how hard the proximal term pulled the LoRA factors against the data, the norm of "
         "lam x its gradient over the norm of the data loss's gradient (mean of the logged steps, over "
-        "periods >= 1; `-`: no proximal term). What its size means: README, section 4.",
+        "periods >= 1; `-`: no proximal term). What its size means: docs/methods.md.",
     ]
+
+
+def _pull_table(sums: dict[str, dict]) -> list[str]:
+    """Per period of each run that has a start to compare with: pull / data and how far it moved."""
     regularized = {name: s for name, s in sums.items() if s and any(v is not None for v in s["moved"].values())}
-    if regularized:
-        periods = sorted({t for s in regularized.values() for t, v in s["moved"].items() if v is not None})
-        lines += [
-            "",
-            "Per period: pull / data, and how far the period moved its adapter from where it started "
-            "(||theta - theta_start|| / ||theta_start|| over the LoRA factors; for peso, its anchor):",
-            "",
-            "| run | " + " | ".join(f"period {t}" for t in periods) + " |",
-            "| --- | " + " | ".join("---" for _ in periods) + " |",
-        ]
-        for name, s in regularized.items():
-            cells = [f"{_ratio(s['pull'].get(t))}; moved {_ratio(s['moved'].get(t))}" for t in periods]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if not regularized:
+        return []
+    periods = sorted({t for s in regularized.values() for t, v in s["moved"].items() if v is not None})
+    lines = [
+        "",
+        "Per period: pull / data, and how far the period moved its adapter from where it started "
+        "(||theta - theta_start|| / ||theta_start|| over the LoRA factors; for peso, its anchor):",
+        "",
+        "| run | " + " | ".join(f"period {t}" for t in periods) + " |",
+        "| --- | " + " | ".join("---" for _ in periods) + " |",
+    ]
+    for name, s in regularized.items():
+        cells = [f"{_ratio(s['pull'].get(t))}; moved {_ratio(s['moved'].get(t))}" for t in periods]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _r_matrices(sums: dict[str, dict], metric: str) -> list[str]:
+    """Each run's R matrix: the model after period i on window j's test users."""
+    lines = []
     for name, s in sums.items():
         if not s:
             continue
@@ -168,7 +184,7 @@ def markdown(runs: dict[str, dict], metric: str = "ndcg@10") -> str:
         ]
         for i, row in sorted(s["R"].items()):
             lines.append(f"| {i} | " + " | ".join(_fmt(row.get(j)) for j in windows) + " |")
-    return "\n".join(lines)
+    return lines
 
 
 def _reference_curve(runs: dict[str, dict], key: str, panel: str, metric: str) -> list[tuple[int, float]]:

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from launcher.periods import MAIN, remaining_periods, stopped_on_signal, train_args
+from launcher.periods import MAIN, RunSettings, remaining_periods, stopped_on_signal
 from launcher.report import write_report
 from train.common.exit_codes import EXIT_REQUEUE
 from train.common.launch_env import free_port, tasks_per_node
@@ -156,6 +156,21 @@ def job_request(fields: dict) -> list[str]:
     script) asked for it, so the next job records the same. Raises ResubmitError for what no
     option can ask for again.
     """
+    return [
+        *_job_shape(fields),
+        *_gpu_request(fields),
+        *_cpu_request(fields),
+        *_memory_request(fields),
+        *(
+            f"{option}={fields[key]}"
+            for key, option in (("StdOut", "--output"), ("StdErr", "--error"))
+            if fields.get(key)
+        ),
+    ]
+
+
+def _job_shape(fields: dict) -> list[str]:
+    """Name, nodes, time, tasks and where the job runs (partition, account, QOS, ...)."""
     opts = [
         f"--job-name={fields['JobName']}",
         f"--nodes={fields['NumNodes'].split('-')[0]}",
@@ -177,7 +192,12 @@ def job_request(fields: dict) -> list[str]:
     ):
         if _is_set(fields.get(key)):
             opts.append(f"{option}={fields[key]}")
+    return opts
 
+
+def _gpu_request(fields: dict) -> list[str]:
+    """GPUs per node (and the other GRES per node), per job, per task and per socket."""
+    opts = []
     gres = _tres(fields.get("TresPerNode"))
     first_gpu = next((i for i, (name, _) in enumerate(gres) if name == "gpu"), None)
     if first_gpu is not None:
@@ -187,24 +207,27 @@ def job_request(fields: dict) -> list[str]:
     opts += _gpu_only(fields, "TresPerJob", "--gpus")
     opts += _gpu_only(fields, "TresPerTask", "--gpus-per-task", allowed=("cpu",))
     opts += _gpu_only(fields, "TresPerSocket", "--gpus-per-socket")
+    return opts
 
+
+def _cpu_request(fields: dict) -> list[str]:
     cpus_per_gpu = _gpu_only(fields, "CpusPerTres", "--cpus-per-gpu")
     if cpus_per_gpu:  # SLURM refuses it beside --cpus-per-task, which the record shows anyway
-        opts += cpus_per_gpu
-    elif fields.get("CPUs/Task", "").isdigit():
-        opts.append(f"--cpus-per-task={fields['CPUs/Task']}")
+        return cpus_per_gpu
+    if fields.get("CPUs/Task", "").isdigit():
+        return [f"--cpus-per-task={fields['CPUs/Task']}"]
+    return []
+
+
+def _memory_request(fields: dict) -> list[str]:
     mem_per_gpu = _gpu_only(fields, "MemPerTres", "--mem-per-gpu")
     if mem_per_gpu:  # --mem, --mem-per-cpu and --mem-per-gpu exclude each other
-        opts += mem_per_gpu
-    elif _is_set(fields.get("MinMemoryCPU")):
-        opts.append(f"--mem-per-cpu={_megabytes(fields['MinMemoryCPU'])}")
-    elif _is_set(fields.get("MinMemoryNode")):
-        opts.append(f"--mem={_megabytes(fields['MinMemoryNode'])}")
-
-    for key, option in (("StdOut", "--output"), ("StdErr", "--error")):
-        if fields.get(key):
-            opts.append(f"{option}={fields[key]}")
-    return opts
+        return mem_per_gpu
+    if _is_set(fields.get("MinMemoryCPU")):
+        return [f"--mem-per-cpu={_megabytes(fields['MinMemoryCPU'])}"]
+    if _is_set(fields.get("MinMemoryNode")):
+        return [f"--mem={_megabytes(fields['MinMemoryNode'])}"]
+    return []
 
 
 def next_job_command(fields: dict, script: str) -> list[str]:
@@ -252,11 +275,14 @@ def period_outcome(code: int, run: str, period: int, since: float) -> str:
     return "failed"
 
 
-def slurm_step(config: str, data: str, run: str, ds_config: str, overrides: list[str]) -> int:
+def slurm_step(settings: RunSettings) -> int:
+    """Train the run's next period on this job's allocation, then chain: the next job, a requeue
+    of this one, or the report when every period is done; returns this step's exit code."""
+    run = settings.run_dir
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         raise SystemExit("slurm-step runs inside a SLURM job (sbatch slurm/continual.sh)")
-    left = remaining_periods(data, run)
+    left = remaining_periods(settings.data, run)
     if not left:
         _final_report(run)
         return 0
@@ -270,7 +296,7 @@ def slurm_step(config: str, data: str, run: str, ds_config: str, overrides: list
         f"{os.environ.get('SLURM_NTASKS', '?')} ranks"
     )
     started = time.time()
-    proc = subprocess.Popen(srun_command(train_args(config, data, run, ds_config, overrides, period)), env=env)
+    proc = subprocess.Popen(srun_command(settings.train_args(period)), env=env)
 
     def forward(signum, frame):  # SIGUSR1 before the time limit, SIGTERM on preemption
         log.warning(f"== job {job}: signal {signal.Signals(signum).name}: asking every rank to checkpoint")
@@ -291,6 +317,13 @@ def slurm_step(config: str, data: str, run: str, ds_config: str, overrides: list
             f"resubmit the same sbatch command: finished periods are kept and period {period} resumes."
         )
         return code
+    return _after_period_done(job, run, left)
+
+
+def _after_period_done(job: str, run: str, left: list[int]) -> int:
+    """Period `left[0]` is done: submit the job for the next one, or write the report after the
+    last; returns the step's exit code."""
+    period = left[0]
     if len(left) > 1:
         try:
             nxt = submit_next_job(job)

@@ -3,8 +3,12 @@
 # one after (--dependency=afterok); at the time limit or on preemption it checkpoints and
 # requeues itself; when every period is done it writes <run>/report.md and report.png.
 #
-#   PESO_CONFIG=configs/paper.yaml PESO_DATA=data/cds PESO_RUN=runs/cds-peso sbatch slurm/continual.sh
-#   sbatch --nodes=4 --time=6:00:00 --export=ALL,PESO_CONFIG=configs/paper.yaml,PESO_DATA=data/cds,PESO_RUN=runs/cds slurm/continual.sh
+#   PESO_CONFIG=configs/paper.yaml PESO_DATA=data/cds PESO_RUN=runs/cds-peso \
+#       sbatch --nodes=1 --ntasks-per-node=4 --gpus-per-node=4 slurm/continual.sh
+#   sbatch --nodes=2 --time=6:00:00 --export=ALL,PESO_CONFIG=configs/paper.yaml,PESO_DATA=data/cds,PESO_RUN=runs/cds,PESO_OVERRIDES=schedule.global_batch_size=128 slurm/continual.sh
+#
+# The ranks (nodes x tasks per node) must divide the config's global batch into micro-batches:
+# paper.yaml's 32 at 8 per rank fits 1, 2 or 4 ranks; the 16 ranks below need a batch of 128.
 #
 # Every #SBATCH line below can be overridden on the sbatch command line, each by the same option
 # only: `--gpus=16` keeps --gpus-per-node=8 below (add --gpus-per-node=0 for --gpus, --gres or

@@ -120,6 +120,8 @@ def check_inputs(args):
     cfg.data.path = data_root
     windows = len(manifest["windows"])
     run = RunFolder(args.run)
+    # A window that a period trained on must still be the same (run_folder.py, DatasetChanged).
+    run.check_windows(manifest, data_root, restart=args.restart_period)
     period = run.next_period(windows) if args.period is None else args.period
     if not 0 <= period < windows:
         raise ConfigError(f"period {period} is beyond the dataset's last window ({windows} windows: 0..{windows - 1})")
@@ -129,14 +131,9 @@ def check_inputs(args):
         raise ConfigError(f"model.path {cfg.model.path} is not a Hugging Face model folder (no config.json)")
     if period > 0 and trains_in_full(cfg, 0) and not os.path.isdir(run.model_dir(0)):
         raise ConfigError(f"period {period} needs period 0's model ({run.model_dir(0)}); train period 0 first")
-    if cfg.model.item_vectors and period > 0:
-        from train.model.item_vectors import vectors_path
+    from train.model.addons import check_addons
 
-        if not os.path.isfile(vectors_path(run, period - 1)):
-            raise ConfigError(
-                f"model.item_vectors: period {period - 1} has no item vectors ({vectors_path(run, period - 1)}); "
-                "a run adds them from period 0 on, or never (set model.item_vectors=0)"
-            )
+    check_addons(cfg, run, period)  # what the period's model add-ons need (train/model/addons/)
     accumulation_steps(cfg, int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1))
     check_device(run, period)
     if not args.eval_only and not args.restart_period:
@@ -259,6 +256,8 @@ def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool =
     from train.period.recipe import PeriodRecipe
 
     plan = PeriodPlan.make(cfg, run, period, eval_only=eval_only, restart=restart)
+    if not eval_only and int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0) == 0:
+        run.record_window(period, manifest, cfg.data.path)  # what the period trains on: checked by later reruns
     return PeriodRecipe(cfg, ds_template, manifest, run, plan).run()
 
 

@@ -18,6 +18,7 @@ import hashlib
 import os
 import sys
 import time
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import orjson
@@ -31,6 +32,20 @@ from data_tools.index.rqvae import RQVAE, RQVAEConfig, fit_rqvae
 
 QUANTIZER = "item_index.rqvae.safetensors"
 POLICY = "nearest_free_last_level"
+
+
+@dataclass(frozen=True)
+class CodingOptions:
+    """How `build_index` codes items: the embedder (minilm, hf:PATH or npy:PATH), and the
+    RQ-VAE's depth (`levels`), codes per level, seed and training epochs (None: sized to the
+    catalog). A rerun that codes new items of an existing index needs the embedder, levels and
+    codes it was built with."""
+
+    embedder: str = "minilm"
+    levels: int = 4
+    codes: int = 256
+    seed: int = 0
+    epochs: int | None = None
 
 
 def _say(log, msg: str) -> None:
@@ -102,14 +117,14 @@ def _load_quantizer(root: str, method: dict) -> RQVAE:
     return model.eval()
 
 
-def _check_rerun(root: str, index: dict, embedder: str, levels: int, codes: int) -> None:
+def _check_rerun(root: str, index: dict, coding: CodingOptions) -> None:
     method = index["method"]
     recorded = {
         "--embedder": method["embedder"],
         "--levels": method["rqvae"]["levels"],
         "--codes": method["rqvae"]["codes"],
     }
-    given = {"--embedder": embedder, "--levels": levels, "--codes": codes}
+    given = {"--embedder": coding.embedder, "--levels": coding.levels, "--codes": coding.codes}
     for name, value in given.items():
         if value != recorded[name]:
             raise InputError(
@@ -142,13 +157,20 @@ def _fit(x: np.ndarray, window: int, config: RQVAEConfig, embedder: str, progres
     }
 
 
+@dataclass
+class _Codes:
+    """The codes of a build so far: the quantizer (None until it is fit), the index's `method`
+    record, and item id -> code of every item coded."""
+
+    model: RQVAE | None = None
+    method: dict | None = None
+    assigned: dict = field(default_factory=dict)
+
+
 def build_index(
     root: str,
-    embedder: str = "minilm",
-    levels: int = 4,
-    codes: int = 256,
-    seed: int = 0,
-    epochs: int | None = None,
+    coding: CodingOptions = CodingOptions(),
+    *,
     device: str | None = None,
     force: bool = False,
     progress: bool = True,
@@ -159,69 +181,107 @@ def build_index(
     are coded; with nothing new, nothing is written. `device` is for the embedder; the RQ-VAE
     trains on the CPU (it is small, and CPU arithmetic keeps the codes reproducible).
     """
-    if not 1 <= levels <= 26 or codes < 2:
+    if not 1 <= coding.levels <= 26 or coding.codes < 2:
         raise ValueError(
-            f"need 1 to 26 levels (one letter each) and at least 2 codes, got --levels {levels} --codes {codes}"
+            "need 1 to 26 levels (one letter each) and at least 2 codes, "
+            f"got --levels {coding.levels} --codes {coding.codes}"
         )
-    embedder = _normalize_embedder(embedder)
+    coding = replace(coding, embedder=_normalize_embedder(coding.embedder))
     items = read_items(root)
-    index = None if force or not os.path.isfile(os.path.join(root, ITEM_INDEX)) else load_item_index(root)
-    model, method, assigned = None, None, {}
-    todo = items
-    if index is not None:
-        known = {it["item_id"] for it in items}
-        stale = [k for k in index["items"] if int(k) not in known]
-        if stale:
-            raise InputError(
-                f"{ITEM_INDEX} codes {len(stale)} items that {ITEMS} lacks (first: {stale[:5]}): "
-                "the dataset was reconverted with other items; rebuild with --force",
-                root,
-            )
-        todo = [it for it in items if str(it["item_id"]) not in index["items"]]
-        kind = index["method"]["kind"]
+    if force or not os.path.isfile(os.path.join(root, ITEM_INDEX)):
+        todo, codes = items, _Codes()
+    else:
+        index = load_item_index(root)
+        todo = _uncoded_items(root, index, items)
         if not todo:
             _say(
                 log,
-                f"{os.path.join(root, ITEM_INDEX)} is up to date: all {len(items):,} items have codes ({kind}); "
-                "nothing to do (--force rebuilds it)",
+                f"{os.path.join(root, ITEM_INDEX)} is up to date: all {len(items):,} items have codes "
+                f"({index['method']['kind']}); nothing to do (--force rebuilds it)",
             )
             return index
-        if kind != "rqvae":
-            raise InputError(
-                f"{ITEM_INDEX} was imported ({index['method'].get('path')}) and lacks {len(todo):,} items: "
-                "import a file that covers them, or build a new index with --force",
-                root,
-            )
-        _check_rerun(root, index, embedder, levels, codes)
-        model, method = _load_quantizer(root, index["method"]), index["method"]
-        assigned = {int(k): parse_tokens(v, f"{ITEM_INDEX}: item {k}") for k, v in index["items"].items()}
+        codes = _codes_so_far(root, index, todo, coding)
+    texts = _texts(todo, coding.embedder, log)
+    embed = Embedder(coding.embedder, device=device, progress=progress)
+    embed_seconds = _code_window_by_window(todo, texts, embed, codes, coding, progress, log)
+    doc = _write_built_index(root, codes, coding.codes)
+    collisions = codes.method["collisions"]
+    _say(
+        log,
+        f"coded {len(todo):,} new items ({len(codes.assigned):,} in all; embedded with {coding.embedder} in "
+        f"{embed_seconds:.1f} s): {collisions['before']['items_sharing_a_code']:,} collided, "
+        f"{sum(s['reassigned'] for s in collisions['steps']):,} moved to a free last-level code, none share a code "
+        f"now; perplexity per level {doc['perplexity']} of {coding.codes}; wrote {os.path.join(root, ITEM_INDEX)}",
+    )
+    return doc
 
-    texts = _texts(todo, embedder, log)
+
+def _uncoded_items(root: str, index: dict, items: list[dict]) -> list[dict]:
+    """The items that the existing index has no code for (it may code no item the dataset lacks)."""
+    known = {it["item_id"] for it in items}
+    stale = [k for k in index["items"] if int(k) not in known]
+    if stale:
+        raise InputError(
+            f"{ITEM_INDEX} codes {len(stale)} items that {ITEMS} lacks (first: {stale[:5]}): "
+            "the dataset was reconverted with other items; rebuild with --force",
+            root,
+        )
+    return [it for it in items if str(it["item_id"]) not in index["items"]]
+
+
+def _codes_so_far(root: str, index: dict, todo: list[dict], coding: CodingOptions) -> _Codes:
+    """An existing built index, to code the `todo` items like the old ones: its frozen quantizer,
+    its method record and its codes."""
+    if index["method"]["kind"] != "rqvae":
+        raise InputError(
+            f"{ITEM_INDEX} was imported ({index['method'].get('path')}) and lacks {len(todo):,} items: "
+            "import a file that covers them, or build a new index with --force",
+            root,
+        )
+    _check_rerun(root, index, coding)
+    return _Codes(
+        model=_load_quantizer(root, index["method"]),
+        method=index["method"],
+        assigned={int(k): parse_tokens(v, f"{ITEM_INDEX}: item {k}") for k, v in index["items"].items()},
+    )
+
+
+def _code_window_by_window(
+    todo: list[dict], texts: list[str], embed: Embedder, codes: _Codes, coding: CodingOptions, progress: bool, log
+) -> float:
+    """Code the `todo` items into `codes`, window by window, in order; returns the seconds spent
+    embedding. An item's code never depends on items first seen after it, so a later rerun that
+    adds windows gives every earlier item the code it has now. Each window is embedded in a call
+    of its own for the same reason (an embedding varies a little with the batch it is computed
+    in). A new index's quantizer is fit on its first window, then frozen."""
     windows: dict[int, list[int]] = {}
     for r, it in enumerate(todo):
         windows.setdefault(it["first_window"], []).append(r)
-    embed = Embedder(embedder, device=device, progress=progress)
     embed_seconds = 0.0
-    # Window by window, in order: an item's code never depends on items first seen after it, so
-    # a later rerun that adds windows gives every earlier item the code it has now. Each window
-    # is embedded in a call of its own for the same reason (an embedding varies a little with
-    # the batch it is computed in).
     for window, rows in sorted(windows.items()):
         t0 = time.perf_counter()
         x = embed([texts[r] for r in rows], [todo[r]["item_id"] for r in rows])
         embed_seconds += time.perf_counter() - t0
-        if model is None:  # a new index: the quantizer is fit on its first window, then frozen
-            config = RQVAEConfig(input_dim=x.shape[1], levels=levels, codes=codes, epochs=epochs, seed=seed)
-            model, method = _fit(x, window, config, embedder, progress, log)
-        natural, residuals = model.encode(x)
-        unique, report = assign_unique(natural, residuals, model.codebooks[-1].detach().numpy(), set(assigned.values()))
+        if codes.model is None:
+            config = RQVAEConfig(
+                input_dim=x.shape[1], levels=coding.levels, codes=coding.codes, epochs=coding.epochs, seed=coding.seed
+            )
+            codes.model, codes.method = _fit(x, window, config, coding.embedder, progress, log)
+        natural, residuals = codes.model.encode(x)
+        last_codebook = codes.model.codebooks[-1].detach().numpy()
+        unique, report = assign_unique(natural, residuals, last_codebook, set(codes.assigned.values()))
         for r, code in zip(rows, unique.tolist()):
-            assigned[todo[r]["item_id"]] = tuple(code)
-        method["collisions"]["steps"].append({"first_window": window, **report})
+            codes.assigned[todo[r]["item_id"]] = tuple(code)
+        codes.method["collisions"]["steps"].append({"first_window": window, **report})
+    return embed_seconds
 
-    collisions = method["collisions"]
+
+def _write_built_index(root: str, codes: _Codes, codes_per_level: int) -> dict:
+    """item_index.json, with the collisions before and after resolution in its method record,
+    and the quantizer beside it if it is new."""
+    collisions = codes.method["collisions"]
     steps = collisions["steps"]
-    groups = collision_groups(assigned)
+    groups = collision_groups(codes.assigned)
     if groups:  # assign_unique guarantees none; one here is a bug, not bad input
         raise AssertionError(f"{len(groups)} codes are still shared after collision resolution")
     collisions["before"] = {
@@ -230,17 +290,9 @@ def build_index(
     }
     collisions["after"] = {"items_sharing_a_code": 0, "codes_shared": 0}
     with writing("cannot write the item index", root):
-        if method["quantizer"] is None:  # saved only now: a failed build leaves the old pair intact
-            method["quantizer"] = _save_quantizer(root, model)
-        doc = write_item_index(root, assigned, method, codes)
-    _say(
-        log,
-        f"coded {len(todo):,} new items ({len(assigned):,} in all; embedded with {embedder} in {embed_seconds:.1f} s): "
-        f"{collisions['before']['items_sharing_a_code']:,} collided, {sum(s['reassigned'] for s in steps):,} moved to "
-        f"a free last-level code, none share a code now; perplexity per level {doc['perplexity']} of {codes}; "
-        f"wrote {os.path.join(root, ITEM_INDEX)}",
-    )
-    return doc
+        if codes.method["quantizer"] is None:  # saved only now: a failed build leaves the old pair intact
+            codes.method["quantizer"] = _save_quantizer(root, codes.model)
+        return write_item_index(root, codes.assigned, codes.method, codes_per_level)
 
 
 def import_index(
@@ -292,14 +344,7 @@ def index_main(args) -> None:
     if args.import_path:
         import_index(args.dir, args.import_path, args.collisions, codes=args.codes, force=args.force)
     else:
-        build_index(
-            args.dir,
-            embedder=args.embedder,
-            levels=args.levels,
-            codes=args.codes,
-            seed=args.seed,
-            epochs=args.epochs,
-            device=args.device,
-            force=args.force,
-            progress=not args.no_progress,
+        coding = CodingOptions(
+            embedder=args.embedder, levels=args.levels, codes=args.codes, seed=args.seed, epochs=args.epochs
         )
+        build_index(args.dir, coding, device=args.device, force=args.force, progress=not args.no_progress)

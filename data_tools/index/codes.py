@@ -70,35 +70,8 @@ def import_codes(path: str, source_to_item: dict[str, int], collisions: str = "k
     """
     if collisions not in ("keep", "extend", "error"):
         raise ValueError(f"collisions must be keep, extend or error, not {collisions!r}")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        table = json.loads(raw)
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read the item index ({e})", path) from None
-    if not isinstance(table, dict) or not table:
-        raise InputError("the item index must be a non-empty JSON object item_id -> [tokens]", path)
-    codes: dict[int, tuple] = {}
-    not_in_data = 0
-    depth = None
-    for src, tokens in table.items():
-        if not isinstance(tokens, list) or not tokens:
-            raise InputError(f"item {src!r}: expected a list of tokens, got {tokens!r:.60}", path)
-        code = parse_tokens(tokens, f"{path}: item {src!r}")
-        if depth is None:
-            depth = len(code)
-        elif len(code) != depth:
-            raise InputError(
-                f"item {src!r} has {len(code)} levels, the others {depth}: every code needs the same depth", path
-            )
-        item = source_to_item.get(src)
-        if item is None:
-            not_in_data += 1
-        else:
-            codes[item] = code
-    missing = [src for src, item in source_to_item.items() if item not in codes]
-    if missing:
-        raise InputError(f"{len(missing)} items of the data have no code (first: {missing[:5]})", path)
+    raw, table = _read_code_table(path)
+    codes, depth, not_in_data = _codes_of_data_items(table, source_to_item, path)
     groups = collision_groups(codes)
     report = {
         "items": len(codes),
@@ -123,6 +96,46 @@ def import_codes(path: str, source_to_item: dict[str, int], collisions: str = "k
     }
 
 
+def _read_code_table(path: str) -> tuple[bytes, dict]:
+    """The file's bytes (for its hash) and its non-empty JSON object."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        table = json.loads(raw)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read the item index ({e})", path) from None
+    if not isinstance(table, dict) or not table:
+        raise InputError("the item index must be a non-empty JSON object item_id -> [tokens]", path)
+    return raw, table
+
+
+def _codes_of_data_items(table: dict, source_to_item: dict[str, int], path: str) -> tuple[dict[int, tuple], int, int]:
+    """The table's codes by the data's dense item id, their depth (the same for every entry), and
+    how many entries name items the data lacks. Every item of the data must have a code."""
+    codes: dict[int, tuple] = {}
+    not_in_data = 0
+    depth = None
+    for src, tokens in table.items():
+        if not isinstance(tokens, list) or not tokens:
+            raise InputError(f"item {src!r}: expected a list of tokens, got {tokens!r:.60}", path)
+        code = parse_tokens(tokens, f"{path}: item {src!r}")
+        if depth is None:
+            depth = len(code)
+        elif len(code) != depth:
+            raise InputError(
+                f"item {src!r} has {len(code)} levels, the others {depth}: every code needs the same depth", path
+            )
+        item = source_to_item.get(src)
+        if item is None:
+            not_in_data += 1
+        else:
+            codes[item] = code
+    missing = [src for src, item in source_to_item.items() if item not in codes]
+    if missing:
+        raise InputError(f"{len(missing)} items of the data have no code (first: {missing[:5]})", path)
+    return codes, depth, not_in_data
+
+
 def assign_unique(
     codes: np.ndarray, residuals: np.ndarray, last_codebook: np.ndarray, taken: set[tuple]
 ) -> tuple[np.ndarray, dict]:
@@ -141,19 +154,15 @@ def assign_unique(
     """
     out = codes.copy()
     K = len(last_codebook)
-    groups: dict[tuple, list[int]] = {}
-    for row, code in enumerate(codes.tolist()):
-        groups.setdefault(tuple(code[:-1]), []).append(row)
-    taken_last: dict[tuple, set[int]] = {}
-    for code in taken:
-        taken_last.setdefault(tuple(code[:-1]), set()).add(code[-1])
+    taken_last = _last_codes_by_prefix(taken)
     colliding = contested = reassigned = 0
-    for prefix, rows in groups.items():
+    for prefix, rows in _rows_by_prefix(codes).items():
         held = taken_last.get(prefix, set())
-        claims: dict[int, list[int]] = {}
+        claims: dict[int, list[int]] = {}  # last code -> the rows that want it
         for row in rows:
             claims.setdefault(int(codes[row, -1]), []).append(row)
-        if all(len(r) == 1 and c not in held for c, r in claims.items()):
+        disputed = {c: claimants for c, claimants in claims.items() if len(claimants) > 1 or c in held}
+        if not disputed:
             continue
         if len(rows) + len(held) > K:
             where = "".join(code_tokens(prefix)) or "the root"
@@ -161,33 +170,10 @@ def assign_unique(
                 f"{len(rows) + len(held)} items share the prefix {where} but the last level has only {K} codes; "
                 "index with more --codes or --levels"
             )
-        kept, losers = set(held), []
-        for c, claimants in claims.items():
-            if len(claimants) == 1 and c not in held:
-                kept.add(c)
-                continue
-            colliding += len(claimants)
-            contested += 1
-            if c in held:
-                losers += claimants
-            else:
-                dist = ((residuals[claimants] - last_codebook[c]) ** 2).sum(1)
-                winner = claimants[int(np.argmin(dist))]  # argmin: the first (lowest row) on a tie
-                kept.add(c)
-                losers += [r for r in claimants if r != winner]
-        losers.sort()
-        dist = ((residuals[losers, None, :] - last_codebook[None]) ** 2).sum(-1)
-        dist[:, sorted(kept)] = np.inf
-        done: set[int] = set()
-        for flat in np.argsort(dist, axis=None, kind="stable").tolist():
-            i, c = divmod(flat, K)
-            if i in done or c in kept:
-                continue
-            out[losers[i], -1] = c
-            kept.add(c)
-            done.add(i)
-            if len(done) == len(losers):
-                break
+        losers = _losers(disputed, held, residuals, last_codebook)
+        _move_to_free_codes(out, losers, held | set(claims), residuals, last_codebook)
+        colliding += sum(len(claimants) for claimants in disputed.values())
+        contested += len(disputed)
         reassigned += len(losers)
     return out, {
         "items": len(codes),
@@ -195,6 +181,58 @@ def assign_unique(
         "codes_contested": contested,
         "reassigned": reassigned,
     }
+
+
+def _rows_by_prefix(codes: np.ndarray) -> dict[tuple, list[int]]:
+    """The rows of `codes` grouped by their code less its last level, in order of first row."""
+    groups: dict[tuple, list[int]] = {}
+    for row, code in enumerate(codes.tolist()):
+        groups.setdefault(tuple(code[:-1]), []).append(row)
+    return groups
+
+
+def _last_codes_by_prefix(taken: set[tuple]) -> dict[tuple, set[int]]:
+    """The last levels of the codes in `taken`, by the rest of their code."""
+    taken_last: dict[tuple, set[int]] = {}
+    for code in taken:
+        taken_last.setdefault(tuple(code[:-1]), set()).add(code[-1])
+    return taken_last
+
+
+def _losers(
+    disputed: dict[int, list[int]], held: set[int], residuals: np.ndarray, last_codebook: np.ndarray
+) -> list[int]:
+    """The rows (sorted) that lose the last code they want: all that want one in `held`, and for
+    any other code wanted by several rows, all but the one nearest its codeword."""
+    losers = []
+    for c, claimants in disputed.items():
+        if c in held:
+            losers += claimants
+        else:
+            dist = ((residuals[claimants] - last_codebook[c]) ** 2).sum(1)
+            winner = claimants[int(np.argmin(dist))]  # argmin: the first (lowest row) on a tie
+            losers += [r for r in claimants if r != winner]
+    return sorted(losers)
+
+
+def _move_to_free_codes(
+    out: np.ndarray, losers: list[int], kept: set[int], residuals: np.ndarray, last_codebook: np.ndarray
+) -> None:
+    """Give each loser a last code not in `kept` (in `out`, in place), greedily: the nearest free
+    (loser, codeword) pair first."""
+    K = len(last_codebook)
+    dist = ((residuals[losers, None, :] - last_codebook[None]) ** 2).sum(-1)
+    dist[:, sorted(kept)] = np.inf
+    done: set[int] = set()
+    for flat in np.argsort(dist, axis=None, kind="stable").tolist():
+        i, c = divmod(flat, K)
+        if i in done or c in kept:
+            continue
+        out[losers[i], -1] = c
+        kept.add(c)
+        done.add(i)
+        if len(done) == len(losers):
+            break
 
 
 def per_level_perplexity(codes: dict[int, tuple]) -> list[float]:

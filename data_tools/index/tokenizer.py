@@ -51,12 +51,26 @@ def train_sentencepiece_tokenizer(texts: Iterable[str], out_dir: str, vocab_size
     tokens, never `<unk>`). Single-threaded and seeded, so the same texts give the same tokenizer.
     """
     import sentencepiece as spm
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     corpus = [t for t in texts if t and not t.isspace()]
     if not corpus:
         raise ValueError("no text to train a tokenizer on")
+    model = _train_sentencepiece(corpus, vocab_size, seed)
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=_fast_tokenizer(sp), bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=PAD
+    )
+    hf.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "sentencepiece.model"), "wb") as f:
+        f.write(model)
+    return hf
+
+
+def _train_sentencepiece(corpus: list[str], vocab_size: int, seed: int) -> bytes:
+    """The serialized SentencePiece BPE model trained on `corpus`."""
+    import sentencepiece as spm
+
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
     # BPE rather than unigram: on a corpus dominated by one repeated template, BPE merges the
@@ -86,7 +100,13 @@ def train_sentencepiece_tokenizer(texts: Iterable[str], out_dir: str, vocab_size
         num_threads=1,
         minloglevel=2,
     )
-    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    return model.getvalue()
+
+
+def _fast_tokenizer(sp):
+    """The `tokenizers` BPE tokenizer that segments text as the SentencePiece model `sp` does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
     # "▁" marks word starts; the prefix space goes only before the start of the text, not after
     # each added (code) token, so the text between code tokens tokenizes the same anywhere.
@@ -102,11 +122,7 @@ def train_sentencepiece_tokenizer(texts: Iterable[str], out_dir: str, vocab_size
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
     )
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=PAD)
-    hf.save_pretrained(out_dir)
-    with open(os.path.join(out_dir, "sentencepiece.model"), "wb") as f:
-        f.write(model.getvalue())
-    return hf
+    return tok
 
 
 def add_code_tokens(tokenizer, levels: int, codes_per_level: int) -> list[int]:

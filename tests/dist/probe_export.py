@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 def main() -> None:
     import torch
 
-    from train.evaluation.evaluator import test_users
+    from train.evaluation.users import test_users
     from train.serve.recommender import EXPORT_INFO, Recommender
 
     export, data, window, max_users, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
@@ -34,11 +34,12 @@ def main() -> None:
         from transformers import AutoModelForCausalLM
 
         from data_tools.dataset import load_manifest
-        from train.model.item_vectors import attach_item_input, has_item_vectors, load_item_vectors
+        from train.model import addons
 
         model = AutoModelForCausalLM.from_pretrained(export).eval()  # the folder alone, as a serving stack loads it
-        if has_item_vectors(export):  # plus its item vectors on the input (train/model/item_vectors.py)
-            attach_item_input(model, load_item_vectors(export), seed=0)
+        extras = addons.from_export(export)  # plus its add-ons: the item vectors on the input (train/model/addons/)
+        for stage in (addons.BACKBONE, addons.LORA):
+            addons.attach(extras, model, stage)
         users = test_users(data, load_manifest(data), window, max_users, 0)[:8]
         top = []
         for u in users:

@@ -32,11 +32,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, REPO)
 
 from train.common.config import load_config  # noqa: E402
+from train.dist.params import whole_shape  # noqa: E402
 from train.loop.data import collate  # noqa: E402
 from train.loop.loss import lm_loss  # noqa: E402
-from train.methods.regularizers import ProximalTerm, attach_frozen_adapters, lora_layers, pull_and_data_norms  # noqa: E402
+from train.methods.proximal import ProximalTerm, pull_and_data_norms  # noqa: E402
+from train.model.addons.frozen_sum import attach_frozen_adapters  # noqa: E402
 from train.model.build import apply_lora  # noqa: E402
 from train.model.item_vectors import attach_item_input, item_input_of  # noqa: E402
+from train.model.lora import lora_layers  # noqa: E402
 
 NEW_TOKENS = list(range(200, 232))
 
@@ -132,7 +135,7 @@ def frozen_adapters(tmp: str, model) -> list[str]:
         for name, layer in lora_layers(model).items():
             for which in ("lora_A", "lora_B"):
                 w = getattr(layer, which)["default"].weight
-                state[f"{name}.{which}.weight"] = torch.randn(tuple(getattr(w, "ds_shape", w.shape)), generator=g)
+                state[f"{name}.{which}.weight"] = torch.randn(whole_shape(w), generator=g)
         d = os.path.join(tmp, f"adapter{k}")
         os.makedirs(d, exist_ok=True)
         save_file(state, os.path.join(d, "adapter_model.safetensors"))

@@ -91,7 +91,7 @@ def test_methods_differ_so_the_comparison_can_fail(method_runs):
 
 def test_recommend_command_answers_like_the_evaluation(method_runs, cds_data, tmp_path):
     from data_tools.dataset import load_manifest
-    from train.evaluation.evaluator import test_users
+    from train.evaluation.users import test_users
 
     run = method_runs["cumulative"]
     _, lists = evaluation_of(run, 2)

@@ -161,7 +161,7 @@ def _fake_periods(monkeypatch, tmp_path, script: str) -> list[list[str]]:
     """Periods 0 and 1 remain; each "period" runs `script` (with the run folder as argv[1]).
     Returns the list that collects the arguments each period was given."""
     given = []
-    monkeypatch.setattr(periods, "remaining_periods", lambda data, run: [0, 1])
+    monkeypatch.setattr(periods, "remaining_periods", lambda data, run, restart=False: [0, 1])
 
     def command(nproc, args):
         given.append(args)
@@ -172,7 +172,8 @@ def _fake_periods(monkeypatch, tmp_path, script: str) -> list[list[str]]:
 
 
 def _run_local(tmp_path, restart=False):
-    return periods.run_local("c.yaml", "data", str(tmp_path), "ds.json", 2, log=open(os.devnull, "w"), restart=restart)
+    settings = periods.RunSettings("c.yaml", "data", str(tmp_path), "ds.json")
+    return periods.run_local(settings, 2, log=open(os.devnull, "w"), restart=restart)
 
 
 def test_run_local_sees_a_checkpoint_on_a_signal_behind_torchruns_exit_code(tmp_path, monkeypatch):

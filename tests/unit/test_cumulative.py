@@ -10,8 +10,9 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from train.common.config import load_config
-from train.methods.regularizers import attach_frozen_adapters, lora_layers
+from train.model.addons.frozen_sum import attach_frozen_adapters
 from train.model.build import apply_lora
+from train.model.lora import lora_layers
 from train.period.plan import frozen_adapter_periods
 
 NEW_TOKENS = list(range(100, 116))

@@ -13,7 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from data_tools.index.prompt import PromptTemplate
 from data_tools.index.tokenizer import ItemCodebook, add_code_tokens, train_sentencepiece_tokenizer
-from train.evaluation.evaluator import NEG, constrained_beam_search, decoding_forward, rank_metrics
+from train.evaluation.beam_search import NEG, constrained_beam_search, decoding_forward
+from train.evaluation.ranking import rank_metrics
 
 
 def test_rank_metrics_by_hand():
@@ -26,6 +27,33 @@ def test_rank_metrics_by_hand():
     assert m["ndcg@5"] == pytest.approx((1 + 1 / math.log2(4) + 1 / math.log2(6)) / 5)
     assert m["ndcg@10"] == pytest.approx((1 + 1 / math.log2(4) + 1 / math.log2(6) + 1 / math.log2(11)) / 5)
     assert rank_metrics([], [5]) == {"hit@5": 0.0, "ndcg@5": 0.0}
+
+
+def test_a_users_beams_make_their_list_and_the_ranks_shares_make_the_windows_metrics():
+    from train.evaluation.ranking import averages, catalogue_coverage, group_sums, recommendation_list
+
+    class Book:  # code (i, 0) is item i; (9, 9) is no item's
+        @staticmethod
+        def item_of(code):
+            return None if code == (9, 9) else code[0]
+
+    codes = [[1, 0], [9, 9], [2, 0], [3, 0], [4, 0]]
+    scores = [-1.0, -1.5, -2.0000004, -3.0, NEG]  # the last beam is dead
+    items, item_scores, rank, invalid = recommendation_list(codes, scores, (3, 0), Book)
+    assert (items, item_scores, rank, invalid) == ([1, 2, 3], [-1.0, -2.0, -3.0], 2, 1)
+    assert recommendation_list(codes, scores, (4, 0), Book)[2] is None  # a dead beam never ranks
+    # Two ranks' shares (round-robin), added up: the window's metrics, overall and per group.
+    ranks, groups, ks = [0, None, 4, 12], ["new", "dormant", "new", "continuing"], [5, 10]
+    shares = [group_sums(ranks[r::2], groups[r::2], 1 - r, ks) for r in range(2)]
+    out = averages([a + b for a, b in zip(*shares)], ks)
+    assert list(out) == ["users", "overall", "groups", "invalid_outputs"]
+    assert out["users"] == 4 and out["invalid_outputs"] == 1
+    assert out["overall"] == pytest.approx(rank_metrics(ranks, ks))
+    assert out["groups"]["new"] == pytest.approx({"users": 2, **rank_metrics([0, 4], ks)})
+    assert out["groups"]["dormant"] == {"users": 1, **rank_metrics([None], ks)}
+    # A list-level metric: over every list of the window at once.
+    assert catalogue_coverage([[1, 2, 3], [2, 4, 5]], 2, 10) == pytest.approx(0.3)  # items 1, 2, 4
+    assert catalogue_coverage([], 5, 0) == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +179,7 @@ def test_max_users_is_a_seeded_sample_not_the_first_users(ml_dataset):
 
     from data_tools.dataset import load_manifest
     from data_tools.reader import window_split
-    from train.evaluation.evaluator import test_users
+    from train.evaluation.users import test_users
 
     manifest = load_manifest(ml_dataset)
     everyone = list(window_split(ml_dataset, 1, "test"))
@@ -169,7 +197,7 @@ def test_max_users_is_a_seeded_sample_not_the_first_users(ml_dataset):
 def test_transitions_reference_ranks_followers_by_recency_then_popularity():
     from collections import Counter
 
-    from train.evaluation.evaluator import transition_top
+    from train.evaluation.references import transition_top
 
     following = {1: Counter({(9,): 1, (8,): 5}), 2: Counter({(7,): 2}), 3: Counter({(9,): 4})}
     popular = [(5,), (7,), (6,)]
@@ -185,7 +213,7 @@ def test_following_codes_counts_consecutive_training_targets(ml_dataset):
 
     from data_tools.dataset import load_manifest
     from data_tools.reader import read_split
-    from train.evaluation.evaluator import following_codes
+    from train.evaluation.references import following_codes
 
     class Codes:  # an item's "code" is the item itself, so counts can be checked by hand
         @staticmethod
@@ -305,7 +333,7 @@ def test_test_indices_pick_the_users_that_sampling_the_samples_picked(ml_dataset
     same order, so results stay comparable with runs before the change."""
     from data_tools.dataset import load_manifest
     from data_tools.reader import read_split
-    from train.evaluation.evaluator import test_indices, test_users
+    from train.evaluation.users import test_indices, test_users
 
     manifest = load_manifest(ml_dataset)
     everyone = read_split(ml_dataset, 1, "test", manifest)
@@ -331,13 +359,14 @@ def _evaluator(root: str, *, world: int = 1, max_users: int | None = None, run=N
 
     from data_tools.dataset import load_manifest
     from train.common.config import Config
-    from train.evaluation.evaluator import Evaluator
+    from train.evaluation.evaluator import EvalOptions, Evaluator
 
     cfg = Config()
     cfg.data.path, cfg.eval.max_users = root, max_users
     strategy = SimpleNamespace(rank=0, world_size=world, is_rank0=True, zero_stage=2)
     return Evaluator(
-        cfg=cfg,
+        options=EvalOptions.of(cfg, show_progress=False),
+        model_folders=[run.adapter_dir(period)] if run else [],  # method single: the period's adapter alone
         strategy=strategy,
         engine=torch.nn.Linear(1, 1),
         encoder=SimpleNamespace(codebook=_ItemCodes),
@@ -356,7 +385,9 @@ def test_rank0_scores_both_references_for_every_rank_as_each_rank_did(ml_dataset
 
     from data_tools.dataset import load_manifest
     from data_tools.reader import read_split
-    from train.evaluation.evaluator import test_indices, transition_top
+    from train.evaluation.ranking import group_sums
+    from train.evaluation.references import transition_top
+    from train.evaluation.users import test_indices
 
     manifest = load_manifest(ml_dataset)
     train = read_split(ml_dataset, 1, "train", manifest)
@@ -376,10 +407,10 @@ def test_rank0_scores_both_references_for_every_rank_as_each_rank_did(ml_dataset
             mine = users[r::world]
             groups = [s["group"] for s in mine]
             ranks = [popular.index((s["target"],)) if (s["target"],) in popular else None for s in mine]
-            assert sums["popularity"][r] == evaluator._sums(ranks, groups, 0)
+            assert sums["popularity"][r] == group_sums(ranks, groups, 0, evaluator.settings.ks)
             tops = [transition_top(following, s["history"], popular, 20) for s in mine]
             ranks = [top.index((s["target"],)) if (s["target"],) in top else None for s, top in zip(mine, tops)]
-            assert sums["transitions"][r] == evaluator._sums(ranks, groups, 0)
+            assert sums["transitions"][r] == group_sums(ranks, groups, 0, evaluator.settings.ks)
         assert sum(sums["popularity"][r][0] for r in range(world)) == len(users)
     assert any(x for x in sums["transitions"][0][1:]), "no hit at all: the comparison above would prove little"
 
@@ -393,18 +424,33 @@ def test_a_window_file_counts_only_for_the_export_and_settings_it_was_computed_w
     os.makedirs(os.path.dirname(adapter))
     with open(adapter, "wb") as f:
         f.write(b"weights")
-    cfg = _evaluator(ml_dataset, run=run).cfg
-    finished = FinishedWindows(cfg, run, 1)
+    evaluator = _evaluator(ml_dataset, run=run)
+
+    def windows():  # as Evaluator.evaluate makes them, with the evaluator's settings now
+        return FinishedWindows(run, 1, evaluator.model_folders, evaluator._window_settings())
+
+    finished = windows()
     key = finished.key(torch.float32, 2)
+    assert list(key) == [  # what the files held before the evaluator took only its settings
+        "export",
+        "eval",
+        "data",
+        "eval_batch_size",
+        "attn_implementation",
+        "temperature",
+        "dtype",
+        "world_size",
+    ]
+    assert list(key["export"]) == [adapter] and key["data"] == os.path.abspath(ml_dataset)
     finished.save(0, key, {"users": 3}, None)
     finished.save(1, key, {"users": 4}, [[{"user": 9}, {"user": 2}], [{"user": 5}]])
     saved = finished.saved(key, [0, 1])
     assert {j: w["result"] for j, w in saved.items()} == {0: {"users": 3}, 1: {"users": 4}}
     assert [r["user"] for r in saved[1]["recommendations"]] == [2, 5, 9]
-    cfg.eval.beams = 30  # another evaluation setting
-    assert finished.saved(finished.key(torch.float32, 2), [0, 1]) == {}
-    cfg.eval.beams = 20
-    assert finished.key(torch.float32, 2) == key
+    evaluator.settings.beams = 30  # another evaluation setting
+    assert windows().saved(windows().key(torch.float32, 2), [0, 1]) == {}
+    evaluator.settings.beams = 20
+    assert windows().key(torch.float32, 2) == key
     assert finished.key(torch.bfloat16, 2) != key and finished.key(torch.float32, 4) != key
     with open(adapter, "wb") as f:  # another export
         f.write(b"other weights")

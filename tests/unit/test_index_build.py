@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from data_tools.__main__ import main
 from data_tools.accounting import InputError
 from data_tools.dataset import ITEM_INDEX, ITEMS
-from data_tools.index.build import QUANTIZER, build_index, read_items
+from data_tools.index.build import QUANTIZER, CodingOptions, build_index, read_items
 from data_tools.index.codes import TOKEN_RE, load_item_index
 from data_tools.index.embed import Embedder
 from data_tools.index.prompt import PromptTemplate
@@ -52,7 +52,7 @@ def ml_embeddings(ml_items, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def ml_index(ml_items, ml_embeddings, tmp_path_factory):
     root = _dataset_with(tmp_path_factory.mktemp("full"), ml_items)
-    doc = build_index(root, embedder=f"npy:{ml_embeddings}", progress=False, log=io.StringIO())
+    doc = build_index(root, CodingOptions(embedder=f"npy:{ml_embeddings}"), progress=False, log=io.StringIO())
     return root, doc
 
 
@@ -100,14 +100,14 @@ def test_later_windows_never_change_earlier_codes(ml_items, ml_embeddings, ml_in
     spec = f"npy:{ml_embeddings}"
     first = [it for it in ml_items if it["first_window"] == 0]
     root = _dataset_with(tmp_path / "ds", first)
-    before = build_index(root, embedder=spec, progress=False, log=io.StringIO())["items"]
+    before = build_index(root, CodingOptions(embedder=spec), progress=False, log=io.StringIO())["items"]
     assert len(before) == len(first)
 
     _dataset_with(tmp_path / "ds", ml_items)
     with pytest.raises(InputError, match="--levels 4"):
-        build_index(root, embedder=spec, levels=3, progress=False, log=io.StringIO())
+        build_index(root, CodingOptions(embedder=spec, levels=3), progress=False, log=io.StringIO())
     log = io.StringIO()
-    after = build_index(root, embedder=spec, progress=False, log=log)["items"]
+    after = build_index(root, CodingOptions(embedder=spec), progress=False, log=log)["items"]
     assert "fit the RQ-VAE" not in log.getvalue()  # the frozen quantizer coded the new items
     assert {k: after[k] for k in before} == before
     assert len(after) == len(ml_items) and len({tuple(v) for v in after.values()}) == len(ml_items)
@@ -120,7 +120,7 @@ def test_rerun_without_new_items_is_up_to_date(ml_index, ml_embeddings):
     path = os.path.join(root, ITEM_INDEX)
     stamp = os.stat(path).st_mtime_ns
     log = io.StringIO()
-    assert build_index(root, embedder=f"npy:{ml_embeddings}", progress=False, log=log) == doc
+    assert build_index(root, CodingOptions(embedder=f"npy:{ml_embeddings}"), progress=False, log=log) == doc
     assert "up to date" in log.getvalue() and os.stat(path).st_mtime_ns == stamp
 
 
@@ -173,4 +173,4 @@ def test_missing_quantizer_is_a_clear_error(ml_index, ml_items, ml_embeddings, t
     os.unlink(os.path.join(root, QUANTIZER))
     _dataset_with(root, ml_items + [{**ml_items[0], "item_id": len(ml_items), "source_id": "new", "first_window": 5}])
     with pytest.raises(FileNotFoundError, match="--force"):
-        build_index(root, embedder=f"npy:{ml_embeddings}", progress=False, log=io.StringIO())
+        build_index(root, CodingOptions(embedder=f"npy:{ml_embeddings}"), progress=False, log=io.StringIO())

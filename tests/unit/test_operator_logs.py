@@ -68,7 +68,7 @@ def test_pace_gives_elapsed_time_and_eta_from_this_process_steps(clock):
 def test_evaluation_without_a_terminal_reports_users_done_every_minute(clock, monkeypatch):
     seen = []
     monkeypatch.setattr(evaluate.log, "info", seen.append)
-    progress = evaluate.EvalProgress(window=2, users=1000, batches=10, show_bar=False)
+    progress = evaluate.EvaluatedUsersReporter(window=2, users=1000, batches=10, show_bar=False)
     for k, at in enumerate([20, 40, 61, 80, 100, 125]):
         clock[0] = 1000.0 + at
         progress.batch_done(k)

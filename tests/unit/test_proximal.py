@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from tests.unit.test_cumulative import _model
-from train.methods.regularizers import ProximalTerm, lora_factors, lora_layers, pull_and_data_norms
+from train.methods.l2 import L2
+from train.methods.peso import KL
+from train.methods.proximal import ProximalTerm, pull_and_data_norms
+from train.model.lora import lora_factors, lora_layers
 
 
 def _anchor(model, spread: float) -> dict[str, torch.Tensor]:
@@ -31,7 +34,7 @@ def _collected(model, term: ProximalTerm) -> torch.Tensor:
 @pytest.mark.parametrize("kind,reduce,scale", [("kl", "sum", "none"), ("kl", "mean", "entries"), ("l2", "sum", "none")])
 def test_the_closed_form_gradient_equals_autograd(kind, reduce, scale):
     model = _model()
-    term = ProximalTerm(model, _anchor(model, 0.05), kind, reduce, kl_scale=scale)
+    term = ProximalTerm(model, _anchor(model, 0.05), KL(kl_scale=scale) if kind == "kl" else L2(), reduce)
     value = _collected(model, term)
     params = list(term.params.values())
     expected = torch.autograd.grad(value, params)
@@ -59,9 +62,9 @@ def test_kl_over_a_whole_matrix_is_about_its_squared_change_over_twice_its_entri
         for w in (p for n, p in model.named_parameters() if "lora_" in n):
             w.mul_(0.1)
     anchor = _anchor(model, 1e-3)
-    scaled = ProximalTerm(model, anchor, "kl", "sum", kl_scale="entries")
-    plain = ProximalTerm(model, anchor, "kl", "sum")
-    l2 = ProximalTerm(model, anchor, "l2", "sum")
+    scaled = ProximalTerm(model, anchor, KL(kl_scale="entries"), "sum")
+    plain = ProximalTerm(model, anchor, "kl", "sum")  # a registered distance by its kind
+    l2 = ProximalTerm(model, anchor, L2(), "sum")
     kl_scaled = _collected(model, scaled).item()
     kl = _collected(model, plain).item()
     squared = _collected(model, l2).item()

@@ -13,7 +13,7 @@ from data_tools.dataset import load_manifest
 from data_tools.index.codes import load_item_index
 from data_tools.index.prompt import PromptTemplate
 from data_tools.index.tokenizer import ItemCodebook, add_code_tokens, train_sentencepiece_tokenizer
-from data_tools.reader import epoch_order, read_split, window_split
+from data_tools.reader import ReadOrder, epoch_order, read_split, window_split
 from data_tools.sequences import ChunkFile, window_chunks, write_chunks
 from train.common.config import load_config
 from train.loop.data import RankEpoch, ResponseSamples, WindowData
@@ -54,7 +54,7 @@ def test_batches_do_not_depend_on_workers_and_resume_where_they_stopped(small_da
         return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
 
     plain, data = batches(0, rank=0)
-    assert len(plain) == data.train_plan.micro_batches > 5
+    assert len(plain) == data.train_epoch.micro_batches > 5
     assert same(batches(2, rank=0)[0], plain)
     assert same(batches(2, rank=0, start=3)[0], plain[3:])
     assert not same(batches(0, rank=1)[0], plain)  # the other rank has its own slice
@@ -100,9 +100,9 @@ def test_the_epoch_order_is_the_streamed_order(small_dataset):
     """The trainer's indices without reading give the same samples as the streaming reader."""
     everything = read_split(small_dataset, 0, "train")
     for rank, epoch in [(0, 0), (1, 3)]:
-        streamed = [s["key"] for s in window_split(small_dataset, 0, "train", rank=rank, world_size=2, seed=5,
-                                                   epoch=epoch, shuffle_buffer=16)]  # fmt: skip
-        order = epoch_order(len(everything), rank=rank, world_size=2, seed=5, epoch=epoch, shuffle_buffer=16)
+        read = ReadOrder(rank=rank, world_size=2, seed=5, epoch=epoch, shuffle_buffer=16)
+        streamed = [s["key"] for s in window_split(small_dataset, 0, "train", read)]
+        order = epoch_order(len(everything), read)
         assert [everything[k]["key"] for k in order] == streamed
         assert streamed != sorted(streamed, key=[s["key"] for s in everything].index)  # it did shuffle
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
-METHODS = ("single", "peso", "l2", "cumulative", "cumulative_all")
+from train.methods.registry import method, method_names
+
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -62,7 +63,9 @@ class LoraConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = setting("single", "single, peso, l2, cumulative or cumulative_all (train/methods/regularizers.py)")
+    name: str = setting(
+        "single", f"{', '.join(method_names()[:-1])} or {method_names()[-1]} (train/methods/registry.py)"
+    )
     lam: float = setting(0.0, "weight of the proximal term (peso, l2)")
     reduce: str = setting(
         "sum", "the proximal term over layers: sum (the paper's equation) or mean (the authors' code)"
@@ -71,7 +74,7 @@ class MethodConfig:
     kl_scale: str = setting(
         "none",
         "peso's KL per matrix: none (the paper's term) or entries: times twice the matrix's entries, "
-        "about its squared change (a pull of one strength whatever the matrix sizes; README, section 4)",
+        "about its squared change (a pull of one strength whatever the matrix sizes; docs/methods.md)",
     )
 
 
@@ -289,8 +292,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.dtype must be auto, fp32, bf16 or fp16, not {m.dtype!r}")
     if m.item_vectors < 0:
         raise ConfigError(f"model.item_vectors must be 0 (off) or a dimension, got {m.item_vectors}")
-    if cfg.method.name not in METHODS:
-        raise ConfigError(f"method.name must be one of {', '.join(METHODS)}, not {cfg.method.name!r}")
+    method(cfg.method.name)  # an unknown name: a ConfigError listing the registered ones
     if cfg.data.objective not in ("response", "sequence"):
         raise ConfigError(f"data.objective must be response or sequence, not {cfg.data.objective!r}")
     if cfg.method.reduce not in ("sum", "mean"):

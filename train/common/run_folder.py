@@ -11,6 +11,13 @@
 <run>/periods/<t>/metrics.json evaluation of this period
 <run>/periods/<t>/recommendations.jsonl   window t's test users: their top items (evaluation)
 <run>/tb/                     TensorBoard
+
+<run>/periods/<t>/window.json  the fingerprint of the dataset window the period trains on
+
+A period records the fingerprint of its window as it starts (data_tools.dataset.window_fingerprint:
+a hash of its shards' records and sha256); a rerun on a dataset whose window changed under a
+period stops (`check_windows`) instead of going on. It is a file of its own, not a key of
+state.json, whose time of change tells the launcher whether a period stopped on a signal.
 """
 
 from __future__ import annotations
@@ -19,6 +26,11 @@ import json
 import os
 
 from data_tools.atomic import atomic_write_json
+from data_tools.dataset import window_fingerprint
+
+
+class DatasetChanged(ValueError):
+    """A window of the dataset is not the one a period of the run trained on (one line)."""
 
 
 class RunFolder:
@@ -78,3 +90,56 @@ class RunFolder:
             if t not in done:
                 return t
         raise ValueError(f"every period of this run is done ({n_windows} windows); nothing to train")
+
+    # ---- what each period trained on --------------------------------------------------------
+
+    def window_record_path(self, t: int) -> str:
+        return os.path.join(self.period_dir(t), "window.json")
+
+    def record_window(self, period: int, manifest: dict, data: str) -> None:
+        """Keep the fingerprint of the window `period` trains on (rank 0, as the period starts)."""
+        record = {"window": period, "fingerprint": window_fingerprint(manifest, period), "data": os.path.abspath(data)}
+        if self.recorded_windows().get(period) != record["fingerprint"]:
+            atomic_write_json(self.window_record_path(period), record)
+
+    def recorded_windows(self) -> dict[int, str]:
+        """period -> the fingerprint of the window it trained on, for each period that recorded one."""
+        out = {}
+        periods = self.path("periods")
+        for name in os.listdir(periods) if os.path.isdir(periods) else ():
+            if name.isdigit() and os.path.isfile(self.window_record_path(int(name))):
+                with open(self.window_record_path(int(name))) as f:
+                    out[int(name)] = json.load(f)["fingerprint"]
+        return out
+
+    def check_windows(self, manifest: dict, data: str, restart: bool = False) -> None:
+        """Raise DatasetChanged if a window that a period of this run trained on (finished, or
+        started and to be resumed) is gone from the dataset or differs from what it was then.
+        `restart` (--restart-period): a period that started but did not finish trains again from
+        its start, so its window may have changed."""
+        done = set(self.state()["done"])
+        recorded = self.recorded_windows()
+        n = len(manifest["windows"])
+        for t in sorted(recorded):
+            finished = t in done
+            if restart and not finished:
+                continue
+            if t < n and window_fingerprint(manifest, t) == recorded[t]:
+                continue
+            if finished:
+                advice = (
+                    "a finished period never trains again: put back the dataset it trained on, or train on "
+                    "this one in a new run folder"
+                )
+            else:
+                advice = "add --restart-period to train it from its start on the new window, or put back the dataset"
+            state = "finished" if finished else "started"
+            if t >= n:
+                raise DatasetChanged(
+                    f"window {t} is gone from {data} (it has {n} windows), but period {t} of {self.root} {state} "
+                    f"on it; {advice}"
+                )
+            raise DatasetChanged(
+                f"window {t} of {data} has changed since period {t} of {self.root} {state} on it (its shards' "
+                f"hashes differ); {advice}"
+            )

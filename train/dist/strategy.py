@@ -1,6 +1,7 @@
 """The one object that owns everything distributed (OpenRLHF's rule): process group, DeepSpeed
-engine, ZeRO-3 parameter gathering, collectives and checkpoints. No other module of train/ calls
-torch.distributed or deepspeed.comm; they ask the strategy.
+engine, ZeRO-3 parameter gathering, collectives and checkpoints. No module outside train/dist/
+calls torch.distributed or deepspeed.comm, or reads DeepSpeed's parameter attributes: they ask
+the strategy (or train/dist/params.py).
 
 The same code runs on the CPU (gloo; tests and the demo) and on GPUs (NCCL), started by the
 `deepspeed` launcher (which passes --local_rank), by torchrun, or as a plain single process.

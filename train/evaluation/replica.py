@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from train.dist.params import whole_numel
+
 log = logging.getLogger(__name__)
 
 REPLICA_SHARE = 0.5  # eval.replica auto: a replica if its bytes are at most this share of the free memory
@@ -34,7 +36,7 @@ def model_bytes(engine, dtype: torch.dtype) -> int:
     """The whole model's parameters in the compute dtype, and its buffers."""
     module = getattr(engine, "module", engine)
     size = torch.empty((), dtype=dtype).element_size()
-    params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters()) * size
+    params = sum(whole_numel(p) for p in module.parameters()) * size
     return params + sum(b.numel() * b.element_size() for b in module.buffers())
 
 
@@ -65,25 +67,16 @@ def use_replica(mode: str, strategy, engine, dtype: torch.dtype, period: int) ->
     return use
 
 
-def build_replica(cfg, run, period: int, vocab_size: int, dtype: torch.dtype, strategy) -> torch.nn.Module | None:
+def build_replica(load, dtype: torch.dtype, period: int, strategy) -> torch.nn.Module | None:
     """The period's model from its export, whole on this rank's device, every parameter in the
-    compute dtype, loaded straight to the device (not partitioned: strategy.plain_loading), on
-    every rank; None on every rank if any rank could not build it (out of memory, say): then the
-    sharded engine evaluates, as without a replica (collective)."""
-    from train.serve.recommender import load_period_model
-
+    compute dtype `dtype`, loaded straight to the device (not partitioned: strategy.plain_loading),
+    on every rank; None on every rank if any rank could not build it (out of memory, say): then
+    the sharded engine evaluates, as without a replica (collective). `load(dtype=, device=)`
+    builds it (train/serve/recommender.py `load_period_model`, its other arguments given)."""
     t0, model, error = time.perf_counter(), None, None
     try:
         with strategy.plain_loading():
-            model = load_period_model(
-                run,
-                cfg,
-                period,
-                vocab_size,
-                dtype=dtype,
-                device=strategy.device,
-                attn_implementation=cfg.model.attn_implementation,
-            )
+            model = load(dtype=dtype, device=strategy.device)
         model.config.use_cache = False  # as the engine's: only the beam search keeps a cache
     except Exception as e:  # any failure: the engine can still evaluate
         error = repr(e)  # not the exception: its frames would keep a half-built model alive

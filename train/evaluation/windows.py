@@ -11,18 +11,20 @@ metrics.json holds everything.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 
 from data_tools.atomic import atomic_write_bytes
-from train.period.plan import export_dir, frozen_adapter_periods
 
 
 class FinishedWindows:
-    def __init__(self, cfg, run, period: int):
-        self.cfg, self.run, self.period = cfg, run, period
+    """Period `period`'s finished windows in `run`. `model_folders`: the folders whose files the
+    evaluated model is loaded from (the period's export, then the frozen earlier adapters it
+    adds); `settings`: the evaluation's settings a result depends on (a JSON-able dict)."""
+
+    def __init__(self, run, period: int, model_folders: list[str], settings: dict):
+        self.run, self.period, self.model_folders, self.settings = run, period, model_folders, settings
         self.folder = os.path.join(run.period_dir(period), "eval")
 
     def _path(self, window: int) -> str:
@@ -30,26 +32,14 @@ class FinishedWindows:
 
     def key(self, dtype, world_size: int) -> dict:
         """What a window's result depends on besides the data (see the module doc)."""
-        cfg, run, period = self.cfg, self.run, self.period
         files = {}
-        for folder in [export_dir(cfg, run, period)] + [
-            run.adapter_dir(t) for t in frozen_adapter_periods(cfg, cfg.method.name, period)
-        ]:
+        for folder in self.model_folders:
             for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
                 path = os.path.join(folder, name)
                 if os.path.isfile(path):
                     st = os.stat(path)
                     files[path] = [st.st_size, st.st_mtime_ns]
-        key = {
-            "export": files,
-            "eval": dataclasses.asdict(cfg.eval),
-            "data": os.path.abspath(cfg.data.path),
-            "eval_batch_size": cfg.data.eval_batch_size,
-            "attn_implementation": cfg.model.attn_implementation,
-            "temperature": cfg.method.temperature,
-            "dtype": str(dtype),
-            "world_size": world_size,
-        }
+        key = {"export": files, **self.settings, "dtype": str(dtype), "world_size": world_size}
         return json.loads(json.dumps(key))  # as it reads back from a file
 
     def saved(self, key: dict, windows: list[int]) -> dict[int, dict]:

@@ -38,22 +38,24 @@ from dataclasses import dataclass
 import torch
 import torch.utils.data
 
-from data_tools.reader import consumer_slice, epoch_order, read_samples_at, read_split, split_size
+from data_tools.reader import ReadOrder, consumer_slice, epoch_order, read_samples_at, read_split, split_size
 from data_tools.sequences import OFFSETS, ChunkFile, window_chunks, write_chunks
 from train.loop.loss import IGNORE
 
 
 @dataclass(frozen=True)
-class EpochPlan:
+class EpochSize:
+    """How big one training epoch is, in samples, optimizer steps and micro-batches."""
+
     samples: int  # training items in the split (samples, or chunks of the sequence objective)
     steps: int  # optimizer steps per epoch (every rank)
     micro_batches: int  # per rank per epoch = steps x accumulation
 
 
-def plan_epoch(samples: int, world_size: int, micro_batch_size: int, accumulation: int) -> EpochPlan:
+def epoch_size(samples: int, world_size: int, micro_batch_size: int, accumulation: int) -> EpochSize:
     per_rank = math.ceil(samples / world_size)
     steps = math.ceil(per_rank / (micro_batch_size * accumulation))
-    return EpochPlan(samples, steps, steps * accumulation)
+    return EpochSize(samples, steps, steps * accumulation)
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -93,9 +95,7 @@ class ResponseSamples:
         return split_size(self.root, self.window, self.split, self.manifest)
 
     def order(self, rank: int, world_size: int, seed: int, epoch: int) -> list[int]:
-        return epoch_order(
-            len(self), rank=rank, world_size=world_size, seed=seed, epoch=epoch, shuffle_buffer=self.shuffle_buffer
-        )
+        return epoch_order(len(self), ReadOrder(rank, world_size, seed, epoch, self.shuffle_buffer))
 
     def fetch(self, wanted: set[int]):
         """`(index, sample)` of the wanted samples, in stored order."""
@@ -219,7 +219,7 @@ class WindowData:
         else:
             self.train_source = ResponseSamples(root, manifest, window, "train", cfg.data.shuffle_buffer)
         self.valid_source = ResponseSamples(root, manifest, window, "valid", 0)
-        self.train_plan = plan_epoch(len(self.train_source), world_size, cfg.data.micro_batch_size, accumulation)
+        self.train_epoch = epoch_size(len(self.train_source), world_size, cfg.data.micro_batch_size, accumulation)
         self.valid_batches = math.ceil(math.ceil(len(self.valid_source) / world_size) / cfg.data.eval_batch_size)
 
     def _loader(self, dataset) -> torch.utils.data.DataLoader:
@@ -248,7 +248,7 @@ class WindowData:
                 seed=self.cfg.data.seed,
                 epoch=epoch,
                 micro_batch_size=self.cfg.data.micro_batch_size,
-                micro_batches=self.train_plan.micro_batches,
+                micro_batches=self.train_epoch.micro_batches,
                 start=start,
                 encode=self.encode,
                 pad_id=self.pad_id,

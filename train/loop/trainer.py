@@ -2,7 +2,7 @@
 best epoch exported, checkpoints, and everything reported to TensorBoard.
 
 The loss is the cross-entropy of the labelled tokens (train/loop/loss.py), plus `method.lam` times
-the regularizer's proximal term when there is one (train/methods/regularizers.py). An epoch ends with the
+the regularizer's proximal term when there is one (train/methods/proximal.py). An epoch ends with the
 validation loss; the best epoch so far is exported, and with `schedule.patience` the period
 stops after that many epochs without a better one (`schedule.epochs`, or
 `schedule.period0_epochs` in period 0, is the cap). A micro-batch whose loss is not finite on any rank
@@ -36,7 +36,7 @@ from train.dist.checkpoint import Checkpointer
 from train.dist.stop import StopRequest, StopRequested
 from train.loop.loss import IGNORE, lm_loss
 from train.loop.telemetry import Pace, Throughput, memory_stats
-from train.methods.regularizers import pull_and_data_norms
+from train.methods.proximal import pull_and_data_norms
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass
-class Progress:
-    """Where a period stands; saved in every checkpoint (DeepSpeed restores the step count)."""
+class TrainingState:
+    """Where a period's training stands; saved in every checkpoint (DeepSpeed restores the step
+    count)."""
 
     epoch: int = 0
     micro: int = 0  # next micro-batch of `epoch`
@@ -74,36 +75,73 @@ class MicroStep:
     skipped: bool  # a non-finite loss on some rank: no backward, no step
     stop: bool  # some rank got a stop request
     # At a logged step of a regularized period: (norm of lam x the term's gradient, norm of the
-    # data loss's gradient) on the LoRA factors (train/methods/regularizers.py, pull_and_data_norms).
+    # data loss's gradient) on the LoRA factors (train/methods/proximal.py, pull_and_data_norms).
     pull: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the loop reads of the config and of the period's plan: nothing else of either."""
+
+    period: int
+    epochs: int  # the cap (with patience)
+    total_steps: int  # the period's optimizer steps (or schedule.max_steps)
+    step_offset: int  # the run's step at this period's start: TensorBoard's x axis goes on across periods
+    temperature: float  # method.temperature
+    lam: float  # method.lam
+    log_every: int  # logging.every_steps
+    progress_bar: bool  # logging.progress
+    max_nonfinite_in_a_row: int  # optim.max_nonfinite_in_a_row
+    checkpoint_every: int  # checkpoint.every_steps
+    patience: int | None  # schedule.patience
+
+    @classmethod
+    def of(cls, cfg, plan, *, total_steps: int, step_offset: int) -> LoopSettings:
+        return cls(
+            period=plan.period,
+            epochs=plan.epochs,
+            total_steps=total_steps,
+            step_offset=step_offset,
+            temperature=cfg.method.temperature,
+            lam=cfg.method.lam,
+            log_every=cfg.logging.every_steps,
+            progress_bar=cfg.logging.progress,
+            max_nonfinite_in_a_row=cfg.optim.max_nonfinite_in_a_row,
+            checkpoint_every=cfg.checkpoint.every_steps,
+            patience=cfg.schedule.patience,
+        )
+
+
+@dataclass(frozen=True)
+class Reporting:
+    """Where the loop reports: TensorBoard (train/loop/telemetry.py), the FLOPs of a micro-batch
+    (train/loop/flops.py) and the device's peak, for the utilization."""
+
+    logger: object
+    flops: object
+    peak_flops: tuple[float, str]  # (FLOP/s, what it is)
 
 
 class Trainer:
     def __init__(
         self,
         *,
-        cfg,
+        settings: LoopSettings,
         strategy,
         engine,
         data,
         checkpointer: Checkpointer,
         export,
-        logger,
-        flops,
-        peak_flops: tuple[float, str],
-        step_offset: int,
-        plan,
+        reporting: Reporting,
         regularizer=None,
-        total_steps: int,
         stop: StopRequest,
     ):
-        self.cfg, self.strategy, self.engine, self.data = cfg, strategy, engine, data
-        self.checkpointer, self.export, self.logger, self.flops = checkpointer, export, logger, flops
-        self.peak_flops, self.peak_label = peak_flops
-        self.step_offset, self.period, self.epochs = step_offset, plan.period, plan.epochs
-        self.regularizer = regularizer
-        self.total_steps = total_steps
-        self.stop = stop
+        self.settings, self.strategy, self.engine, self.data = settings, strategy, engine, data
+        self.checkpointer, self.export, self.regularizer, self.stop = checkpointer, export, regularizer, stop
+        self.logger, self.flops = reporting.logger, reporting.flops
+        self.peak_flops, self.peak_label = reporting.peak_flops
+        self.step_offset, self.period, self.epochs = settings.step_offset, settings.period, settings.epochs
+        self.total_steps = settings.total_steps
         self._nan_at = {
             int(x) for x in os.environ.get("PESO_FAULT_NAN_AT", "").split(",") if x
         }  # fault injection for tests
@@ -114,12 +152,12 @@ class Trainer:
         self.stop.fault_point(f"train:{micro_index}")
         batch = self.strategy.to_device(batch)
         with self.regularizer.collect() if self.regularizer is not None else contextlib.nullcontext():
-            ce_sum, count = lm_loss(self.engine, batch, self.cfg.method.temperature)
+            ce_sum, count = lm_loss(self.engine, batch, self.settings.temperature)
         ce = ce_sum / count.clamp(min=1)
         loss, proximal = ce, None
         if self.regularizer is not None:
             proximal = self.regularizer.term()
-            loss = ce + self.cfg.method.lam * proximal
+            loss = ce + self.settings.lam * proximal
         if micro_index in self._nan_at and self.strategy.is_rank0:
             loss = loss * float("nan")
         # The one read-back of the micro-batch: summed over ranks, in one collective.
@@ -141,7 +179,7 @@ class Trainer:
             if proximal is not None and self._logs_after_this_step():
                 # the gradients are whole (reduced) now, before the step uses and clears them
                 grads = self.strategy.full_grads(self.regularizer.params)
-                pull = pull_and_data_norms(self.regularizer, self.cfg.method.lam, grads)
+                pull = pull_and_data_norms(self.regularizer, self.settings.lam, grads)
             self.engine.step()
         world = self.strategy.world_size
         return MicroStep(
@@ -157,12 +195,12 @@ class Trainer:
         return self.engine.is_gradient_accumulation_boundary() and self._is_log_step(self.engine.global_steps + 1)
 
     def _is_log_step(self, step: int) -> bool:
-        return step % self.cfg.logging.every_steps == 0 or step == self.total_steps
+        return step % self.settings.log_every == 0 or step == self.total_steps
 
     # ---- validation -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def validate(self, progress: Progress) -> float:
+    def validate(self, progress: TrainingState) -> float:
         """The validation loss over every rank's share of the split. A stop request is looked at
         every STOP_CHECK_EVERY batches (a collective: the same batches on every rank); the
         checkpoint then holds the finished epoch, whose end a resumed run does again."""
@@ -173,27 +211,27 @@ class Trainer:
             if k and k % STOP_CHECK_EVERY == 0 and self.stop.agreed():
                 self.engine.train()
                 self._stop_here(progress)
-            loss_sum, labelled = lm_loss(self.engine, self.strategy.to_device(batch), self.cfg.method.temperature)
+            loss_sum, labelled = lm_loss(self.engine, self.strategy.to_device(batch), self.settings.temperature)
             total += loss_sum
             count += labelled
         self.engine.train()
         total, count = self.strategy.all_reduce_sum_tensor(torch.stack([total, count])).tolist()
         return total / max(count, 1.0)
 
-    def _stop_here(self, progress: Progress) -> None:
+    def _stop_here(self, progress: TrainingState) -> None:
         """Every rank agreed to stop: checkpoint where the period stands, then StopRequested."""
         self.checkpointer.save(self.engine, self.engine.global_steps, self._client_state(progress))
         raise StopRequested()
 
     # ---- the loop ---------------------------------------------------------------------------
 
-    def _client_state(self, progress: Progress) -> dict:
+    def _client_state(self, progress: TrainingState) -> dict:
         return dict(progress.__dict__)
 
-    def fit(self) -> Progress:
-        cfg, engine, strategy = self.cfg, self.engine, self.strategy
+    def fit(self) -> TrainingState:
+        engine, strategy = self.engine, self.strategy
         saved = self.checkpointer.load(engine)
-        progress = Progress(**saved) if saved else Progress()
+        progress = TrainingState(**saved) if saved else TrainingState()
         if saved:
             log.info(
                 f"resumed period {self.period} at epoch {progress.epoch}, micro-batch {progress.micro}, "
@@ -201,44 +239,44 @@ class Trainer:
             )
         self.pace = Pace(engine.global_steps, self.total_steps)
         engine.train()  # from_pretrained returns eval mode and deepspeed.initialize keeps it
-        epoch_plan = self.data.train_plan
+        epoch_size = self.data.train_epoch
         bar = progress_bar(
             total=self.total_steps,
             initial=engine.global_steps,
             desc=f"period {self.period}",
             unit="step",
-            enabled=strategy.is_rank0 and cfg.logging.progress,
+            enabled=strategy.is_rank0 and self.settings.progress_bar,
             dynamic_ncols=True,
             leave=True,
         )
         self.bar_shown = not bar.disable
         try:
             while not progress.finished:
-                if progress.micro < epoch_plan.micro_batches and engine.global_steps < self.total_steps:
+                if progress.micro < epoch_size.micro_batches and engine.global_steps < self.total_steps:
                     self._train_epoch(progress, bar)
                 self._end_epoch(progress)
         finally:
             bar.close()
         return progress
 
-    def _train_epoch(self, progress: Progress, bar) -> None:
+    def _train_epoch(self, progress: TrainingState, bar) -> None:
         """Micro-batches from progress.micro to the epoch's end (or the step cap)."""
-        cfg, engine, strategy, epoch_plan = self.cfg, self.engine, self.strategy, self.data.train_plan
+        engine, strategy, epoch_size = self.engine, self.strategy, self.data.train_epoch
         meter = Throughput()
         losses, proximals, bad_in_a_row, pull = [], [], 0, None
         loader = iter(self.data.train(progress.epoch, start=progress.micro))
-        while progress.micro < epoch_plan.micro_batches and engine.global_steps < self.total_steps:
+        while progress.micro < epoch_size.micro_batches and engine.global_steps < self.total_steps:
             t0 = time.perf_counter()
             batch = next(loader)
             waited = time.perf_counter() - t0
             steps_before = engine.global_steps
-            micro = self._micro_step(batch, progress.epoch * epoch_plan.micro_batches + progress.micro)
+            micro = self._micro_step(batch, progress.epoch * epoch_size.micro_batches + progress.micro)
             progress.micro += 1
             progress.samples_seen += batch["input_ids"].shape[0] * strategy.world_size  # equal batches on every rank
             if micro.skipped:
                 progress.nonfinite_skipped += 1
                 bad_in_a_row += 1
-                if bad_in_a_row > cfg.optim.max_nonfinite_in_a_row:
+                if bad_in_a_row > self.settings.max_nonfinite_in_a_row:
                     raise NonFiniteLossError(
                         f"{bad_in_a_row} micro-batches in a row had a non-finite loss (period {self.period}, "
                         f"epoch {progress.epoch}, step {engine.global_steps}); lower optim.lr or check the data"
@@ -265,12 +303,12 @@ class Trainer:
                 self._log(step, losses, proximals, pull, meter, progress)
                 losses, proximals, pull = [], [], None
                 meter.reset()
-            if micro.stop or step % cfg.checkpoint.every_steps == 0:
+            if micro.stop or step % self.settings.checkpoint_every == 0:
                 self.checkpointer.save(engine, step, self._client_state(progress))
             if micro.stop:
                 raise StopRequested()
 
-    def _end_epoch(self, progress: Progress) -> None:
+    def _end_epoch(self, progress: TrainingState) -> None:
         if progress.epoch_val is None:
             progress.epoch_val = self.validate(progress)
             if self.stop.agreed():  # before the export: a resumed run keeps this validation loss
@@ -283,7 +321,7 @@ class Trainer:
         if improved:
             progress.best_val, progress.best_epoch = val, progress.epoch
             self.export()
-        patience = self.cfg.schedule.patience
+        patience = self.settings.patience
         progress.stopped_early = bool(patience) and progress.epoch - progress.best_epoch >= patience
         log.info(
             f"period {self.period} epoch {progress.epoch}: validation loss {val:.4f}"
@@ -299,7 +337,7 @@ class Trainer:
         progress.finished = progress.epoch >= self.epochs or step >= self.total_steps or progress.stopped_early
         self.checkpointer.save(self.engine, step, self._client_state(progress))
 
-    def _log(self, step: int, losses: list, proximals: list, pull, meter: Throughput, progress: Progress) -> None:
+    def _log(self, step: int, losses: list, proximals: list, pull, meter: Throughput, progress: TrainingState) -> None:
         """`losses`, `proximals`: the micro-batches' values since the last log point, already
         averaged over ranks; `pull`: this step's (pull, data) gradient norms, or None."""
         n_proximal = len(proximals)
@@ -316,10 +354,10 @@ class Trainer:
         }
         if n_proximal:
             values["train/proximal"] = sum(proximals) / n_proximal
-            values["train/loss"] = values["train/loss_ce"] + self.cfg.method.lam * values["train/proximal"]
+            values["train/loss"] = values["train/loss_ce"] + self.settings.lam * values["train/proximal"]
         if pull is not None:
             # How hard the proximal term pulls the LoRA factors, against the data: the number to
-            # read when choosing method.lam (README, "4. The methods").
+            # read when choosing method.lam (docs/methods.md).
             pull_norm, data_norm = pull
             values["pull/proximal_grad_norm"], values["pull/data_grad_norm"] = pull_norm, data_norm
             values["pull/ratio"] = pull_norm / data_norm if data_norm > 0 else math.nan

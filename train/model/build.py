@@ -26,7 +26,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 from data_tools.atomic import written_aside
 from train.common.config import Config
 from train.common.run_folder import RunFolder
-from train.model.item_vectors import is_item_input_param
+from train.dist.params import rank0_writes
+from train.dist.peft_rows import patch_peft_token_rows_gather
+from train.model.addons import owned
 from train.model.shapes import shape_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -122,37 +124,10 @@ def load_backbone(strategy, source: str, cfg: Config, dtype: str, vocab_size: in
     return model
 
 
-def _patch_peft_trainable_tokens_for_cpu() -> None:
-    """peft gathers the rows of new tokens under ZeRO-3 into a receive buffer it puts on
-    `cuda` unconditionally (https://github.com/huggingface/peft/pull/2605, "right now, only CUDA
-    is implemented"), which fails on CPU ranks. The buffer belongs on the weight's own device,
-    which is `cuda` on GPUs, so this keeps GPU behaviour and fixes the CPU. (It replaces peft's
-    own method, collectives included: the one place outside strategy.py that calls them.)"""
-    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
-
-    if getattr(TrainableTokensLayer, "_peso_patched", False):
-        return
-
-    def collect(self, weight, rows, embed_dim):
-        import deepspeed
-        import torch.distributed as dist
-
-        with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
-            if dist.get_rank() == 0:
-                values = weight[rows].clone()
-            else:
-                values = torch.empty((len(rows), embed_dim), dtype=weight.dtype, device=weight.device)
-        dist.broadcast(values, src=0)
-        return values
-
-    TrainableTokensLayer._collect_token_weights = collect
-    TrainableTokensLayer._peso_patched = True
-
-
 def apply_lora(model: torch.nn.Module, cfg: Config, code_token_ids: list[int], seed: int) -> peft.PeftModel:
     """LoRA on the chosen projections plus trainable rows for the code tokens. Seeded, so every
     rank (and a resumed run) starts from the same factors."""
-    _patch_peft_trainable_tokens_for_cpu()
+    patch_peft_token_rows_gather()
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     # Untied: both the embedding and the output layer need the rows (the list form would wrap
     # only the embedding, leaving the output rows untrained and unsaved). Tied: one shared delta.
@@ -198,7 +173,7 @@ def adapter_state_keys(model: peft.PeftModel) -> dict[str, torch.nn.Parameter]:
     """Saved-key -> live parameter for everything an adapter export holds (peft's key names)."""
     out = {}
     for name, param in model.named_parameters():
-        if not param.requires_grad or is_item_input_param(name):  # it has its own file
+        if not param.requires_grad or owned(name):  # an add-on's: it has its own file
             continue
         key = name.replace(".default.", ".").replace(".default", "")
         out[key] = param
@@ -214,10 +189,8 @@ def load_adapter_weights(strategy, model: peft.PeftModel, adapter_dir: str) -> N
         raise ValueError(
             f"{adapter_dir} does not fit this model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
         )
-    params = list(live.values())
-    partitioned = any(hasattr(p, "ds_id") for p in params)  # after deepspeed.initialize under ZeRO-3
-    with strategy.gathered(params, modify=True):
-        if strategy.is_rank0 or not partitioned:
+    with rank0_writes(strategy, live.values()) as writes:
+        if writes:
             with torch.no_grad():
                 for key, p in live.items():
                     p.copy_(state[key].to(p.dtype))
@@ -238,8 +211,8 @@ def load_full_weights(strategy, model: torch.nn.Module, model_dir: str) -> None:
             names = {n: k for n, k in names.items() if k in keys}  # a tied output layer is stored once
             if not names:
                 continue
-            with strategy.gathered([params[n] for n in names], modify=True):
-                if strategy.is_rank0 or not any(hasattr(p, "ds_id") for p in params.values()):
+            with rank0_writes(strategy, [params[n] for n in names]) as writes:
+                if writes:
                     with torch.no_grad():
                         for n, key in names.items():
                             params[n].copy_(f.get_tensor(key).to(params[n].dtype))

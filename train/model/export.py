@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 from data_tools.atomic import written_aside
+from train.model import addons
 from train.model.build import adapter_state_keys
-from train.model.item_vectors import gather_item_input, is_item_input_param, write_item_vectors
 
 
 def _check_nonempty(state: dict[str, torch.Tensor], what: str) -> None:
@@ -26,11 +26,6 @@ def _check_nonempty(state: dict[str, torch.Tensor], what: str) -> None:
             f"{what}: {len(empty)} tensors are empty after gathering (first: {empty[0]}); "
             "a ZeRO-3 partition was not gathered"
         )
-
-
-def _gathered_proj(item_vectors: dict | None) -> dict[str, torch.Tensor]:
-    """The item-vector projection, for the non-empty check (the vectors themselves are never partitioned)."""
-    return {"item_vectors.proj": item_vectors["proj"]} if item_vectors else {}
 
 
 def gather_adapter_state(strategy, model) -> dict[str, torch.Tensor] | None:
@@ -44,11 +39,11 @@ def gather_adapter_state(strategy, model) -> dict[str, torch.Tensor] | None:
 
 def export_adapter(strategy, model, out_dir: str, metadata: dict | None = None) -> None:
     """Write the adapter in PEFT format (adapter_config.json + adapter_model.safetensors), and
-    the item vectors with their trained projection (train/model/item_vectors.py) if the model has them."""
+    what the model's add-ons save (train/model/addons/: the item vectors with their trained projection)."""
     state = gather_adapter_state(strategy, model)
-    item_vectors = gather_item_input(strategy, model)
+    addon_states = addons.gather_states(strategy, model)
     if strategy.is_rank0:
-        _check_nonempty({**state, **_gathered_proj(item_vectors)}, out_dir)
+        _check_nonempty({**state, **addons.checked_tensors(addon_states)}, out_dir)
         with written_aside("cannot export the period's adapter", out_dir) as tmp:
             model.peft_config["default"].save_pretrained(tmp)
             save_file(
@@ -56,30 +51,28 @@ def export_adapter(strategy, model, out_dir: str, metadata: dict | None = None) 
                 os.path.join(tmp, "adapter_model.safetensors"),
                 metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}},
             )
-            if item_vectors is not None:
-                write_item_vectors(item_vectors, tmp)
+            addons.write_states(addon_states, tmp)
     strategy.barrier()
 
 
 def export_full_model(strategy, model, tokenizer, out_dir: str) -> None:
     """Write the whole model (Hugging Face format), gathering one module at a time so no rank
-    holds more than one layer's parameters beyond its partition. The item-vector input has its own
-    file (train/model/item_vectors.py): a plain `from_pretrained` would not know its keys."""
+    holds more than one layer's parameters beyond its partition. An add-on (the item-vector input)
+    has its own file (train/model/addons/): a plain `from_pretrained` would not know its keys."""
     state = {}
     for prefix, module in model.named_modules():
         params = dict(module.named_parameters(recurse=False))
-        if not params or is_item_input_param(prefix + "."):
+        if not params or addons.owned(prefix + "."):
             continue
         with strategy.gathered(list(params.values())):
             if strategy.is_rank0:
                 for name, p in params.items():
                     state[f"{prefix}.{name}" if prefix else name] = p.detach().to("cpu", copy=True)
-    item_vectors = gather_item_input(strategy, model)
+    addon_states = addons.gather_states(strategy, model)
     if strategy.is_rank0:
-        _check_nonempty({**state, **_gathered_proj(item_vectors)}, out_dir)
+        _check_nonempty({**state, **addons.checked_tensors(addon_states)}, out_dir)
         with written_aside("cannot export the period's model", out_dir) as tmp:
             model.save_pretrained(tmp, state_dict=state)
             tokenizer.save_pretrained(tmp)
-            if item_vectors is not None:
-                write_item_vectors(item_vectors, tmp)
+            addons.write_states(addon_states, tmp)
     strategy.barrier()

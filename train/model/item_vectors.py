@@ -14,7 +14,8 @@ and a resumed run, loads that file:
     code_token_ids  [levels, codes]   the token id of (level, code) in the run's tokenizer
 
 Every export (the period's adapter or model folder, and a recommender export) holds the same
-file plus `proj` [hidden, dim], the trained projection, so it can be served on its own.
+file plus `proj` [hidden, dim], the trained projection, so it can be served on its own. The rest
+of train/ reaches all this through the model add-on `item_vectors` (train/model/addons/).
 
 Where it is added: a forward pre-hook on the decoder (the Llama `model.model`) turns
 `input_ids` into `inputs_embeds` (the token embeddings, through peft's trainable-token rows,
@@ -43,6 +44,7 @@ from data_tools.atomic import atomic_write_bytes
 from data_tools.cooccurrence import REACH, align_to, cooccurrence_counts, ppmi_svd_vectors
 from data_tools.reader import window_split
 from data_tools.sequences import user_sequences
+from train.dist.params import rank0_writes
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +252,7 @@ def load_item_input_weights(strategy, model: nn.Module, folder: str) -> None:
         raise FileNotFoundError(f"{folder} has no {FILE}, and this model adds item vectors (model.item_vectors)")
     proj = load_item_vectors(folder)["proj"]
     weight = module.proj.weight
-    with strategy.gathered([weight], modify=True):
-        if strategy.is_rank0 or not hasattr(weight, "ds_id"):
+    with rank0_writes(strategy, [weight]) as writes:
+        if writes:
             with torch.no_grad():
                 weight.copy_(proj.to(weight.dtype))

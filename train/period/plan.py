@@ -14,9 +14,7 @@ from dataclasses import dataclass
 
 from train.common.config import Config, period_epochs
 from train.common.run_folder import RunFolder
-
-CUMULATIVE = ("cumulative", "cumulative_all")  # methods that add earlier adapters, frozen
-PROXIMAL = ("peso", "l2")  # methods that pull the adapter toward the previous one
+from train.methods.registry import method
 
 
 def trains_in_full(cfg: Config, period: int) -> bool:
@@ -59,13 +57,10 @@ def start_adapter(cfg: Config, run: RunFolder, period: int) -> str | None:
 
 
 def frozen_adapter_periods(cfg: Config, name: str, period: int) -> list[int]:
-    """The earlier periods whose adapters a cumulative method adds, frozen, to this period's model."""
+    """The earlier periods whose adapters method `name` adds, frozen, to this period's model
+    (the cumulative methods: train/methods/registry.py, `freezes`)."""
     first = 1 if trains_in_full(cfg, 0) else 0  # a full period 0 has no adapter
-    if name == "cumulative":
-        return [period - 1] if period - 1 >= first else []
-    if name == "cumulative_all":
-        return list(range(first, period))
-    return []
+    return method(name).frozen_periods(first, period)
 
 
 @dataclass(frozen=True)
@@ -76,8 +71,8 @@ class PeriodPlan:
     full: bool  # trains the whole model (else LoRA and the code-token rows)
     backbone: str  # the folder the model loads from
     start_adapter: str | None  # LoRA: the adapter it starts from (period t-1's export), if any
-    anchor: str | None  # peso, l2: the adapter the proximal term pulls toward, if any
-    frozen_periods: tuple[int, ...]  # cumulative methods: the earlier adapters added, frozen
+    anchor: str | None  # a method with an anchor (peso, l2): the adapter its term pulls toward, if any
+    frozen_periods: tuple[int, ...]  # a method that freezes (cumulative): the earlier adapters added, frozen
     lora_seed: int  # the LoRA factors' initialization
     lr: float
     epochs: int  # the cap: `schedule.patience` may end the period earlier
@@ -89,13 +84,14 @@ class PeriodPlan:
     @classmethod
     def make(cls, cfg: Config, run: RunFolder, period: int, *, eval_only: bool = False, restart: bool = False):
         full = trains_in_full(cfg, period)
-        start = start_adapter(cfg, run, period)
+        spec = method(cfg.method.name)
+        start = start_adapter(cfg, run, period) if spec.starts_from_previous else None
         return cls(
             period=period,
             full=full,
             backbone=evaluated_model_dir(cfg, run, period) if eval_only else backbone_dir(cfg, run, period),
             start_adapter=start,
-            anchor=start if cfg.method.name in PROXIMAL else None,
+            anchor=start if spec.anchor else None,
             frozen_periods=tuple(frozen_adapter_periods(cfg, cfg.method.name, period)),
             lora_seed=cfg.model.seed + period,
             lr=cfg.optim.lr * (cfg.optim.later_lr_factor if period > 0 else 1.0),

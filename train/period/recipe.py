@@ -1,8 +1,9 @@
-"""One period as a recipe (in torchtune's shape): `setup` (distributed set-up, vocabulary, model,
-data, DeepSpeed engine), then `fit` (train, resuming from a checkpoint; the best epoch is
-exported), `evaluate` (the exported weights on windows 0..t) and `finish` (the period's summary,
-state.json), and one `close`. What the period does was decided before any rank trains: its plan
-(train/period/plan.py).
+"""One period as a recipe (in torchtune's shape): `run()` is `setup()` (distributed set-up,
+vocabulary, model and its add-ons, data, DeepSpeed engine, the method's term, the trainer and the
+evaluator), then `fit_and_evaluate()` (train, resuming from a checkpoint, the best epoch
+exported; the export evaluated on windows 0..t; `finish()`: the period's summary and state.json)
+or, with --eval_only, `evaluate_export()`; and always `close()`. What the period does was decided
+before any rank trains: its plan (train/period/plan.py).
 """
 
 from __future__ import annotations
@@ -20,15 +21,17 @@ from train.common.exit_codes import EXIT_REQUEUE
 from train.common.logs import configure_logging
 from train.dist.checkpoint import Checkpointer
 from train.dist.ds_config import fill_ds_config, resolve_dtype
+from train.dist.params import whole_numel
 from train.dist.stop import StopRequest, StopRequested
 from train.dist.strategy import DeepSpeedStrategy
-from train.evaluation.evaluator import Evaluator
+from train.evaluation.evaluator import EvalOptions, Evaluator
 from train.loop.data import WindowData, prepare_sequence_chunks, sequence_chunks_dir
 from train.loop.flops import FlopCounter, device_peak_flops
 from train.loop.schedule import make_optimizer, make_scheduler
 from train.loop.telemetry import MetricsLogger
-from train.loop.trainer import Progress, Trainer
-from train.methods.regularizers import make_regularizer, relative_distance
+from train.loop.trainer import LoopSettings, Reporting, Trainer, TrainingState
+from train.methods.proximal import make_term, relative_distance
+from train.model import addons
 from train.model.build import (
     apply_lora,
     build_shape_backbone,
@@ -41,14 +44,6 @@ from train.model.build import (
     param_groups,
 )
 from train.model.export import export_adapter, export_full_model
-from train.model.item_vectors import (
-    attach_item_input,
-    has_item_vectors,
-    item_input_of,
-    load_item_input_weights,
-    load_item_vectors,
-    prepare_item_vectors,
-)
 from train.model.vocab import load_vocab
 from train.period.plan import PeriodPlan
 
@@ -103,7 +98,9 @@ class PeriodRecipe:
             strategy.barrier()  # no rank may look for a checkpoint before they are gone
 
     def _model(self) -> None:
-        """The backbone, in full or with LoRA (from the start adapter), and the method."""
+        """The backbone, in full or with LoRA (from the start adapter), its add-ons
+        (train/model/addons/: the item vectors, the cumulative methods' frozen earlier adapters),
+        and the method's proximal term."""
         cfg, plan, strategy, tokenizer = self.cfg, self.plan, self.strategy, self.vocab.tokenizer
         if cfg.model.shape and plan.period == 0:
             build_shape_backbone(cfg, self.run_folder, tokenizer, self.dtype, strategy)
@@ -119,31 +116,20 @@ class PeriodRecipe:
         )
         strategy.use_ds_config(self.ds_config)  # before from_pretrained: ZeRO-3 loads partitioned
         model = load_backbone(strategy, plan.backbone, cfg, self.dtype, len(tokenizer))
-        if cfg.model.item_vectors:
-            self._attach_item_vectors(model)
+        inputs = addons.TrainingInputs(cfg, self.run_folder, plan, strategy, self.manifest, self.vocab.codebook)
+        self.addons = addons.for_training(inputs)
+        addons.attach(self.addons, model, addons.BACKBONE)
         if plan.full:
             model.requires_grad_(True)
         else:
             model = apply_lora(model, cfg, self.vocab.codebook.code_token_ids, seed=plan.lora_seed)
-            if cfg.model.item_vectors:
-                item_input_of(model).proj.requires_grad_(True)  # trains every period, like the code rows
+            addons.after_lora(self.addons, model)
             if plan.start_adapter:
                 load_adapter_weights(strategy, model, plan.start_adapter)
         hold_trainable_in(model, self.dtype)
-        self.regularizer = make_regularizer(cfg, plan, self.run_folder, model, strategy)
+        addons.attach(self.addons, model, addons.LORA)
+        self.regularizer = make_term(cfg, plan, self.run_folder, model, strategy)
         self.model = model
-
-    def _attach_item_vectors(self, model) -> None:
-        """The period's item vectors (built once, by rank 0), with the projection the period
-        starts from: its start adapter's, else its backbone's (a full period 0's export), else new."""
-        plan = self.plan
-        tensors = prepare_item_vectors(
-            self.cfg, self.run_folder, self.manifest, plan.period, self.vocab.codebook, self.strategy
-        )
-        start = next((f for f in (plan.start_adapter, plan.backbone) if f and has_item_vectors(f)), None)
-        if start:
-            tensors["proj"] = load_item_vectors(start)["proj"]
-        attach_item_input(model, tensors, seed=self.cfg.model.seed + plan.period)
 
     def _engine(self) -> None:
         """The rank's data and the DeepSpeed engine."""
@@ -163,10 +149,9 @@ class PeriodRecipe:
             accumulation=self.accumulation,
             chunks=chunks,
         )
-        self.total_steps = plan.total_steps(self.data.train_plan.steps)
+        self.total_steps = plan.total_steps(self.data.train_epoch.steps)
         groups = param_groups(self.model, cfg.optim.weight_decay)
-        # ds_numel: a parameter's whole size when ZeRO-3 has partitioned it
-        self.trainable = sum(getattr(param, "ds_numel", param.numel()) for g in groups for param in g["params"])
+        self.trainable = sum(whole_numel(param) for g in groups for param in g["params"])
         self.engine = strategy.initialize(
             self.model,
             groups,
@@ -189,29 +174,40 @@ class PeriodRecipe:
         self.stop = StopRequest(strategy)
         self.stop.install()
         self.trainer = Trainer(
-            cfg=cfg,
+            settings=LoopSettings.of(cfg, plan, total_steps=self.total_steps, step_offset=self.step_offset),
             strategy=strategy,
             engine=engine,
             data=self.data,
             checkpointer=checkpointer,
             export=self._export,
-            logger=self.logger,
-            flops=FlopCounter(
-                engine.module.config,
-                None if plan.full else cfg.lora.r,
-                cfg.lora.targets,
-                plan.full,
-                cfg.model.gradient_checkpointing,
+            reporting=Reporting(
+                logger=self.logger,
+                flops=FlopCounter(
+                    engine.module.config,
+                    None if plan.full else cfg.lora.r,
+                    cfg.lora.targets,
+                    plan.full,
+                    cfg.model.gradient_checkpointing,
+                ),
+                peak_flops=device_peak_flops(strategy.cuda, self.dtype, cfg.logging.peak_tflops),
             ),
-            peak_flops=device_peak_flops(strategy.cuda, self.dtype, cfg.logging.peak_tflops),
-            step_offset=self.step_offset,
-            plan=plan,
             regularizer=self.regularizer,
-            total_steps=self.total_steps,
             stop=self.stop,
         )
+        vocab_size = len(self.vocab.encoder.tokenizer)
+
+        def load_replica(dtype, device):  # eval.replica: the period's export, whole on one rank
+            from train.serve.recommender import load_period_model
+
+            attn = cfg.model.attn_implementation
+            return load_period_model(
+                run, cfg, plan.period, vocab_size, dtype=dtype, device=device, attn_implementation=attn
+            )
+
         self.evaluator = Evaluator(
-            cfg=cfg,
+            options=EvalOptions.of(cfg),
+            model_folders=[plan.export_dir] + [run.adapter_dir(t) for t in plan.frozen_periods],
+            load_replica=load_replica,
             strategy=strategy,
             engine=engine,
             encoder=self.vocab.encoder,
@@ -226,7 +222,7 @@ class PeriodRecipe:
 
     def _record_config(self) -> None:
         """Rank 0: periods/<t>/config.json (what a resume must match), TensorBoard's copy, a log line."""
-        cfg, plan, strategy, train_plan = self.cfg, self.plan, self.strategy, self.data.train_plan
+        cfg, plan, strategy, train_epoch = self.cfg, self.plan, self.strategy, self.data.train_epoch
         trainable = sorted(
             {str(p.dtype).removeprefix("torch.") for p in self.engine.module.parameters() if p.requires_grad}
         )
@@ -246,9 +242,9 @@ class PeriodRecipe:
         )
         log.info(
             f"period {plan.period}: {'full training' if plan.full else f'LoRA r={cfg.lora.r}'} of {plan.backbone}, "
-            f"{self.trainable:,} trainable parameters, {train_plan.samples:,} "
+            f"{self.trainable:,} trainable parameters, {train_epoch.samples:,} "
             f"{'chunks of user sequences' if cfg.data.objective == 'sequence' else 'samples'}, "
-            f"{train_plan.steps} steps/epoch x {plan.epochs} epochs "
+            f"{train_epoch.steps} steps/epoch x {plan.epochs} epochs "
             f"(capped at {self.total_steps}), ZeRO-{strategy.zero_stage}, {strategy.world_size} ranks, {self.dtype}"
         )
 
@@ -266,7 +262,7 @@ class PeriodRecipe:
         """--eval_only: the period's export evaluated again (a full period's model was loaded from it)."""
         if not self.plan.full:
             load_adapter_weights(self.strategy, self.engine.module, self.plan.export_dir)
-        load_item_input_weights(self.strategy, self.engine.module, self.plan.export_dir)
+        addons.load_states(self.strategy, self.engine.module, self.plan.export_dir)
         try:
             self.evaluator.evaluate(step=self.step_offset)
         except StopRequested:
@@ -294,7 +290,7 @@ class PeriodRecipe:
             load_full_weights(strategy, engine.module, plan.export_dir)
         else:
             load_adapter_weights(strategy, engine.module, plan.export_dir)
-        load_item_input_weights(strategy, engine.module, plan.export_dir)
+        addons.load_states(strategy, engine.module, plan.export_dir)
         if strategy.is_rank0:
             self.run_folder.save_state(phase="evaluating")
         metrics = None
@@ -304,7 +300,7 @@ class PeriodRecipe:
             self.finish(progress, metrics)
         return 0
 
-    def finish(self, progress: Progress, metrics: dict | None) -> None:
+    def finish(self, progress: TrainingState, metrics: dict | None) -> None:
         """Rank 0: periods/<t>/train_summary.json, the period done in state.json, TensorBoard's hparams."""
         cfg, run, period, steps = self.cfg, self.run_folder, self.plan.period, self.engine.global_steps
         pull = self._pull_summary(progress)
@@ -332,7 +328,7 @@ class PeriodRecipe:
             },
         )
 
-    def _pull_summary(self, progress: Progress) -> dict:
+    def _pull_summary(self, progress: TrainingState) -> dict:
         """How hard the proximal term pulled over the period (the mean of its logged pull / data
         gradient-norm ratios), and how far the period moved its adapter from where it started:
         ||theta - theta_start|| / ||theta_start|| over the LoRA factors (for peso: its anchor)."""

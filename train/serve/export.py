@@ -10,39 +10,36 @@
     <out>/adapter/                the period's adapter (PEFT format)
     <out>/item_vectors.safetensors  with `model.item_vectors`: the item vectors and their trained
                                   projection (train/model/item_vectors.py)
+    (what a model add-on puts there: train/model/addons/, `export_to`)
 
 So `AutoModelForCausalLM.from_pretrained(out)` (merged), or `PeftModel.from_pretrained(
 AutoModelForCausalLM.from_pretrained(out/base), out/adapter)`, with the saved index, computes
-the model the period was evaluated with: for `cumulative` and `cumulative_all` the frozen sum
-of earlier adapters is folded into the exported adapter. A LoRA's output is
-scaling * B A x, and the frozen sum adds scaling * B_i' A_i' x (normalized factors), so the
-two together are one LoRA of rank r * (1 + n) with A stacked over the A_i' and B beside the B_i',
-and lora_alpha chosen to keep the same scaling. A model trained with `model.item_vectors` also
-needs its vectors on the input: `Recommender.from_export(out)` (train/serve/recommender.py) attaches
-them (`attach_item_input`); a plain `from_pretrained` alone would decode without them. The folder
-appears atomically.
+the model the period was evaluated with: the period's model add-ons (train/model/addons/) are
+folded into the exported adapter where they can be (`fold_into_adapter`: for `cumulative` and
+`cumulative_all` the frozen sum of earlier adapters, as extra rank:
+train/model/addons/frozen_sum.py), and otherwise write their own files (`export_to`). A model
+trained with `model.item_vectors` also needs its vectors on the input: `Recommender.from_export(out)`
+(train/serve/recommender.py) attaches them; a plain `from_pretrained` alone would decode without
+them. The folder appears atomically.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
 import warnings
 
-import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from data_tools.atomic import written_aside
 from data_tools.dataset import ITEM_INDEX, ITEMS
 from train.common.run_folder import RunFolder
-from train.methods.regularizers import normalized
+from train.model import addons as model_addons
 from train.model.build import SHARD_SIZE
-from train.model.item_vectors import FILE as ITEM_VECTORS
-from train.period.plan import backbone_dir, export_dir, frozen_adapter_periods, trains_in_full
+from train.period.plan import backbone_dir, trains_in_full
 from train.serve.recommender import (
     EXPORT_INFO,
     default_device,
@@ -54,28 +51,18 @@ from train.serve.recommender import (
     torch_dtype,
 )
 
-LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 
-
-def folded_adapter(run: RunFolder, cfg, period: int) -> tuple[dict, object]:
-    """Period `period`'s adapter (tensors, LoraConfig), with the frozen sum of the cumulative
-    methods folded in as extra rank."""
+def folded_adapter(run: RunFolder, cfg, period: int, addons: list | None = None) -> tuple[dict, object]:
+    """Period `period`'s adapter (tensors, LoraConfig), with its model add-ons folded in where they
+    fold (the frozen sum of the cumulative methods, as extra rank). `addons`: the period's
+    (`for_run`), if already made."""
     from peft import LoraConfig
 
     source = run.adapter_dir(period)
     state = load_file(os.path.join(source, "adapter_model.safetensors"))
     config = LoraConfig.from_pretrained(source)
-    earlier = frozen_adapter_periods(cfg, cfg.method.name, period)
-    if earlier:
-        frozen = [load_file(os.path.join(run.adapter_dir(t), "adapter_model.safetensors")) for t in earlier]
-        for key in [k for k in state if k.endswith(LORA_A)]:
-            b_key = key[: -len(LORA_A)] + LORA_B
-            a, b = state[key], state[b_key]
-            state[key] = torch.cat([a] + [normalized(f[key].float()).to(a.dtype) for f in frozen], 0)
-            state[b_key] = torch.cat([b] + [normalized(f[b_key].float()).to(b.dtype) for f in frozen], 1)
-        scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
-        config.r = config.r * (1 + len(earlier))
-        config.lora_alpha = scaling * (math.sqrt(config.r) if config.use_rslora else config.r)
+    for addon in model_addons.for_run(cfg, run, period) if addons is None else addons:
+        state, config = addon.fold_into_adapter(state, config)
     return state, config
 
 
@@ -119,10 +106,11 @@ def export_recommender(
     kind = "merged" if merged or full else "adapter"
     compute, device = period_compute_dtype(run, period), device or default_device()
     dtype = torch_dtype(compute)
-    if full:  # no adapter: period 0's model is the recommender
-        model = load_period_model(run, cfg, period, len(tokenizer), dtype=dtype, item_vectors=False, device=device)
+    extras = model_addons.for_run(cfg, run, period)
+    if full:  # no adapter: period 0's model is the recommender (its add-ons write their own files)
+        model = load_period_model(run, cfg, period, len(tokenizer), dtype=dtype, addons=False, device=device)
     else:
-        adapter = folded_adapter(run, cfg, period)
+        adapter = folded_adapter(run, cfg, period, extras)
         base = plain_backbone(backbone_dir(cfg, run, period), len(tokenizer), dtype, device)
     metrics = None
     if os.path.isfile(run.metrics_path(period)):
@@ -164,8 +152,8 @@ def export_recommender(
         tokenizer.save_pretrained(tmp)
         for name in (ITEM_INDEX, ITEMS):
             shutil.copyfile(os.path.join(data_root, name), os.path.join(tmp, name))
-        if cfg.model.item_vectors:  # the vectors and their trained projection (train/model/item_vectors.py)
-            shutil.copyfile(os.path.join(export_dir(cfg, run, period), ITEM_VECTORS), os.path.join(tmp, ITEM_VECTORS))
+        for addon in extras:  # the item vectors and their trained projection (train/model/item_vectors.py)
+            addon.export_to(tmp)
         with open(os.path.join(tmp, EXPORT_INFO), "w") as f:
             json.dump(info, f, indent=1)
     return info

@@ -9,12 +9,13 @@ evaluated, and the top-K items for histories of items or for users of the datase
 
 Each answer is a list of `Recommendation(item, title, score)`, best first: the source item id,
 its title where the data has one, and the beam's log-probability. Decoding is the evaluation's
-(train/evaluation/evaluator.py): batched beam search over the prefix trie of real item codes, with
+(train/evaluation/beam_search.py): batched beam search over the prefix trie of real item codes, with
 `eval.beams` beams (or k, if larger), so the first item of a test user's answer is the
 evaluation's.
 
 The model of a period (`load_period_model`): the backbone (period 0's exported model after a full
-period 0, else the base or `model.path`), the period's adapter, and for `cumulative` and
+period 0, else the base or `model.path`), the period's adapter, and its model add-ons
+(train/model/addons/): the item vectors with `model.item_vectors`, and for `cumulative` and
 `cumulative_all` the frozen, normalized sum of the earlier adapters that the period trained and
 was evaluated with. For people who call Hugging Face `generate` themselves, `TrieLogitsProcessor`
 applies the same constraint there.
@@ -36,11 +37,11 @@ from data_tools.index.tokenizer import ItemCodebook
 from data_tools.reader import read_split
 from train.common.config import Config, config_from_dict
 from train.common.run_folder import RunFolder
-from train.evaluation.evaluator import NEG, constrained_beam_search, decoding_forward
+from train.evaluation.beam_search import NEG, constrained_beam_search, decoding_forward
+from train.model import addons as model_addons
 from train.model.build import DTYPES
-from train.model.item_vectors import attach_item_input, has_item_vectors, load_item_vectors
 from train.model.vocab import Vocabulary, prompt_template
-from train.period.plan import evaluated_model_dir, export_dir, frozen_adapter_periods, trains_in_full
+from train.period.plan import evaluated_model_dir, trains_in_full
 
 EXPORT_INFO = "recommender.json"  # what an export folder is (train/serve/export.py writes it)
 
@@ -136,24 +137,25 @@ def load_period_model(
     period: int,
     vocab_size: int,
     dtype="auto",
-    item_vectors: bool = True,
+    addons: bool = True,
     device=None,
     attn_implementation: str | None = None,
 ) -> torch.nn.Module:
     """A plain (no DeepSpeed) model that computes what period `period` was evaluated with
-    (without its item-vector input if not `item_vectors`: for a plain Hugging Face save).
+    (without its model add-ons if not `addons`: for a plain Hugging Face save).
 
     `dtype` "auto" keeps the saved dtypes, and the adapters take the backbone's; a torch dtype
     puts every parameter in it (the training's precision policy, docs/precision.md: the
-    evaluation's replica, train/evaluation/evaluator.py; a served period, `period_compute_dtype`). `device`: built
+    evaluation's replica, train/evaluation/replica.py; a served period, `period_compute_dtype`). `device`: built
     there (the backbone loaded straight onto it), or "auto" over the devices there are."""
     from peft import PeftModel
 
     from train.dist.placement import move_to
-    from train.methods.regularizers import attach_frozen_adapters
 
     source = evaluated_model_dir(cfg, run, period)
     model = plain_backbone(source, vocab_size, dtype, device, attn_implementation)
+    extras = model_addons.for_run(cfg, run, period) if addons else []
+    model_addons.attach(extras, model, model_addons.BACKBONE)
     if not trains_in_full(cfg, period):
         adapter = run.adapter_dir(period)
         if not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
@@ -162,11 +164,7 @@ def load_period_model(
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
             # No fp32 upcast: the adapters compute in the backbone's dtype, as they trained.
             model = PeftModel.from_pretrained(model, adapter, autocast_adapter_dtype=False)
-        earlier = frozen_adapter_periods(cfg, cfg.method.name, period)
-        if earlier:
-            attach_frozen_adapters(model, [run.adapter_dir(t) for t in earlier])
-    if cfg.model.item_vectors and item_vectors:
-        attach_item_input(model, load_item_vectors(export_dir(cfg, run, period)), seed=cfg.model.seed)
+    model_addons.attach(extras, model, model_addons.LORA)
     if device not in (None, "auto"):  # a buffer made on the host (the modules added above follow their layers)
         move_to(model, torch.device(device))
     if isinstance(dtype, torch.dtype):  # parameters only: buffers (rotary inv_freq) keep theirs, as DeepSpeed does
@@ -180,7 +178,7 @@ class TrieLogitsProcessor(LogitsProcessor):
     """Hugging Face `generate` with real items only: each new token must continue the code of a
     catalog item (the trie), and after a whole code only EOS may follow. Give it the width of the
     (left-padded) prompt batch; use with `num_beams` and `max_new_tokens = levels (+ 1 for EOS)`.
-    Beam search masks the log-softmax of the logits, as train/evaluation/evaluator.py does."""
+    Beam search masks the log-softmax of the logits, as train/evaluation/beam_search.py does."""
 
     def __init__(self, trie, prompt_width: int, eos_token_id: int | None = None):
         self.trie, self.prompt_width, self.eos_token_id = trie, prompt_width, eos_token_id
@@ -281,18 +279,20 @@ class Recommender:
         codebook = ItemCodebook(load_item_index(folder), tokenizer)
         device = device or default_device()
         dtype = torch_dtype(info.get("dtype"))  # the period's compute dtype
+        extras = model_addons.from_export(folder)  # its model add-ons (the item vectors)
         if info["kind"] == "adapter":
             from peft import PeftModel
 
-            base = plain_backbone(os.path.join(folder, "base"), len(tokenizer), dtype, device)
+            model = plain_backbone(os.path.join(folder, "base"), len(tokenizer), dtype, device)
+            model_addons.attach(extras, model, model_addons.BACKBONE)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
                 # No fp32 upcast: the adapter computes in the backbone's dtype, as it trained.
-                model = PeftModel.from_pretrained(base, os.path.join(folder, "adapter"), autocast_adapter_dtype=False)
+                model = PeftModel.from_pretrained(model, os.path.join(folder, "adapter"), autocast_adapter_dtype=False)
         else:
             model = plain_backbone(folder, len(tokenizer), dtype, device)
-        if has_item_vectors(folder):
-            attach_item_input(model, load_item_vectors(folder), seed=0)
+            model_addons.attach(extras, model, model_addons.BACKBONE)
+        model_addons.attach(extras, model, model_addons.LORA)
         prompt = info["prompt"]
         vocab = Vocabulary.of(
             tokenizer,
@@ -404,9 +404,10 @@ class Recommender:
         batch_size: int = 64,
     ) -> tuple[dict, list[dict]]:
         """Hit@K and NDCG@K on a window's test users (all, or the evaluation's seeded sample of
-        `max_users`), and each user's list, as train/evaluation/evaluator.py computes them during training:
+        `max_users`), and each user's list, as train/evaluation/ranking.py computes them during training:
         the figures of a period's metrics.json, from this model alone."""
-        from train.evaluation.evaluator import rank_metrics, test_users
+        from train.evaluation.ranking import rank_metrics
+        from train.evaluation.users import test_users
 
         users = test_users(data_root, load_manifest(data_root), window, max_users, seed)
         ranked = self.top_items([u["history"] for u in users], max(ks), batch_size)
