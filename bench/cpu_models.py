@@ -117,11 +117,19 @@ def run_variant(
             chunks = sequence_chunks_dir(run.period_dir(0), cfg.data.max_history)
             prepare_sequence_chunks(data, manifest, window, cfg.data.max_history, chunks, strategy)
         windows = WindowData(
-            data, manifest, window, cfg=cfg, encoder=encoder, rank=0, world_size=1, accumulation=1, chunks=chunks
+            data,
+            manifest,
+            window,
+            settings=cfg.data,
+            encoder=encoder,
+            rank=0,
+            world_size=1,
+            accumulation=1,
+            chunks=chunks,
         )
         total_steps = plan.total_steps(windows.train_epoch.steps)
-        optimizer = make_optimizer(param_groups(model, cfg.optim.weight_decay), cfg, plan.lr, strategy.cuda)
-        scheduler = make_scheduler(optimizer, cfg, total_steps)
+        optimizer = make_optimizer(param_groups(model, cfg.optim.weight_decay), cfg.optim, plan.lr, strategy.cuda)
+        scheduler = make_scheduler(optimizer, cfg.schedule, total_steps)
         evaluator = Evaluator(
             options=EvalOptions.of(cfg),
             model_folders=[],  # evaluate_window only: no finished windows kept

@@ -234,7 +234,7 @@ class Bench:
                 config, dtype=DTYPES[self.dtype], attn_implementation=cfg.model.attn_implementation
             )
         model.config.use_cache = False  # as load_backbone
-        model = apply_lora(model, cfg, CODE_IDS, seed=cfg.model.seed + 1)
+        model = apply_lora(model, cfg.lora, CODE_IDS, seed=cfg.model.seed + 1)
         hold_trainable_in(model, self.dtype)
         regularizer = None
         if frozen_dirs:
@@ -248,8 +248,8 @@ class Bench:
         engine = strategy.initialize(
             model,
             param_groups(model, cfg.optim.weight_decay),
-            lambda g: make_optimizer(g, cfg, cfg.optim.lr, strategy.cuda),
-            lambda opt: make_scheduler(opt, cfg, TOTAL_STEPS),
+            lambda g: make_optimizer(g, cfg.optim, cfg.optim.lr, strategy.cuda),
+            lambda opt: make_scheduler(opt, cfg.schedule, TOTAL_STEPS),
         )
         engine.train()  # as Trainer.fit
         trainer = Trainer(

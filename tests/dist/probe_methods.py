@@ -80,7 +80,7 @@ def lora_model(base: str, cfg, with_item_vectors: bool = False):
     model = LlamaForCausalLM.from_pretrained(base)
     if with_item_vectors:
         attach_item_input(model, item_vectors(), seed=7)
-    model = apply_lora(model, cfg, NEW_TOKENS, seed=1)
+    model = apply_lora(model, cfg.lora, NEW_TOKENS, seed=1)
     if with_item_vectors:
         item_input_of(model).proj.requires_grad_(True)
     g = torch.Generator().manual_seed(2)

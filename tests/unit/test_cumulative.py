@@ -42,7 +42,7 @@ def _model():
             num_key_value_heads=2,
         )
     )
-    model = apply_lora(base, cfg, NEW_TOKENS, seed=1)
+    model = apply_lora(base, cfg.lora, NEW_TOKENS, seed=1)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for layer in lora_layers(model).values():

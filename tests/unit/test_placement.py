@@ -23,7 +23,7 @@ def period_model() -> torch.nn.Module:
     model = tiny_model().to(torch.bfloat16)
     attach_item_input(model, table([[1, 2, 3, 4], [0, 0, 0, 0]]), seed=0)
     cfg = load_config(TINY, ["lora.targets=[q_proj,v_proj]"])
-    return apply_lora(model, cfg, code_token_ids=list(range(200, 232)), seed=0)
+    return apply_lora(model, cfg.lora, code_token_ids=list(range(200, 232)), seed=0)
 
 
 def test_buffers_move_to_the_rank_device_and_a_misplaced_parameter_is_named():

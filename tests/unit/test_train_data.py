@@ -46,7 +46,15 @@ def test_batches_do_not_depend_on_workers_and_resume_where_they_stopped(small_da
     def batches(workers: int, rank: int, start: int = 0) -> tuple[list, WindowData]:
         cfg.data.num_workers = workers
         data = WindowData(
-            small_dataset, manifest, 0, cfg=cfg, encoder=encoder, rank=rank, world_size=2, accumulation=1, chunks=chunks
+            small_dataset,
+            manifest,
+            0,
+            settings=cfg.data,
+            encoder=encoder,
+            rank=rank,
+            world_size=2,
+            accumulation=1,
+            chunks=chunks,
         )
         return [(b["input_ids"], b["targets"]) for b in data.train(epoch=1, start=start)], data
 

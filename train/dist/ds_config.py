@@ -53,10 +53,21 @@ def fill_ds_config(
     `ranks_per_node`: the ranks on one node (default: all of them on one). Why the ZeRO-3 values
     are what they are: docs/zero3.md, "ds_configs/zero3.json"."""
     ds = copy.deepcopy(ds)
-    accum = accumulation_steps(cfg, world_size)
+    _fill_batch(ds, cfg, world_size)
+    _fill_precision(ds, dtype)
+    _fill_zero(ds, hidden_size, lora_matrix, world_size, ranks_per_node or world_size)
+    _fill_optimizer(ds, cfg.optim, lr)
+    left = _autos(ds)
+    if left:
+        raise ConfigError(f'the DeepSpeed config has "auto" values this project cannot fill: {", ".join(left)}')
+    return ds
+
+
+def _fill_batch(ds: dict, cfg: Config, world_size: int) -> None:
+    """The batch sizes and the clipping: "auto", or equal to the experiment's."""
     top = {
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
-        "gradient_accumulation_steps": accum,
+        "gradient_accumulation_steps": accumulation_steps(cfg, world_size),
         "train_batch_size": cfg.schedule.global_batch_size,
         "gradient_clipping": cfg.optim.grad_clip,
     }
@@ -68,13 +79,18 @@ def fill_ds_config(
                 f"the DeepSpeed config sets {key}={ds[key]}, the experiment needs {value}; "
                 'leave it "auto" in the ds_config'
             )
+
+
+def _fill_precision(ds: dict, dtype: str) -> None:
     for name in ("bf16", "fp16"):
         if name in ds and ds[name].get("enabled") == "auto":
             ds[name]["enabled"] = dtype == name
     if dtype in ("bf16", "fp16") and not ds.get(dtype, {}).get("enabled"):
         ds[dtype] = {"enabled": True}
+
+
+def _fill_zero(ds: dict, hidden_size: int, lora_matrix: int, world_size: int, per_node: int) -> None:
     zero = ds.setdefault("zero_optimization", {"stage": 0})
-    per_node = ranks_per_node or world_size
     buckets = {
         # Hugging Face's conventions for ZeRO buckets, from the hidden size.
         "reduce_bucket_size": hidden_size * hidden_size,
@@ -90,17 +106,18 @@ def fill_ds_config(
     for key, value in buckets.items():
         if zero.get(key) == "auto":
             zero[key] = value
+
+
+def _fill_optimizer(ds: dict, optim, lr: float) -> None:
+    """A DeepSpeed optimizer's "auto" hyperparameters, from the config's optim section."""
     opt = ds.get("optimizer")
-    if opt is not None:
-        params = opt.setdefault("params", {})
-        values = {"lr": lr, "betas": cfg.optim.betas, "eps": cfg.optim.eps, "weight_decay": cfg.optim.weight_decay}
-        for key, value in values.items():
-            if params.get(key) == "auto":
-                params[key] = value
-    left = _autos(ds)
-    if left:
-        raise ConfigError(f'the DeepSpeed config has "auto" values this project cannot fill: {", ".join(left)}')
-    return ds
+    if opt is None:
+        return
+    params = opt.setdefault("params", {})
+    values = {"lr": lr, "betas": optim.betas, "eps": optim.eps, "weight_decay": optim.weight_decay}
+    for key, value in values.items():
+        if params.get(key) == "auto":
+            params[key] = value
 
 
 def _autos(node, prefix: str = "") -> list[str]:

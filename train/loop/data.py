@@ -201,29 +201,30 @@ class WindowData:
         manifest: dict,
         window: int,
         *,
-        cfg,
+        settings,
         encoder,
         rank: int,
         world_size: int,
         accumulation: int,
         chunks: str | None = None,
     ):
-        """`chunks`: with the sequence objective, the folder prepare_sequence_chunks filled."""
-        self.window, self.cfg = window, cfg
+        """`settings`: the config's data section. `chunks`: with the sequence objective, the folder
+        prepare_sequence_chunks filled."""
+        self.window, self.settings = window, settings
         self.rank, self.world_size, self.accumulation = rank, world_size, accumulation
         self.encode, self.pad_id = encoder, encoder.tokenizer.pad_token_id
-        if cfg.data.objective == "sequence":
+        if settings.objective == "sequence":
             if chunks is None:
                 raise ValueError("the sequence objective reads its chunks from a folder (prepare_sequence_chunks)")
             self.train_source = SequenceChunks(chunks)
         else:
-            self.train_source = ResponseSamples(root, manifest, window, "train", cfg.data.shuffle_buffer)
+            self.train_source = ResponseSamples(root, manifest, window, "train", settings.shuffle_buffer)
         self.valid_source = ResponseSamples(root, manifest, window, "valid", 0)
-        self.train_epoch = epoch_size(len(self.train_source), world_size, cfg.data.micro_batch_size, accumulation)
-        self.valid_batches = math.ceil(math.ceil(len(self.valid_source) / world_size) / cfg.data.eval_batch_size)
+        self.train_epoch = epoch_size(len(self.train_source), world_size, settings.micro_batch_size, accumulation)
+        self.valid_batches = math.ceil(math.ceil(len(self.valid_source) / world_size) / settings.eval_batch_size)
 
     def _loader(self, dataset) -> torch.utils.data.DataLoader:
-        workers = self.cfg.data.num_workers
+        workers = self.settings.num_workers
         # A generator of its own: a DataLoader draws its workers' seed from the global RNG when
         # iterated, which would shift LoRA dropout's random stream in a resumed run.
         return torch.utils.data.DataLoader(
@@ -245,9 +246,9 @@ class WindowData:
                 split="train",
                 rank=self.rank,
                 world_size=self.world_size,
-                seed=self.cfg.data.seed,
+                seed=self.settings.seed,
                 epoch=epoch,
-                micro_batch_size=self.cfg.data.micro_batch_size,
+                micro_batch_size=self.settings.micro_batch_size,
                 micro_batches=self.train_epoch.micro_batches,
                 start=start,
                 encode=self.encode,
@@ -266,7 +267,7 @@ class WindowData:
                 world_size=self.world_size,
                 seed=0,
                 epoch=0,
-                micro_batch_size=self.cfg.data.eval_batch_size,
+                micro_batch_size=self.settings.eval_batch_size,
                 micro_batches=self.valid_batches,
                 start=0,
                 encode=self.encode,

@@ -1,4 +1,5 @@
-"""AdamW and the learning-rate schedule: linear warmup, then cosine decay to zero."""
+"""AdamW (the config's optim section) and the learning-rate schedule (its schedule section):
+linear warmup, then cosine decay to zero."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ import math
 import torch
 
 
-def make_optimizer(param_groups: list[dict], cfg, lr: float, cuda: bool) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=cuda or None)
+def make_optimizer(param_groups: list[dict], optim, lr: float, cuda: bool) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps, fused=cuda or None)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = max(1, math.ceil(cfg.schedule.warmup_ratio * total_steps)) if cfg.schedule.warmup_ratio > 0 else 0
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = max(1, math.ceil(schedule.warmup_ratio * total_steps)) if schedule.warmup_ratio > 0 else 0
 
     def factor(step: int) -> float:
         if step < warmup:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
 from data_tools.atomic import written_aside
-from train.common.config import Config
+from train.common.config import Config, LoraConfig
 from train.common.run_folder import RunFolder
 from train.dist.params import rank0_writes
 from train.dist.peft_rows import patch_peft_token_rows_gather
@@ -124,7 +124,7 @@ def load_backbone(strategy, source: str, cfg: Config, dtype: str, vocab_size: in
     return model
 
 
-def apply_lora(model: torch.nn.Module, cfg: Config, code_token_ids: list[int], seed: int) -> peft.PeftModel:
+def apply_lora(model: torch.nn.Module, lora: LoraConfig, code_token_ids: list[int], seed: int) -> peft.PeftModel:
     """LoRA on the chosen projections plus trainable rows for the code tokens. Seeded, so every
     rank (and a resumed run) starts from the same factors."""
     patch_peft_token_rows_gather()
@@ -132,16 +132,16 @@ def apply_lora(model: torch.nn.Module, cfg: Config, code_token_ids: list[int], s
     # Untied: both the embedding and the output layer need the rows (the list form would wrap
     # only the embedding, leaving the output rows untrained and unsaved). Tied: one shared delta.
     tokens = list(code_token_ids) if tied else {"embed_tokens": list(code_token_ids), "lm_head": list(code_token_ids)}
-    lora = peft.LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.targets),
+    peft_config = peft.LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.targets),
         trainable_token_indices=tokens,
         task_type="CAUSAL_LM",
     )
     torch.manual_seed(seed)
-    return peft.get_peft_model(model, lora)
+    return peft.get_peft_model(model, peft_config)
 
 
 def hold_trainable_in(model: torch.nn.Module, dtype: str) -> None:

@@ -122,7 +122,7 @@ class PeriodRecipe:
         if plan.full:
             model.requires_grad_(True)
         else:
-            model = apply_lora(model, cfg, self.vocab.codebook.code_token_ids, seed=plan.lora_seed)
+            model = apply_lora(model, cfg.lora, self.vocab.codebook.code_token_ids, seed=plan.lora_seed)
             addons.after_lora(self.addons, model)
             if plan.start_adapter:
                 load_adapter_weights(strategy, model, plan.start_adapter)
@@ -142,7 +142,7 @@ class PeriodRecipe:
             cfg.data.path,
             self.manifest,
             plan.period,
-            cfg=cfg,
+            settings=cfg.data,
             encoder=self.vocab.encoder,
             rank=strategy.rank,
             world_size=strategy.world_size,
@@ -155,8 +155,8 @@ class PeriodRecipe:
         self.engine = strategy.initialize(
             self.model,
             groups,
-            lambda g: make_optimizer(g, cfg, plan.lr, strategy.cuda),
-            lambda opt: make_scheduler(opt, cfg, self.total_steps),
+            lambda g: make_optimizer(g, cfg.optim, plan.lr, strategy.cuda),
+            lambda opt: make_scheduler(opt, cfg.schedule, self.total_steps),
         )
 
     def _bookkeeping(self) -> None:

@@ -90,8 +90,6 @@ def export_recommender(
     WriteError naming `out`. The model is loaded onto `device` (default: cuda if there is one;
     "auto": spread over the GPUs there are), merged there, and written in shards of SHARD_SIZE,
     so the host never holds more of it than one shard; in the dtype the period computed in."""
-    from peft import PeftModel
-
     run = RunFolder(run_dir)
     period = last_done_period(run) if period is None else period
     cfg = saved_config(run, period)
@@ -112,11 +110,29 @@ def export_recommender(
     else:
         adapter = folded_adapter(run, cfg, period, extras)
         base = plain_backbone(backbone_dir(cfg, run, period), len(tokenizer), dtype, device)
+    info = _export_info(run, cfg, period, kind, data_root, compute)
+    with written_aside("cannot write the export", out) as tmp:
+        if full:
+            model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
+        else:
+            _write_adapter_model(tmp, adapter, base, merged, {"period": str(period), "method": cfg.method.name})
+        tokenizer.save_pretrained(tmp)
+        for name in (ITEM_INDEX, ITEMS):
+            shutil.copyfile(os.path.join(data_root, name), os.path.join(tmp, name))
+        for addon in extras:  # the item vectors and their trained projection (train/model/item_vectors.py)
+            addon.export_to(tmp)
+        with open(os.path.join(tmp, EXPORT_INFO), "w") as f:
+            json.dump(info, f, indent=1)
+    return info
+
+
+def _export_info(run: RunFolder, cfg, period: int, kind: str, data_root: str, compute: str) -> dict:
+    """recommender.json: what the folder holds and how to prompt and decode with it."""
     metrics = None
     if os.path.isfile(run.metrics_path(period)):
         with open(run.metrics_path(period)) as f:
             metrics = json.load(f)["overall"]
-    info = {
+    return {
         "format_version": 1,
         "kind": kind,
         "period": period,
@@ -134,26 +150,19 @@ def export_recommender(
         "metrics": metrics,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    with written_aside("cannot write the export", out) as tmp:
-        if full:
-            model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
-        else:
-            save_adapter(*adapter, os.path.join(tmp, "adapter"), {"period": str(period), "method": cfg.method.name})
-            if merged:
-                with warnings.catch_warnings():  # see train/serve/recommender.py
-                    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-                    model = PeftModel.from_pretrained(
-                        base, os.path.join(tmp, "adapter"), autocast_adapter_dtype=False
-                    ).merge_and_unload()
-                model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
-                shutil.rmtree(os.path.join(tmp, "adapter"))
-            else:
-                base.save_pretrained(os.path.join(tmp, "base"), max_shard_size=SHARD_SIZE)
-        tokenizer.save_pretrained(tmp)
-        for name in (ITEM_INDEX, ITEMS):
-            shutil.copyfile(os.path.join(data_root, name), os.path.join(tmp, name))
-        for addon in extras:  # the item vectors and their trained projection (train/model/item_vectors.py)
-            addon.export_to(tmp)
-        with open(os.path.join(tmp, EXPORT_INFO), "w") as f:
-            json.dump(info, f, indent=1)
-    return info
+
+
+def _write_adapter_model(tmp: str, adapter: tuple, base, merged: bool, metadata: dict) -> None:
+    """The adapter beside its backbone (`adapter/`, `base/`), or merged into it (the folder's top)."""
+    from peft import PeftModel
+
+    save_adapter(*adapter, os.path.join(tmp, "adapter"), metadata)
+    if not merged:
+        base.save_pretrained(os.path.join(tmp, "base"), max_shard_size=SHARD_SIZE)
+        return
+    with warnings.catch_warnings():  # see train/serve/recommender.py
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        model = PeftModel.from_pretrained(base, os.path.join(tmp, "adapter"), autocast_adapter_dtype=False)
+        model = model.merge_and_unload()
+    model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
+    shutil.rmtree(os.path.join(tmp, "adapter"))
