@@ -59,10 +59,12 @@ from data_tools.dataset import (
     PENDING_META,
     STREAM_STATE,
     USERS,
+    dataset_remedy,
     load_manifest,
 )
 from data_tools.formats import METAS, REVIEWS, default_max_seconds
 from data_tools.history import UserState, read_pending, write_pending
+from data_tools.readback import DamagedFile, iter_jsonl
 from data_tools.stream import IdCollector, normalize
 from data_tools.textio import LineStream, sha256_file
 from data_tools.windows import (
@@ -196,11 +198,13 @@ def _link_folder(src: str, dst: str) -> None:
 def _read_map(path: str) -> tuple[dict[str, int], list[int]]:
     """source id -> dense id of users.jsonl or items.jsonl, and each item's first window."""
     ids, first = {}, []
-    with open(path, "rb") as f:
-        for line in f:
-            rec = orjson.loads(line)
-            ids[rec["source_id"]] = len(ids)
-            first.append(rec.get("first_window", 0))
+    id_key = "user_id" if os.path.basename(path) == USERS else "item_id"
+    how = {"what": f"the dataset's {id_key[:-3]}s", "remedy": dataset_remedy(os.path.dirname(path))}
+    for rec in iter_jsonl(path, **how, fields={id_key: int, "source_id": (str, int)}):
+        if rec[id_key] != len(ids):
+            raise DamagedFile(path, f"has {id_key} {rec[id_key]} at line {len(ids) + 1} (hand-edited?)", **how)
+        ids[rec["source_id"]] = len(ids)
+        first.append(rec.get("first_window", 0))
     return ids, first
 
 

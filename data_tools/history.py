@@ -25,7 +25,8 @@ import numpy as np
 import orjson
 
 from data_tools.atomic import replaced_on_close
-from data_tools.dataset import PENDING, PENDING_META, STREAM_STATE
+from data_tools.dataset import PENDING, PENDING_META, STREAM_STATE, dataset_remedy
+from data_tools.readback import DamagedFile, iter_jsonl, load_npy, read_jsonl
 from data_tools.windows import UserMajor
 
 
@@ -82,8 +83,12 @@ class UserState:
 
     @classmethod
     def load(cls, folder: str) -> UserState:
-        with np.load(os.path.join(folder, STREAM_STATE)) as z:
-            return cls(z["count"].astype(np.int64), z["last_window"].astype(np.int32), z["recent"].astype(np.int32))
+        path = os.path.join(folder, STREAM_STATE)
+        how = {"what": "the users' stream state", "remedy": dataset_remedy(folder)}
+        z = load_npy(path, **how)
+        if not isinstance(z, dict) or not {"count", "last_window", "recent"} <= z.keys():
+            raise DamagedFile(path, "lacks the arrays count, last_window and recent", **how)
+        return cls(z["count"].astype(np.int64), z["last_window"].astype(np.int32), z["recent"].astype(np.int32))
 
 
 def write_pending(folder: str, rows, meta: dict[str, tuple[str, str]]) -> None:
@@ -100,11 +105,18 @@ def write_pending(folder: str, rows, meta: dict[str, tuple[str, str]]) -> None:
 
 def read_pending(folder: str) -> tuple[list, dict[str, tuple[str, str]]]:
     """What `write_pending` wrote: the rows, and item source id -> (title, text)."""
-    with open(os.path.join(folder, PENDING), "rb") as f:
-        rows = [orjson.loads(line) for line in f]
-    with open(os.path.join(folder, PENDING_META), "rb") as f:
-        meta = {}
-        for line in f:
-            rec = orjson.loads(line)
-            meta[rec["source_id"]] = (rec["title"], rec["text"])
+    remedy = dataset_remedy(folder)
+    path = os.path.join(folder, PENDING)
+    rows = read_jsonl(path, what="the held-back interactions", remedy=remedy, kind=list)
+    for number, row in enumerate(rows, 1):
+        if len(row) != 3:
+            raise DamagedFile(path, f"has {row!r:.60} at line {number}, not [user, item, time]", remedy=remedy)
+    meta = {}
+    for rec in iter_jsonl(
+        os.path.join(folder, PENDING_META),
+        what="the held-back items' metadata",
+        remedy=remedy,
+        fields={"source_id": str, "title": str, "text": str},
+    ):
+        meta[rec["source_id"]] = (rec["title"], rec["text"])
     return rows, meta

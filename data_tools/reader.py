@@ -25,7 +25,8 @@ import orjson
 import torch.utils.data
 import webdataset as wds
 
-from data_tools.dataset import load_manifest, split_shards
+from data_tools.dataset import load_manifest, shard_remedy, split_shards
+from data_tools.readback import DamagedFile
 from data_tools.shards import read_tar
 
 
@@ -72,19 +73,17 @@ class _SliceSource(torch.utils.data.IterableDataset):
     def __iter__(self):
         consumer, consumers = _consumer(self.rank, self.world_size)
         lo, hi = consumer_slice(sum(n for _, n in self.shards), consumer, consumers)
-        start, urls, first = 0, [], None
+        start = 0
         for path, n in self.shards:
             if start + n > lo and start < hi:
-                urls.append({"url": path})
-                first = start if first is None else first
+                for g, (key, payload) in enumerate(read_tar(path, n), start=start):
+                    if g >= hi:
+                        break
+                    if g >= lo:
+                        yield {"__key__": key.decode(), "json": payload, "__url__": path}
             start += n
-        if not urls:
-            return
-        for g, sample in enumerate(wds.tarfile_to_samples()(iter(urls)), start=first):
-            if g >= hi:
-                break
-            if g >= lo:
-                yield sample
+            if start >= hi:
+                return
 
 
 class _ConsumerShuffle(wds.PipelineStage):
@@ -97,9 +96,25 @@ class _ConsumerShuffle(wds.PipelineStage):
 
 
 def _decode(sample: dict) -> dict:
-    out = orjson.loads(sample["json"])
-    out["key"] = sample["__key__"]
-    return out
+    return decode_sample(sample["json"], sample["__key__"], sample["__url__"])
+
+
+def decode_sample(payload: bytes, key: str, path: str) -> dict:
+    """A shard member's sample, with its `key`; a member that is not one is a DamagedFile naming
+    the shard."""
+    try:
+        sample = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        sample = None
+    if not isinstance(sample, dict) or not {"user", "history", "target"} <= sample.keys():
+        raise DamagedFile(
+            path,
+            f"has a sample {key} that is not one (overwritten or edited?)",
+            what="the shard",
+            remedy=shard_remedy(path),
+        )
+    sample["key"] = key
+    return sample
 
 
 def window_split(
@@ -137,11 +152,9 @@ def read_samples_at(root: str, window: int, split: str, wanted: set[int], manife
     start = 0
     for path, n in split_shards(root, manifest or load_manifest(root), window, split):
         if start < hi and start + n > lo and any(g in wanted for g in range(max(start, lo), min(start + n, hi))):
-            for g, (key, payload) in enumerate(read_tar(path), start=start):
+            for g, (key, payload) in enumerate(read_tar(path, n), start=start):
                 if g in wanted:
-                    sample = orjson.loads(payload)
-                    sample["key"] = key.decode()
-                    yield g, sample
+                    yield g, decode_sample(payload, key.decode(), path)
         start += n
 
 
@@ -152,20 +165,12 @@ def split_size(root: str, window: int, split: str, manifest: dict | None = None)
 def read_split(root: str, window: int, split: str, manifest: dict | None = None) -> list[dict]:
     """Every sample of one window's split, in stored order, read at once (for the whole-split
     needs of one process: a window's user sequences, its popular items, its test users)."""
-    out = []
-    for path, _ in split_shards(root, manifest or load_manifest(root), window, split):
-        for key, payload in read_tar(path):
-            sample = orjson.loads(payload)
-            sample["key"] = key.decode()
-            out.append(sample)
-    return out
+    return list(iter_split(root, window, split, manifest))
 
 
 def iter_split(root: str, window: int, split: str, manifest: dict | None = None):
     """Every sample of one window's split, in stored order, one at a time (as `read_split`, without
     holding the split in memory: one pass for what a whole split is counted for)."""
-    for path, _ in split_shards(root, manifest or load_manifest(root), window, split):
-        for key, payload in read_tar(path):
-            sample = orjson.loads(payload)
-            sample["key"] = key.decode()
-            yield sample
+    for path, n in split_shards(root, manifest or load_manifest(root), window, split):
+        for key, payload in read_tar(path, n):
+            yield decode_sample(payload, key.decode(), path)

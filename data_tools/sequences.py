@@ -26,6 +26,7 @@ import numpy as np
 import orjson
 
 from data_tools.atomic import written_aside
+from data_tools.readback import DamagedFile, load_npy, read_size
 
 
 def _position(sample: dict) -> int:
@@ -90,20 +91,48 @@ def write_chunks(chunks: list[dict], folder: str) -> None:
         np.save(os.path.join(tmp, OFFSETS), offsets)
 
 
+def chunks_remedy(folder: str) -> str:
+    return f"delete the folder {folder}: it is built again from the dataset as the period starts"
+
+
 class ChunkFile:
-    """The chunks `write_chunks` wrote: their number, and any of them by position."""
+    """The chunks `write_chunks` wrote: their number, and any of them by position. A folder cut
+    short or edited is a DamagedFile naming the file."""
 
     def __init__(self, folder: str):
         self.folder = folder
-        self.offsets = np.load(os.path.join(folder, OFFSETS), mmap_mode="r")
+        how = {"what": "the sequence chunks' offsets", "remedy": chunks_remedy(folder)}
+        path = os.path.join(folder, OFFSETS)
+        self.offsets = load_npy(path, **how, mmap_mode="r")
+        if self.offsets.ndim != 1 or len(self.offsets) < 1 or self.offsets.dtype.kind != "i" or self.offsets[0] != 0:
+            raise DamagedFile(path, "does not hold the chunks' byte offsets (overwritten?)", **how)
+        chunks = os.path.join(folder, CHUNKS)
+        size = read_size(chunks, what="the sequence chunks", remedy=chunks_remedy(folder))
+        if size != int(self.offsets[-1]):
+            raise DamagedFile(
+                chunks,
+                f"is damaged: {size:,} bytes where its offsets say {int(self.offsets[-1]):,}",
+                what="the sequence chunks",
+                remedy=chunks_remedy(folder),
+            )
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     def fetch(self, wanted: Iterable[int]) -> Iterator[tuple[int, dict]]:
         """`(position, chunk)` for the wanted positions, in file order: one seek and read each."""
-        with open(os.path.join(self.folder, CHUNKS), "rb") as f:
+        path = os.path.join(self.folder, CHUNKS)
+        with open(path, "rb") as f:
             for k in sorted(wanted):
                 start, end = int(self.offsets[k]), int(self.offsets[k + 1])
                 f.seek(start)
-                yield k, orjson.loads(f.read(end - start))
+                try:
+                    chunk = orjson.loads(f.read(end - start))
+                except orjson.JSONDecodeError:
+                    raise DamagedFile(
+                        path,
+                        f"has a chunk {k} that is not JSON (overwritten or edited?)",
+                        what="the sequence chunks",
+                        remedy=chunks_remedy(self.folder),
+                    ) from None
+                yield k, chunk

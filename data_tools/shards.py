@@ -5,8 +5,8 @@ The writer emits ustar headers itself with every metadata field fixed (mtime 0, 
 `webdataset.TarWriter` stamp the current time and take several times longer per member, which
 matters when a conversion writes millions of members. `read_tar` reads a whole shard of this
 writer back at once, about 15x faster than a webdataset or `tarfile` pipeline: the trainer's
-reads by index and the whole-split reads go through it (data_tools/reader.py, where
-`window_split` streams shards with webdataset instead).
+reads by index, the whole-split reads and `window_split`'s stream go through it
+(data_tools/reader.py), so a damaged shard is always the same one line (data_tools/readback.py).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 
 from data_tools.atomic import replaced_on_close
+from data_tools.dataset import shard_remedy
+from data_tools.readback import DamagedFile, read_bytes
 from data_tools.textio import sha256_file
 
 BLOCK = 512
@@ -62,20 +64,36 @@ def write_tar(path: str, members) -> dict:
 _PAD = [b"\0" * (-k % BLOCK) for k in range(BLOCK)]
 
 
-def read_tar(path: str):
+def read_tar(path: str, samples: int | None = None):
     """`(key, payload)` of every `<key>.json` member of a shard this module wrote (regular files
-    with ustar headers); anything else is an error, never a silently skipped member."""
-    with open(path, "rb") as f:
-        data = f.read()
-    pos = 0
+    with ustar headers); anything else, a shard cut short, or (given `samples`, the manifest's
+    count) another number of members is a DamagedFile naming the shard, never a silently
+    skipped member."""
+    how = {"what": "the shard", "remedy": shard_remedy(path)}
+    data = read_bytes(path, **how)
+    pos, n = 0, 0
     while pos + BLOCK <= len(data) and data[pos]:
         header = data[pos : pos + BLOCK]
         name = header[:100].rstrip(b"\0")
         if header[257:263] != b"ustar\0" or header[156:157] not in (b"0", b"\0") or not name.endswith(b".json"):
-            raise ValueError(
-                f"{path}: member at byte {pos} is not a sample of data_tools' shard writer ({name[:40]!r})"
+            raise DamagedFile(
+                path,
+                f"has a member at byte {pos} that is not a sample of data_tools' shard writer ({name[:40]!r})",
+                **how,
             )
-        size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+        try:
+            size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+        except ValueError:
+            raise DamagedFile(path, f"has a malformed member header at byte {pos}", **how) from None
         pos += BLOCK
+        if pos + size > len(data):
+            raise DamagedFile(
+                path, f"is truncated: its member {name[:-5].decode(errors='replace')} is cut short", **how
+            )
         yield name[:-5], data[pos : pos + size]
+        n += 1
         pos += -(-size // BLOCK) * BLOCK
+    if len(data) - pos < len(_EOF) or any(data[pos:]):
+        raise DamagedFile(path, f"is truncated: it ends at byte {len(data):,} without the end-of-archive mark", **how)
+    if samples is not None and n != samples:
+        raise DamagedFile(path, f"holds {n:,} samples where the manifest says {samples:,}", **how)

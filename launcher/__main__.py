@@ -21,7 +21,7 @@ import sys
 
 from data_tools.help_format import HelpFormatter
 from launcher.files import shipped
-from train.common.exit_codes import EXIT_REQUEUE
+from train.common.exit_codes import EXIT_REQUEUE, EXIT_USAGE
 from train.common.logs import configure_logging
 
 DEFAULT_DS = shipped("ds_configs", "zero3.json")
@@ -95,9 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data_tools.readback import DamagedFile
+
     configure_logging()
     args = build_parser().parse_args(argv)
+    try:
+        return command(args)
+    except DamagedFile as e:  # a file of the dataset, the run or an export, read back damaged
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
 
+
+def command(args) -> int:
     if args.command == "run":
         return run_command(args)
     if args.command == "report":
@@ -142,7 +151,7 @@ def _config_error(config: str, overrides: list[str]) -> str | None:
 
 
 def run_command(args) -> int:
-    from launcher.periods import PeriodFailed, PeriodInterrupted, RunSettings, run_local
+    from launcher.periods import PeriodFailed, PeriodInterrupted, PeriodRefused, RunSettings, run_local
     from launcher.report import write_report
     from train.common.run_folder import DatasetChanged
 
@@ -157,6 +166,8 @@ def run_command(args) -> int:
     except PeriodInterrupted as e:
         print(str(e), file=sys.stderr)
         return EXIT_REQUEUE
+    except PeriodRefused:  # train/main.py printed its one line
+        return EXIT_USAGE
     except PeriodFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from data_tools.dataset import load_manifest
-from train.common.exit_codes import EXIT_REQUEUE
+from train.common.exit_codes import EXIT_REQUEUE, EXIT_USAGE
 from train.common.logs import stamped
 from train.common.run_folder import RunFolder
 
@@ -40,6 +40,14 @@ class PeriodFailed(RuntimeError):
             "and this one resumes from its last checkpoint"
         )
         self.period, self.code = period, code
+
+
+class PeriodRefused(PeriodFailed):
+    """A period refused its inputs or config (exit code 2): its one `error:` line is printed
+    already (by train/main.py), and the launcher exits 2 too, quietly."""
+
+    def __init__(self, period: int):
+        super().__init__(period, EXIT_USAGE)
 
 
 class PeriodInterrupted(RuntimeError):
@@ -97,10 +105,11 @@ class RunSettings:
 
 def local_command(nproc: int, args: list[str], script: str = MAIN) -> list[str]:
     """`script` (train/main.py by default) with `args` on `nproc` ranks of this machine: torchrun
-    for several (it picks a free port: several runs can share a machine), a plain process for one."""
+    for several (it picks a free port: several runs can share a machine; launcher/torchrun.py,
+    which passes the ranks' exit codes 2 and 75 on), a plain process for one."""
     if nproc <= 1:
         return [sys.executable, script, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
+    return [sys.executable, "-m", "launcher.torchrun", "--standalone", f"--nproc_per_node={nproc}", script, *args]
 
 
 def run_local(
@@ -116,7 +125,8 @@ def run_local(
     machine; returns those trained. `env`: the periods' environment (default: this process's).
     `log`: a file that takes the periods' output (default: this process's stdout and stderr).
     `restart`: the first period discards its checkpoints instead of resuming (--restart-period).
-    Raises PeriodFailed, or PeriodInterrupted when a period checkpointed on a signal."""
+    Raises PeriodFailed, PeriodRefused when a period refused its inputs (its line is printed), or
+    PeriodInterrupted when a period checkpointed on a signal."""
     trained = []
     for t in remaining_periods(settings.data, settings.run_dir, restart=restart):
         if upto is not None and t > upto:
@@ -127,6 +137,8 @@ def run_local(
         code = _run_period(local_command(nproc, args), env, log)
         if code == EXIT_REQUEUE or (code != 0 and stopped_on_signal(settings.run_dir, t, started)):
             raise PeriodInterrupted(t)
+        if code == EXIT_USAGE:
+            raise PeriodRefused(t)
         if code != 0:
             raise PeriodFailed(t, code)
         trained.append(t)

@@ -13,9 +13,9 @@ window's training targets ("transitions").
 
 from __future__ import annotations
 
-import json
 import os
 
+from data_tools.readback import check_fields, read_json
 from data_tools.windows import GROUPS
 
 MAIN_METRICS = ["hit@5", "hit@10", "ndcg@5", "ndcg@10"]
@@ -23,19 +23,47 @@ MAIN_METRICS = ["hit@5", "hit@10", "ndcg@5", "ndcg@10"]
 
 def load_run(run: str) -> dict:
     """period -> metrics.json content, for the periods that have one; with the period's
-    train_summary.json, where there is one, under "train_summary"."""
+    train_summary.json, where there is one, under "train_summary". A file that is cut short or
+    hand-edited into another shape is a DamagedFile naming it (the report is not written)."""
     out = {}
     base = os.path.join(run, "periods")
     for name in sorted(os.listdir(base), key=lambda n: int(n) if n.isdigit() else -1) if os.path.isdir(base) else []:
         path = os.path.join(base, name, "metrics.json")
         if name.isdigit() and os.path.isfile(path):
-            with open(path) as f:
-                out[int(name)] = json.load(f)
+            how = {"what": f"period {name}'s metrics", "remedy": _remedy(run, int(name), path)}
+            out[int(name)] = _checked_metrics(read_json(path, **how, fields={"windows": dict}), path, how)
             summary = os.path.join(base, name, "train_summary.json")
             if os.path.isfile(summary):
-                with open(summary) as f:
-                    out[int(name)]["train_summary"] = json.load(f)
+                how = {"what": f"period {name}'s training summary", "remedy": _remedy(run, int(name), summary)}
+                out[int(name)]["train_summary"] = read_json(summary, **how)
     return out
+
+
+def _remedy(run: str, period: int, path: str) -> str:
+    return (
+        f"put it back from a copy, or write it again with `python train/main.py ... --run_dir {run} --period "
+        f"{period} --eval_only` (metrics.json; evaluates the period's export again)"
+    )
+
+
+_NUMBER = (float, type(None))
+
+
+def _checked_metrics(doc: dict, path: str, how: dict) -> dict:
+    """metrics.json with what the report reads: per window its overall metrics and its groups'
+    (each with its users), and those of the references where there are any."""
+    for j, w in doc["windows"].items():
+        parts = [("", w)] + [(f"'s {ref}", w[ref]) for ref in ("popularity", "transitions") if ref in w]
+        for label, part in parts:
+            where = f"window {j}{label}"
+            check_fields(part, {"overall": dict, "groups": dict}, path, **how, where=where)
+            check_fields(part["overall"], dict.fromkeys(part["overall"], _NUMBER), path, **how, where=where)
+            check_fields(part["groups"], dict.fromkeys(GROUPS, dict), path, **how, where=f"{where}'s groups")
+            for g in GROUPS:
+                group = part["groups"][g]
+                fields = {"users": int, **dict.fromkeys((k for k in group if k != "users"), _NUMBER)}
+                check_fields(group, fields, path, **how, where=f"{where}'s group {g}")
+    return doc
 
 
 def summarize(periods: dict, metric: str = "ndcg@10") -> dict:

@@ -27,7 +27,7 @@ import time
 
 from launcher.periods import MAIN, RunSettings, remaining_periods, stopped_on_signal
 from launcher.report import write_report
-from train.common.exit_codes import EXIT_REQUEUE
+from train.common.exit_codes import EXIT_REQUEUE, EXIT_USAGE
 from train.common.launch_env import free_port, tasks_per_node
 
 log = logging.getLogger(__name__)
@@ -311,6 +311,12 @@ def slurm_step(settings: RunSettings) -> int:
         log.info(f"== job {job}: period {period} checkpointed{how}; requeueing this job to resume it")
         scontrol("requeue", job)
         return 0
+    if outcome == "failed" and code == EXIT_USAGE:  # train/main.py printed its one `error:` line
+        log.error(
+            f"== job {job}: period {period} refused its inputs (the error above). The chain stops here; fix it "
+            "and resubmit the same sbatch command: finished periods are kept."
+        )
+        return code
     if outcome == "failed":
         log.error(
             f"== job {job}: period {period} FAILED (exit code {code}). The chain stops here; fix the cause and "

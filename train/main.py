@@ -18,7 +18,7 @@ adapter -> evaluate -> mark the period done in state.json.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import sys
 import warnings
@@ -142,6 +142,10 @@ def check_inputs(args):
         export = export_dir(cfg, run, period)
         if not os.path.isdir(export):
             raise ConfigError(f"--eval_only needs period {period}'s export ({export}); train the period first")
+    from train.period.inputs import check_period_inputs
+
+    # every file the period reads back, whole (a DamagedFile: one line, data_tools/readback.py)
+    check_period_inputs(cfg, run, manifest, period, eval_only=args.eval_only, restart=args.restart_period)
     return cfg, ds_template, manifest, run, period
 
 
@@ -180,13 +184,13 @@ def check_device(run, period: int) -> None:
             f"this process was given GPUs ({given}) but torch {torch.__version__} ({build}) sees none: "
             f"install a CUDA build of torch, or check the driver (nvidia-smi){fix}"
         )
+    from data_tools.readback import read_json
+    from train.period.inputs import finished_remedy
+
     for t in range(period + 1):
-        try:
-            with open(os.path.join(run.period_dir(t), "config.json")) as f:
-                device = json.load(f).get("device")
-        except FileNotFoundError:
-            continue
-        if device == "cuda":
+        path = os.path.join(run.period_dir(t), "config.json")
+        recorded = read_json(path, what=f"period {t}'s config", remedy=finished_remedy(run, t, path), missing={})
+        if recorded.get("device") == "cuda":
             raise ConfigError(
                 f"period {t} of {run.root} trained on GPUs, and this process sees none: a job without "
                 f"its GPUs (a resubmission that did not ask for them?) would go on on the CPU; run "
@@ -197,14 +201,20 @@ def check_device(run, period: int) -> None:
 def check_resume(run, period: int, cfg) -> None:
     """A period resumes from its checkpoint only with the config it started with (apart from the
     keys that may change, train/common/config.py): otherwise one period would mix two experiments."""
+    from data_tools.readback import read_json
     from train.common.config import ConfigError, resume_conflicts
-    from train.dist.checkpoint import COMPLETE
+    from train.dist.checkpoint import has_checkpoint
 
     started = os.path.join(run.period_dir(period), "config.json")
-    if not (os.path.isfile(os.path.join(run.ckpt_dir(period), COMPLETE)) and os.path.isfile(started)):
+    if not (has_checkpoint(run.ckpt_dir(period)) and os.path.isfile(started)):
         return
-    with open(started) as f:
-        conflicts = resume_conflicts(json.load(f)["config"], cfg)
+    recorded = read_json(
+        started,
+        what=f"period {period}'s config",
+        remedy=f"add --restart-period to train period {period} from its start",
+        fields={"config": dict},
+    )
+    conflicts = resume_conflicts(recorded["config"], cfg)
     if conflicts:
         raise ConfigError(
             f"period {period} would resume from its checkpoint in {run.ckpt_dir(period)}, but the "
@@ -230,17 +240,45 @@ def main(argv=None) -> int:
 
     try:
         cfg, ds_template, manifest, run, period = check_inputs(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ConfigError, FileNotFoundError, ValueError) as e:  # a damaged file too (DamagedFile)
+        return refuse(str(e))
+    from data_tools.readback import DamagedFile
+    from train.common.exit_codes import EXIT_USAGE, Refused
+
     try:
         return train_period(cfg, ds_template, manifest, run, period, args.eval_only, args.restart_period)
+    except Refused:  # the ranks agreed on an input error; its one line is out (DeepSpeedStrategy.agree)
+        return EXIT_USAGE
+    except DamagedFile as e:  # a file that changed while the period ran, met by this rank alone
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except WriteError as e:  # the tokenizer, a checkpoint, an export: named where it failed
         return _write_failed(str(e))
     except OSError as e:  # any other file of the run folder
         if e.errno not in DISK_FULL:
             raise
         return _write_failed(f"cannot write the run folder ({run.root}): {e.strerror}")
+
+
+def refuse(line: str) -> int:
+    """A usage, config or input error found before any process group, printed once: by this
+    process alone, or among several ranks (each of which found it, or not) by rank 0, once they
+    have joined the process group and agreed (`DeepSpeedStrategy.agree`; the ranks without an
+    error meet them there, train/period/recipe.py): the line is out before a launcher stops the
+    ranks, and no rank waits forever for one that left."""
+    from train.common.exit_codes import EXIT_USAGE, Refused
+
+    env = os.environ
+    under_srun = "SLURM_PROCID" in env and "MASTER_ADDR" in env
+    world = int(env.get("WORLD_SIZE") or (env.get("SLURM_NTASKS") if under_srun else None) or 1)
+    if world <= 1:
+        print(f"error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    from train.dist.strategy import DeepSpeedStrategy
+
+    with contextlib.suppress(Refused):  # raised on every rank once the line is out
+        DeepSpeedStrategy().agree(line)
+    return EXIT_USAGE
 
 
 def _write_failed(message: str) -> int:

@@ -21,14 +21,14 @@ import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-import orjson
 
 from data_tools.accounting import InputError
 from data_tools.atomic import atomic_write_bytes, writing
-from data_tools.dataset import ITEM_INDEX, ITEMS
+from data_tools.dataset import ITEM_INDEX, ITEMS, dataset_remedy
 from data_tools.index.codes import assign_unique, collision_groups, load_item_index, parse_tokens, write_item_index
 from data_tools.index.embed import Embedder
 from data_tools.index.rqvae import RQVAE, RQVAEConfig, fit_rqvae
+from data_tools.readback import read_jsonl
 
 QUANTIZER = "item_index.rqvae.safetensors"
 POLICY = "nearest_free_last_level"
@@ -57,8 +57,9 @@ def read_items(root: str) -> list[dict]:
     path = os.path.join(root, ITEMS)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{root} has no {ITEMS}; create the dataset with `python -m data_tools convert`")
-    with open(path, "rb") as f:
-        items = [orjson.loads(line) for line in f if line.strip()]
+    items = read_jsonl(
+        path, what="the dataset's items", remedy=dataset_remedy(root), fields={"item_id": int, "source_id": (str, int)}
+    )
     if not items:
         raise InputError("no items", path)
     if len({it["item_id"] for it in items}) != len(items):

@@ -19,6 +19,7 @@ import numpy as np
 from data_tools.accounting import InputError
 from data_tools.atomic import atomic_write_json
 from data_tools.dataset import ITEM_INDEX, SCHEMA_VERSION
+from data_tools.readback import DamagedFile, read_json
 
 LETTERS = string.ascii_lowercase
 TOKEN_RE = re.compile(r"^<([a-z])_(\d+)>$")
@@ -262,8 +263,25 @@ def write_item_index(root: str, codes: dict[int, tuple], method: dict, codes_per
 
 
 def load_item_index(root: str) -> dict:
+    """The dataset's item index (a FileNotFoundError without one; a DamagedFile for one that is
+    truncated or hand-edited)."""
     path = os.path.join(root, ITEM_INDEX)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"{root} has no {ITEM_INDEX}; build it with `python -m data_tools index {root}`")
-    with open(path) as f:
-        return json.load(f)
+    how = {
+        "what": "the item index",
+        "remedy": f"restore it from a copy (runs trained on {root} need these very codes), or rebuild it for new "
+        f"runs with `python -m data_tools index {root} --force` (or --import the file it was imported from)",
+    }
+    index = read_json(
+        path, **how, fields={"levels": int, "codes_per_level": int, "token_format": str, "method": dict, "items": dict}
+    )
+    for item, tokens in index["items"].items():
+        if not (
+            item.isdigit()
+            and isinstance(tokens, list)
+            and len(tokens) == index["levels"]
+            and all(isinstance(t, str) for t in tokens)
+        ):
+            raise DamagedFile(path, f"has {tokens!r:.60} as item {item!r}'s code (hand-edited?)", **how)
+    return index

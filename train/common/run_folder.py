@@ -27,6 +27,11 @@ import os
 
 from data_tools.atomic import atomic_write_json
 from data_tools.dataset import window_fingerprint
+from data_tools.readback import DamagedFile, check_fields, read_json
+
+STATE_FIELDS = {"done": list, "phase": str}
+STATE_OPTIONAL = {"global_step": int, "period": (int, type(None))}
+PHASES = ("new", "training", "evaluating", "stopped", "done")
 
 
 class DatasetChanged(ValueError):
@@ -72,11 +77,54 @@ class RunFolder:
     # ---- state.json ---------------------------------------------------------------------------
 
     def state(self) -> dict:
+        """state.json (a missing file: a new run); a DamagedFile if it is cut short or hand-edited
+        into something else, whose line says what to write there instead."""
         try:
-            with open(self.path("state.json")) as f:
-                return json.load(f)
-        except FileNotFoundError:
+            state = self._read_state(self.path("state.json"))
+        except DamagedFile as e:  # what to write instead is looked up only now
+            raise DamagedFile(f"{e}; {self._state_remedy()}") from None
+        if state is None:
             return {"done": [], "global_step": 0, "period": None, "phase": "new"}
+        return state
+
+    @staticmethod
+    def _read_state(path: str) -> dict | None:
+        how = {"what": "the run's state"}
+        state = read_json(path, **how, missing=None, fields=STATE_FIELDS)
+        if state is None:
+            return None
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in state["done"]):
+            raise DamagedFile(path, f"has {state['done']!r:.60} as 'done', not a list of periods (hand-edited?)", **how)
+        check_fields(state, {k: v for k, v in STATE_OPTIONAL.items() if k in state}, path, **how)
+        if state["phase"] not in PHASES:
+            raise DamagedFile(path, f"has phase {state['phase']!r:.30}, not one of {', '.join(PHASES)}", **how)
+        return state
+
+    def _state_remedy(self) -> str:
+        """What state.json should hold, as far as the periods' own files tell: each finished
+        period has its train_summary.json (with its steps)."""
+        done, steps = [], 0
+        periods = self.path("periods")
+        for name in (
+            sorted(os.listdir(periods), key=lambda n: int(n) if n.isdigit() else -1) if os.path.isdir(periods) else ()
+        ):
+            try:
+                summary = read_json(os.path.join(periods, name, "train_summary.json"), fields={"steps": int})
+            except DamagedFile:
+                continue
+            if name.isdigit():
+                done.append(int(name))
+                steps += summary["steps"]
+        guess = {
+            "done": done,
+            "global_step": steps,
+            "period": done[-1] if done else None,
+            "phase": "done" if done else "new",
+        }
+        return (
+            f"write it again by hand; by the periods' train_summary.json files it holds {json.dumps(guess)} "
+            "(a period that was under way resumes from its checkpoint)"
+        )
 
     def save_state(self, **changes) -> dict:
         state = self.state()
@@ -107,9 +155,18 @@ class RunFolder:
         out = {}
         periods = self.path("periods")
         for name in os.listdir(periods) if os.path.isdir(periods) else ():
-            if name.isdigit() and os.path.isfile(self.window_record_path(int(name))):
-                with open(self.window_record_path(int(name))) as f:
-                    out[int(name)] = json.load(f)["fingerprint"]
+            if name.isdigit():
+                path = self.window_record_path(int(name))
+                record = read_json(
+                    path,
+                    what="the record of the dataset window a period trained on",
+                    remedy=f"delete it to go on without checking period {name}'s window (a period records its "
+                    "window again as it starts)",
+                    missing=None,
+                    fields={"fingerprint": str},
+                )
+                if record is not None:
+                    out[int(name)] = record["fingerprint"]
         return out
 
     def check_windows(self, manifest: dict, data: str, restart: bool = False) -> None:

@@ -12,9 +12,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 
 import torch
 
+from data_tools.readback import DamagedFile
+from train.common.exit_codes import Refused
 from train.common.launch_env import free_port, tasks_per_node
 from train.dist.placement import misplaced, move_to
 
@@ -214,6 +217,33 @@ class DeepSpeedStrategy:
     def any(self, flag: bool) -> bool:
         """True on every rank if it is true on any rank (a decision all ranks must share)."""
         return self.all_reduce_sum([1.0 if flag else 0.0])[0] > 0
+
+    def agree(self, problem: str | None) -> None:
+        """One decision for all about an error of the inputs (collective: every rank calls it at
+        the same point, with the line of what it found wrong, or None). If any rank found
+        something, rank 0 prints the line of the lowest such rank once, as `error: <line>`,
+        every rank waits until it is out, and every rank raises Refused (train/main.py exits 2,
+        quietly): no rank is left waiting in a collective, none prints a traceback."""
+        problems = self.gather_to_rank0(problem)
+        first = self.broadcast_object(next((p for p in problems if p), None) if self.is_rank0 else None)
+        if first is None:
+            return
+        if self.is_rank0:
+            print(f"error: {first}", file=sys.stderr, flush=True)
+        self.barrier()  # the line is out before any rank leaves (a launcher then stops the others)
+        raise Refused(first)
+
+    @contextlib.contextmanager
+    def agreeing(self):
+        """A block that reads inputs on some ranks (rank 0 alone, or each its own share), ended by
+        one decision for all (collective, in place of a barrier): a DamagedFile raised inside on
+        any rank is printed once and every rank raises Refused (`agree`)."""
+        problem = None
+        try:
+            yield
+        except DamagedFile as e:
+            problem = str(e)
+        self.agree(problem)
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -16,6 +16,7 @@ import os
 import shutil
 
 from data_tools.atomic import atomic_write_bytes
+from data_tools.readback import DamagedFile, read_json
 
 
 class FinishedWindows:
@@ -46,10 +47,9 @@ class FinishedWindows:
         """The window files that hold a result for this key: window -> {"result", "recommendations"?}."""
         out = {}
         for j in windows:
-            try:
-                with open(self._path(j)) as f:
-                    data = json.load(f)
-            except (OSError, ValueError):
+            try:  # a damaged one is evaluated again (it was kept only to save time)
+                data = read_json(self._path(j), missing={})
+            except DamagedFile:
                 continue
             if data.get("key") == key and data.get("window") == j and (j != self.period or "recommendations" in data):
                 out[j] = data

@@ -30,6 +30,7 @@ from the first labelled position of the batch on (`targets`: the labels of those
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import random
@@ -38,9 +39,12 @@ from dataclasses import dataclass
 import torch
 import torch.utils.data
 
+from data_tools.readback import DamagedFile
 from data_tools.reader import ReadOrder, consumer_slice, epoch_order, read_samples_at, read_split, split_size
 from data_tools.sequences import OFFSETS, ChunkFile, window_chunks, write_chunks
 from train.loop.loss import IGNORE
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -109,10 +113,20 @@ def sequence_chunks_dir(period_dir: str, max_history: int) -> str:
 def prepare_sequence_chunks(root: str, manifest: dict, window: int, max_history: int, folder: str, strategy) -> None:
     """The window's chunks in `folder`: built from the whole training split by rank 0 alone (the
     other ranks would read the whole split, and hold every chunk, for the share they train on),
-    once per period (a resumed run finds them); every rank waits until they are there."""
-    if strategy.is_rank0 and not os.path.isfile(os.path.join(folder, OFFSETS)):
-        write_chunks(window_chunks(read_split(root, window, "train", manifest), max_history), folder)
-    strategy.barrier()
+    once per period (a resumed run finds them; a folder cut short or edited is built again, with a
+    warning: it holds nothing but what the split gives); every rank waits until they are there.
+    A damaged shard met on the way is one line for all ranks (`DeepSpeedStrategy.agreeing`)."""
+    with strategy.agreeing():
+        if strategy.is_rank0:
+            build = not os.path.isfile(os.path.join(folder, OFFSETS))
+            if not build:
+                try:
+                    ChunkFile(folder)
+                except DamagedFile as e:
+                    log.warning(f"{e}: built again")
+                    build = True
+            if build:
+                write_chunks(window_chunks(read_split(root, window, "train", manifest), max_history), folder)
 
 
 class SequenceChunks:

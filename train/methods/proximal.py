@@ -24,9 +24,10 @@ import os
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 from data_tools.atomic import atomic_write_bytes
+from data_tools.readback import load_safetensors
 from train.dist.params import is_partitioned
 from train.methods.registry import METHODS, method
 from train.model.lora import lora_factors, lora_layers
@@ -188,7 +189,9 @@ def make_term(cfg, plan, run, model: nn.Module, strategy) -> ProximalTerm | None
     if plan.anchor is None:
         log.info(f"{spec.name}: no previous adapter in period {plan.period}, so no proximal term this period")
         return None
-    anchor = lora_factors(load_file(os.path.join(plan.anchor, "adapter_model.safetensors")))
+    anchor = lora_factors(
+        load_safetensors(os.path.join(plan.anchor, "adapter_model.safetensors"), what="the anchor's adapter")
+    )
     if strategy.is_rank0:
         atomic_write_bytes(run.anchor_path(plan.period), save(anchor))
     distance = spec.distance_class().from_config(cfg.method, plan.anchor)

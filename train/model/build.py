@@ -20,10 +20,10 @@ import os
 
 import peft
 import torch
-from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
 from data_tools.atomic import written_aside
+from data_tools.readback import check_safetensors, load_safetensors
 from train.common.config import Config, LoraConfig
 from train.common.run_folder import RunFolder
 from train.dist.params import rank0_writes
@@ -182,7 +182,7 @@ def adapter_state_keys(model: peft.PeftModel) -> dict[str, torch.nn.Parameter]:
 
 def load_adapter_weights(strategy, model: peft.PeftModel, adapter_dir: str) -> None:
     """Copy an exported adapter into the live (possibly partitioned) trainable parameters."""
-    state = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    state = load_safetensors(os.path.join(adapter_dir, "adapter_model.safetensors"), what="the adapter")
     live = adapter_state_keys(model)
     missing, unexpected = set(live) - set(state), set(state) - set(live)
     if missing or unexpected:
@@ -202,6 +202,7 @@ def load_full_weights(strategy, model: torch.nn.Module, model_dir: str) -> None:
     from safetensors import safe_open
 
     path = os.path.join(model_dir, "model.safetensors")
+    check_safetensors(path, what="the exported model's weights")
     loaded = set()
     with safe_open(path, framework="pt") as f:
         keys = set(f.keys())

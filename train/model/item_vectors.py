@@ -38,10 +38,11 @@ import os
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import save, save_file
 
 from data_tools.atomic import atomic_write_bytes
 from data_tools.cooccurrence import REACH, align_to, cooccurrence_counts, ppmi_svd_vectors
+from data_tools.readback import load_safetensors
 from data_tools.reader import window_split
 from data_tools.sequences import user_sequences
 from train.dist.params import rank0_writes
@@ -104,7 +105,7 @@ def prepare_item_vectors(cfg, run, manifest: dict, period: int, codebook, strate
     path = vectors_path(run, period)
     if strategy.is_rank0 and not os.path.isfile(path):
         # train/main.py (check_inputs) has made sure period t-1 has its file
-        previous = load_file(vectors_path(run, period - 1)) if period > 0 else None
+        previous = load_safetensors(vectors_path(run, period - 1), what="the item vectors") if period > 0 else None
         tensors = build_item_vectors(cfg.data.path, manifest, period, codebook, cfg.model.item_vectors, previous)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write_bytes(path, save(tensors))
@@ -113,7 +114,7 @@ def prepare_item_vectors(cfg, run, manifest: dict, period: int, codebook, strate
             f"from the training splits of windows 0..{period} -> {path}"
         )
     strategy.barrier()
-    return load_file(path)
+    return load_safetensors(path, what="the item vectors")
 
 
 # ---- the model part -----------------------------------------------------------------------------
@@ -217,7 +218,7 @@ def has_item_vectors(folder: str) -> bool:
 
 
 def load_item_vectors(folder: str) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(folder, FILE))
+    return load_safetensors(os.path.join(folder, FILE), what="the item vectors")
 
 
 def gather_item_input(strategy, model: nn.Module) -> dict[str, torch.Tensor] | None:

@@ -9,22 +9,22 @@ ids never change during a run.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from data_tools.atomic import written_aside
-from data_tools.dataset import ITEMS
+from data_tools.dataset import ITEMS, dataset_remedy
 from data_tools.index.codes import load_item_index
 from data_tools.index.prompt import DEFAULT_TEMPLATE, IGNORE, PromptTemplate
 from data_tools.index.tokenizer import ItemCodebook, add_code_tokens, train_sentencepiece_tokenizer
+from data_tools.readback import iter_jsonl
 
 
 def _item_texts(data_root: str) -> list[str]:
-    with open(os.path.join(data_root, ITEMS)) as f:
-        return [t for t in (json.loads(line).get("text") or "" for line in f) if t]
+    items = iter_jsonl(os.path.join(data_root, ITEMS), what="the dataset's items", remedy=dataset_remedy(data_root))
+    return [t for t in (item.get("text") or "" for item in items) if t]
 
 
 def prepare_tokenizer(cfg, run, data_root: str, index: dict, template: PromptTemplate, strategy):

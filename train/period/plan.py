@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from data_tools.readback import DamagedFile
 from train.common.config import Config, period_epochs
 from train.common.run_folder import RunFolder
 from train.methods.registry import method
@@ -50,6 +51,14 @@ def start_adapter(cfg: Config, run: RunFolder, period: int) -> str | None:
         return path
     if period == 1 and trains_in_full(cfg, 0):
         return None  # period 0 trained the whole model; the first adapter starts fresh
+    if period - 1 in run.state()["done"]:  # finished, then its adapter was deleted: not trained again
+        raise DamagedFile(
+            os.path.join(path, "adapter_model.safetensors"),
+            "is missing",
+            what=f"period {period - 1}'s adapter, which period {period} starts from,",
+            remedy=f"period {period - 1} is finished and never trains again: put {path} back from a copy, "
+            "or start a new run folder",
+        )
     raise FileNotFoundError(
         f"period {period} starts from period {period - 1}'s adapter, and {path} has none; "
         f"train period {period - 1} first"

@@ -13,9 +13,8 @@ import math
 import os
 import shutil
 
-from safetensors.torch import load_file
-
 from data_tools.atomic import atomic_write_json
+from data_tools.readback import load_safetensors
 from train.common.config import accumulation_steps
 from train.common.exit_codes import EXIT_REQUEUE
 from train.common.logs import configure_logging
@@ -45,6 +44,7 @@ from train.model.build import (
 )
 from train.model.export import export_adapter, export_full_model
 from train.model.vocab import load_vocab
+from train.period.inputs import check_rank_share
 from train.period.plan import PeriodPlan
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,11 @@ class PeriodRecipe:
         cfg, run, plan = self.cfg, self.run_folder, self.plan
         self.strategy = strategy = DeepSpeedStrategy()
         configure_logging(strategy.rank)
+        # One decision for all before anything is written: each rank reads its share of the
+        # period's shards whole (a rank that found an input damaged before the process group
+        # meets the others here: train/main.py, `refuse`).
+        with strategy.agreeing():
+            check_rank_share(cfg.data.path, self.manifest, plan.period, strategy.rank, strategy.world_size)
         self.accumulation = accumulation_steps(cfg, strategy.world_size)
         self.dtype = resolve_dtype(cfg, strategy.cuda, strategy.bf16_supported)
         if strategy.is_rank0 and not plan.eval_only:
@@ -339,7 +344,10 @@ class PeriodRecipe:
         plan = self.plan
         if not plan.full and plan.start_adapter:
             name = "adapter_model.safetensors"
-            end, start = (load_file(os.path.join(d, name)) for d in (plan.export_dir, plan.start_adapter))
+            end, start = (
+                load_safetensors(os.path.join(d, name), what="an adapter")
+                for d in (plan.export_dir, plan.start_adapter)
+            )
             out["adapter_relative_distance"] = relative_distance(end, start)
         return out
 

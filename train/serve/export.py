@@ -31,14 +31,16 @@ import shutil
 import time
 import warnings
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 from data_tools.atomic import written_aside
 from data_tools.dataset import ITEM_INDEX, ITEMS
+from data_tools.readback import load_safetensors, read_json
 from train.common.run_folder import RunFolder
 from train.model import addons as model_addons
 from train.model.build import SHARD_SIZE
+from train.period.inputs import check_period_export, finished_remedy
 from train.period.plan import backbone_dir, trains_in_full
 from train.serve.recommender import (
     EXPORT_INFO,
@@ -59,7 +61,7 @@ def folded_adapter(run: RunFolder, cfg, period: int, addons: list | None = None)
     from peft import LoraConfig
 
     source = run.adapter_dir(period)
-    state = load_file(os.path.join(source, "adapter_model.safetensors"))
+    state = load_safetensors(os.path.join(source, "adapter_model.safetensors"), what="the period's adapter")
     config = LoraConfig.from_pretrained(source)
     for addon in model_addons.for_run(cfg, run, period) if addons is None else addons:
         state, config = addon.fold_into_adapter(state, config)
@@ -99,6 +101,7 @@ def export_recommender(
             raise FileNotFoundError(f"the run's dataset {data_root} has no {name}; pass the dataset folder (--data)")
     if os.path.exists(out) and not os.path.isfile(os.path.join(out, EXPORT_INFO)):
         raise FileExistsError(f"{out} exists and is not an earlier export (no {EXPORT_INFO}); choose a new folder")
+    check_period_export(cfg, run, period)  # every file read below, whole (one line otherwise)
     tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_dir)
     full = trains_in_full(cfg, period)
     kind = "merged" if merged or full else "adapter"
@@ -130,8 +133,9 @@ def _export_info(run: RunFolder, cfg, period: int, kind: str, data_root: str, co
     """recommender.json: what the folder holds and how to prompt and decode with it."""
     metrics = None
     if os.path.isfile(run.metrics_path(period)):
-        with open(run.metrics_path(period)) as f:
-            metrics = json.load(f)["overall"]
+        path = run.metrics_path(period)
+        remedy = finished_remedy(run, period, path)
+        metrics = read_json(path, what=f"period {period}'s metrics", remedy=remedy, fields={"overall": dict})["overall"]
     return {
         "format_version": 1,
         "kind": kind,

@@ -23,7 +23,6 @@ applies the same constraint there.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -31,9 +30,10 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
 
-from data_tools.dataset import ITEM_INDEX, ITEMS, USERS, load_manifest
+from data_tools.dataset import ITEM_INDEX, ITEMS, USERS, dataset_remedy, load_manifest
 from data_tools.index.codes import load_item_index
 from data_tools.index.tokenizer import ItemCodebook
+from data_tools.readback import iter_jsonl, read_json
 from data_tools.reader import read_split
 from train.common.config import Config, config_from_dict
 from train.common.run_folder import RunFolder
@@ -41,6 +41,7 @@ from train.evaluation.beam_search import NEG, constrained_beam_search, decoding_
 from train.model import addons as model_addons
 from train.model.build import DTYPES
 from train.model.vocab import Vocabulary, prompt_template
+from train.period.inputs import check_adapter, check_model_folder, check_period_export, check_tokenizer, finished_remedy
 from train.period.plan import evaluated_model_dir, trains_in_full
 
 EXPORT_INFO = "recommender.json"  # what an export folder is (train/serve/export.py writes it)
@@ -71,11 +72,15 @@ class ItemCatalog:
     def __init__(self, path: str):
         self.source_of: dict[int, str] = {}
         self.title_of: dict[int, str] = {}
-        with open(path) as f:
-            for line in f:
-                row = json.loads(line)
-                self.source_of[row["item_id"]] = str(row["source_id"])
-                self.title_of[row["item_id"]] = row.get("title") or ""
+        rows = iter_jsonl(
+            path,
+            what="the items",
+            remedy=f"put the dataset's {ITEMS} back from a copy",
+            fields={"item_id": int, "source_id": (str, int)},
+        )
+        for row in rows:
+            self.source_of[row["item_id"]] = str(row["source_id"])
+            self.title_of[row["item_id"]] = row.get("title") or ""
         self.item_of = {source: item for item, source in self.source_of.items()}
 
     def items(self, sources: list[str]) -> list[int]:
@@ -90,15 +95,30 @@ def saved_config(run: RunFolder, period: int) -> Config:
     path = os.path.join(run.period_dir(period), "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{run.root} has no trained period {period} ({path} is missing)")
-    with open(path) as f:
-        return config_from_dict(json.load(f)["config"])
+    return config_from_dict(read_json(path, **_config_file(run, period), fields={"config": dict})["config"])
+
+
+def _config_file(run: RunFolder, period: int) -> dict:
+    path = os.path.join(run.period_dir(period), "config.json")
+    return {"what": f"period {period}'s config", "remedy": finished_remedy(run, period, path)}
+
+
+def _check_export(folder: str, kind: str, remedy: str) -> None:
+    """An export's files whole: its tokenizer, and its model (merged) or backbone and adapter."""
+    check_tokenizer(folder, remedy)
+    if kind == "adapter":
+        check_model_folder(os.path.join(folder, "base"), "the export's backbone", remedy)
+        check_adapter(os.path.join(folder, "adapter"), "the export's adapter", remedy)
+    else:
+        check_model_folder(folder, "the export's model", remedy)
 
 
 def period_compute_dtype(run: RunFolder, period: int) -> str | None:
     """The compute dtype ("bf16", "fp32", ...) a period trained and was evaluated in (its
     config.json); None for a period recorded before that was written down."""
-    with open(os.path.join(run.period_dir(period), "config.json")) as f:
-        return json.load(f).get("precision", {}).get("compute")
+    recorded = read_json(os.path.join(run.period_dir(period), "config.json"), **_config_file(run, period))
+    precision = recorded.get("precision") or {}
+    return precision.get("compute") if isinstance(precision, dict) else None
 
 
 def torch_dtype(name: str | None):
@@ -233,6 +253,7 @@ class Recommender:
             raise FileNotFoundError(
                 f"the run's dataset {data_root} has no {ITEM_INDEX}; pass the dataset folder (--data)"
             )
+        check_period_export(cfg, run, period)
         tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_dir)
         codebook = ItemCodebook(load_item_index(data_root), tokenizer)
         device = device or default_device()
@@ -273,8 +294,11 @@ class Recommender:
                 f"{folder} is not a recommender export (no {EXPORT_INFO}); "
                 "make one with `python -m launcher export RUN --out DIR`"
             )
-        with open(info_path) as f:
-            info = json.load(f)
+        remedy = "make it again with `python -m launcher export RUN --out DIR`"
+        info = read_json(
+            info_path, what="the export's description", remedy=remedy, fields={"kind": str, "prompt": dict}
+        )
+        _check_export(folder, info["kind"], remedy)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         codebook = ItemCodebook(load_item_index(folder), tokenizer)
         device = device or default_device()
@@ -370,8 +394,13 @@ class Recommender:
         if self.data_root is None:
             raise ValueError("users need the run's dataset: load with Recommender.from_run")
         if self._users is None:
-            with open(os.path.join(self.data_root, USERS)) as f:
-                self._users = {str(r["source_id"]): r["user_id"] for r in map(json.loads, f)}
+            rows = iter_jsonl(
+                os.path.join(self.data_root, USERS),
+                what="the dataset's users",
+                remedy=dataset_remedy(self.data_root),
+                fields={"user_id": int, "source_id": (str, int)},
+            )
+            self._users = {str(r["source_id"]): r["user_id"] for r in rows}
         wanted = {self._users[u]: u for u in users if u in self._users}
         manifest = load_manifest(self.data_root)
         latest: dict[int, tuple[tuple[int, int], list[int]]] = {}

@@ -16,8 +16,8 @@ import os
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
+from data_tools.readback import load_safetensors
 from train.model.addons.base import LORA, ModelAddon, TrainingInputs
 
 log = logging.getLogger(__name__)
@@ -51,12 +51,16 @@ class FrozenLoraSum(nn.Module):
         return self.B(self.A(x.to(self.A.weight.dtype))) * self.scaling
 
 
+def _load(adapter_dir: str) -> dict[str, torch.Tensor]:
+    return load_safetensors(os.path.join(adapter_dir, "adapter_model.safetensors"), what="an earlier adapter")
+
+
 def attach_frozen_adapters(model: nn.Module, adapter_dirs: list[str]) -> int:
     """Add the frozen, normalized earlier adapters to every LoRA layer's output; returns how many
     layers got them."""
     from train.model.lora import lora_layers
 
-    states = [load_file(os.path.join(d, "adapter_model.safetensors")) for d in adapter_dirs]
+    states = [_load(d) for d in adapter_dirs]
     count = 0
     for name, layer in lora_layers(model).items():
         factors = [(s[f"{name}.lora_A.weight"].float(), s[f"{name}.lora_B.weight"].float()) for s in states]
@@ -111,7 +115,7 @@ class FrozenSum(ModelAddon):
         """A LoRA's output is scaling * B A x, and the frozen sum adds scaling * B_i' A_i' x
         (normalized factors), so the two together are one LoRA of rank r * (1 + n) with A stacked
         over the A_i' and B beside the B_i', and lora_alpha chosen to keep the same scaling."""
-        frozen = [load_file(os.path.join(d, "adapter_model.safetensors")) for d in self.adapter_dirs]
+        frozen = [_load(d) for d in self.adapter_dirs]
         for key in [k for k in state if k.endswith(LORA_A)]:
             b_key = key[: -len(LORA_A)] + LORA_B
             a, b = state[key], state[b_key]
