@@ -3,7 +3,7 @@ empty, cut short or hand-edited, is one line naming the file, what is wrong and 
 exit code 2 and no traceback, through the real entry points (train/main.py, `python -m launcher
 run/report/export/recommend`, `python -m data_tools inspect/index/append`); and nothing finished
 is rewritten while it is reported. A damaged checkpoint is skipped for the one before it, with a
-warning. The same on 2 ranks: tests/dist/test_damaged_inputs.py."""
+warning. The same on 2 ranks: tests/dist/test_damaged_inputs_on_ranks.py."""
 
 from __future__ import annotations
 
