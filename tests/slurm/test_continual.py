@@ -234,9 +234,11 @@ def test_a_failed_period_stops_the_chain_and_a_resubmission_completes_it(slurm, 
     logs.mkdir()
     gpus = ["--gpus=2", "--gpus-per-node=0"]
     head = submit(slurm, broken, ds, run, logs, gpus)
-    wait_until(slurm, lambda: "period 1 FAILED" in log_text(logs), 400, "period 1 to fail", logs)
-    failed = int(re.search(r"== job (\d+): period 1 FAILED", log_text(logs)).group(1))
+    # The missing shards are found before any rank trains: one `error:` line naming them, exit 2.
+    wait_until(slurm, lambda: "period 1 refused its inputs" in log_text(logs), 400, "period 1 to fail", logs)
+    failed = int(re.search(r"== job (\d+): period 1 refused its inputs", log_text(logs)).group(1))
     slurm.wait_for(failed, states={"FAILED"}, timeout=60)
+    assert re.search(r"error: the train shard of window 1 \S+train-\d+\.tar is missing", log_text(logs))
     assert done(run) == [0] and slurm.squeue() == []  # nothing else was submitted
     for name in os.listdir(hidden):
         shutil.move(os.path.join(hidden, name), shards)
