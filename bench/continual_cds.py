@@ -9,16 +9,19 @@ popularity reference, user groups, the R matrix and a lambda sweep.
 The model of `--config` (default configs/cds_study.yaml) learns window 0 in full from random
 weights, once, until its validation loss stops improving; then, for each seed (LoRA
 initialization and data order), windows 1.. are learned with peso, single and cumulative LoRA,
-each starting from that same period 0. With `--lams`, peso also runs with other lambdas on the
-first seed. Every period goes through the real entry point (train/main.py under DeepSpeed);
+each starting from that same period 0, and peso again at each of `--lams` (the paper's term, on a
+log scale up to where the pull outweighs the data) and `--entries-lams` (`method.kl_scale:
+entries`), on every seed: the stability/plasticity curve, with the pull / data ratio each lambda
+reached (TensorBoard's pull/ratio) and, per seed, how peso compares with single on the same seed. Every period goes through the real entry point (train/main.py under DeepSpeed);
 period 0 on `--nproc` ranks, the later runs as `--parallel` single-rank jobs side by side (on a
 small model, two independent jobs use two cores better than two ranks of one job).
 
 Every evaluation also scores the most popular items of its window on the same test users
 (metrics.json "popularity"): that is the reference each method must beat.
 
-Writes bench/<name>.md (tables, mean ± sd over seeds) and bench/<name>.png (name: continual_cds,
-or --name), and prints one JSON line. Resumable: finished periods are kept (`--work`).
+Writes bench/<name>.md (tables, mean ± sd over seeds), bench/<name>.png (the methods per period)
+and bench/<name>_lambda.png (NDCG@10 overall, for dormant and for new users against lambda, the
+figure of bench/pull_sweep.py) (name: continual_cds, or --name), and prints one JSON line. Resumable: finished periods are kept (`--work`).
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ from data_tools.help_format import HelpFormatter  # noqa: E402
 from data_tools.windows import GROUPS  # noqa: E402
 from launcher.periods import RunSettings, local_command, run_local, start_from_period0, train_args  # noqa: E402
 from launcher.report import MAIN_METRICS, load_run, summarize  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pull_sweep  # noqa: E402  (bench/pull_sweep.py: the curve's summary and figure)
 
 CDS = os.path.join(os.path.dirname(REPO), "shared", "data", "amazon-cds-blocks")
 CONFIG = os.path.join(REPO, "configs", "cds_study.yaml")
@@ -124,8 +130,15 @@ def main() -> None:
         "--lams",
         type=float,
         nargs="*",
-        default=[0.2, 200.0, 20000.0],
-        help="more peso lambdas, first seed only (the config's lambda is the main runs')",
+        default=[200.0, 2000.0, 20000.0, 200000.0, 2000000.0],
+        help="more peso lambdas (the paper's term), on every seed; the config's lambda is the main runs'",
+    )
+    ap.add_argument(
+        "--entries-lams",
+        type=float,
+        nargs="*",
+        default=[0.2],
+        help="peso lambdas with method.kl_scale=entries, on every seed",
     )
     ap.add_argument("--work", default="/tmp/peso-cds-study", help="runs and data (finished periods are kept)")
     ap.add_argument("--nproc", type=int, default=2, help="ranks of period 0")
@@ -154,13 +167,13 @@ def main() -> None:
                 f"data.seed={seed}",
                 f"method.name={method}",
             ]
-    for lam in a.lams:
-        jobs[os.path.join(a.work, f"seed{a.seeds[0]}", f"peso_lam{lam:g}")] = [
-            f"model.seed={a.seeds[0]}",
-            f"data.seed={a.seeds[0]}",
-            "method.name=peso",
-            f"method.lam={lam}",
-        ]
+        for name, extra in lambda_variants(a).items():
+            jobs[os.path.join(a.work, f"seed{seed}", name)] = [
+                f"model.seed={seed}",
+                f"data.seed={seed}",
+                "method.name=peso",
+                *extra["overrides"],
+            ]
     for run in jobs:
         start_from_period0(period0, run)
 
@@ -179,9 +192,10 @@ def main() -> None:
     runs = {
         (seed, method): load_run(os.path.join(a.work, f"seed{seed}", method)) for seed in a.seeds for method in METHODS
     }
-    lam_runs = {lam: load_run(os.path.join(a.work, f"seed{a.seeds[0]}", f"peso_lam{lam:g}")) for lam in a.lams}
-    lam_runs[main_lam] = runs[(a.seeds[0], "peso")]
-    lines, result = tables(runs, lam_runs, window0, a.seeds, last, cfg, data)
+    lines, result = tables(runs, window0, a.seeds, last, cfg, data)
+    curve = lambda_curve(a, main_lam, cfg)
+    lines += curve_table(curve, a.seeds, cfg)
+    result["curve"] = curve
     minutes = (time.time() - t0) / 60
     lines += [
         "",
@@ -191,6 +205,10 @@ def main() -> None:
     with open(os.path.join(REPO, "bench", f"{a.name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(runs, a.seeds, last, os.path.join(REPO, "bench", f"{a.name}.png"))
+    pull_sweep.plot(
+        {"curve": curve, "data": os.path.basename(data.rstrip("/")), "seeds": len(a.seeds), "windows": f"1-{last}"},
+        os.path.join(REPO, "bench", f"{a.name}_lambda.png"),
+    )
     result.update(
         minutes=round(minutes, 1),
         machine=f"{platform.machine()} {os.cpu_count()} cores",
@@ -202,7 +220,7 @@ def main() -> None:
     print(json.dumps(result))
 
 
-def tables(runs: dict, lam_runs: dict, w0: dict, seeds: list, last: int, cfg: dict, data: str) -> tuple[list, dict]:
+def tables(runs: dict, w0: dict, seeds: list, last: int, cfg: dict, data: str) -> tuple[list, dict]:
     """The markdown tables and the JSON summary (`w0`: period 0 on every test user of window 0)."""
     sums = {key: summarize(periods, "ndcg@10") for key, periods in runs.items()}
     shape = cfg["model"].get("shape") or cfg["model"].get("path")
@@ -340,30 +358,82 @@ def tables(runs: dict, lam_runs: dict, w0: dict, seeds: list, last: int, cfg: di
         result["methods"][method]["test_loss"] = round(mean_sd(mean_own)[0], 5)
         result["methods"][method]["forgetting_loss"] = round(mean_sd([f for _, f in per_seed])[0], 5)
 
-    lines += [
-        "",
-        f"The pull's strength (peso, seed {seeds[0]}; lambda 0 is single; reduce: {cfg['method'].get('reduce')}):",
-        "",
-        "| lambda | ndcg@10 | hit@10 | dormant ndcg@10 | BWT (ndcg@10) | forgetting (ndcg@10) | test loss | forgetting (loss) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    result["lams"] = {}
-    for lam, periods_ in sorted({0.0: runs[(seeds[0], "single")], **lam_runs}.items()):
-        s = summarize(periods_, "ndcg@10")
-        own, forget = loss_columns(periods_, last)
-        dormant = s["groups"]["dormant"]["ndcg@10"]
-        lines.append(
-            f"| {lam:g} | {s['average_incremental']['ndcg@10']:.4f} | {s['average_incremental']['hit@10']:.4f} | "
-            + ("-" if dormant is None else f"{dormant:.4f}")
-            + f" | {s['bwt']:+.4f} | {s['forgetting']:.4f} | {statistics.mean(own):.4f} | {forget:+.4f} |"
-        )
-        result["lams"][f"{lam:g}"] = {
-            "ndcg@10": round(s["average_incremental"]["ndcg@10"], 5),
-            "bwt": round(s["bwt"], 5),
-            "test_loss": round(statistics.mean(own), 5),
-            "forgetting_loss": round(forget, 5),
-        }
     return lines, result
+
+
+def lambda_variants(a) -> dict:
+    """The lambda sweep's peso runs per seed: folder name -> overrides, lambda and the term's form."""
+    variants = {f"peso_lam{lam:g}": dict(overrides=[f"method.lam={lam}"], lam=lam, form="faithful") for lam in a.lams}
+    variants |= {
+        f"peso_entries_lam{lam:g}": dict(
+            overrides=["method.kl_scale=entries", f"method.lam={lam}"], lam=lam, form="entries"
+        )
+        for lam in a.entries_lams
+    }
+    return variants
+
+
+def lambda_curve(a, main_lam: float, cfg: dict) -> dict:
+    """bench/pull_sweep.py's curve over this study's runs: per variant, the mean and sd over seeds
+    of NDCG@10 (overall and per group) and of the pull / data ratio, plus every seed's NDCG@10
+    minus single's on the same seed (`vs_single`)."""
+    per_seed = {("single", s): pull_sweep.summary(os.path.join(a.work, f"seed{s}", "single")) for s in a.seeds}
+    form = "entries" if cfg["method"].get("kl_scale") == "entries" else "faithful"
+    main = f"peso_entries_lam{main_lam:g}" if form == "entries" else f"peso_lam{main_lam:g}"
+    variants = {"single": {}, main: dict(lam=main_lam, form=form, main=True)}
+    for s in a.seeds:  # the main peso runs are the config's lambda
+        per_seed[(main, s)] = pull_sweep.summary(os.path.join(a.work, f"seed{s}", "peso"))
+    for name, spec in lambda_variants(a).items():
+        variants[name] = {k: v for k, v in spec.items() if k != "overrides"}
+        for s in a.seeds:
+            per_seed[(name, s)] = pull_sweep.summary(os.path.join(a.work, f"seed{s}", name))
+    curve = {}
+    for name, spec in variants.items():
+        seeds = [per_seed[(name, s)] for s in a.seeds]
+        curve[name] = {**spec, **pull_sweep.over_seeds(seeds)}
+        curve[name]["vs_single"] = [
+            round(per_seed[(name, s)]["ndcg@10"] - per_seed[("single", s)]["ndcg@10"], 5) for s in a.seeds
+        ]
+    return curve
+
+
+def curve_table(curve: dict, seeds: list, cfg: dict) -> list:
+    """The stability/plasticity table: one row per lambda, mean ± sd over seeds."""
+
+    def cell(ms: list, digits: int = 4) -> str:
+        return "-" if ms[0] is None else f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
+
+    lines = [
+        "",
+        f"The pull's strength: peso at each lambda ({len(seeds)} seeds; the paper's term reduced by the "
+        f"{cfg['method'].get('reduce', 'mean')} over modules, or `kl_scale: entries`). pull / data: the mean of "
+        "TensorBoard's pull/ratio (the norm of lambda x the term's gradient on the LoRA factors over the data loss's); "
+        "moved: ||adapter - anchor|| / ||anchor|| per period, over the LoRA factors (and the code-token rows); vs single: NDCG@10 minus single's on the same seed, "
+        "one value per seed. Figure: bench/<name>_lambda.png.",
+        "",
+        "| peso | pull / data | moved | rows moved | NDCG@10 | dormant | new | continuing | vs single (per seed) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    order = sorted(curve, key=lambda n: (n != "single", curve[n].get("form", ""), curve[n].get("lam", 0)))
+    for name in order:
+        v = curve[name]
+        label = (
+            "single (no term)"
+            if name == "single"
+            else ("`kl_scale: entries`, " if v["form"] == "entries" else "")
+            + f"lambda {v['lam']:g}"
+            + (" (the config's)" if v.get("main") else "")
+        )
+        groups = v["groups_ndcg@10"]
+        lines.append(
+            f"| {label} | {cell(v['pull_over_data'], 3)} | {cell(v['adapter_moved'], 3)} | "
+            f"{cell(v['token_rows_moved'], 3)} | {cell(v['ndcg@10'])} | "
+            + " | ".join(cell(groups.get(g, [None, None])) for g in ("dormant", "new", "continuing"))
+            + " | "
+            + ("-" if name == "single" else ", ".join(f"{d:+.4f}" for d in v["vs_single"]))
+            + " |"
+        )
+    return lines
 
 
 def plot(runs: dict, seeds: list, last: int, path: str) -> None:

@@ -1,14 +1,16 @@
 """How hard peso's proximal term pulls, and what it changes, across lambda and seeds, on the demo's data.
 
     make demo    (once: the dataset and the shared period 0 under demo/)
-    python bench/pull_sweep.py [--demo demo] [--seeds 0 1 2] [--lams 2 200 ...] [--entries-lams 0.02 ...] [--jobs 2]
+    python bench/pull_sweep.py [--demo demo] [--seeds 0 1 2] [--lams 2 200 ...] [--entries-lams 0.02 ...]
+                               [--all-lams 0.2 ...] [--jobs 2]
 
 Each variant starts from the demo's finished period 0 (demo/runs/peso, copied by
 `launcher.periods.start_from_period0`) and trains periods 1-4 with configs/demo.yaml on one rank,
 once per seed (`model.seed`: the LoRA initialization of period 1; `data.seed`: the training
 order): single (no term, the reference), peso with the faithful term (the paper's KL, mean over
-modules as the authors reduce it) at each of --lams, and peso with `method.kl_scale: entries` at
-each of --entries-lams; --jobs runs at a time. From each run's report summary: NDCG@10 over
+modules as the authors reduce it) at each of --lams, peso with `method.kl_scale: entries` at
+each of --entries-lams, and the same with `method.pull: all` (the term also on the code-token
+rows and the item-vector projection) at each of --all-lams; --jobs runs at a time. From each run's report summary: NDCG@10 over
 windows 1-4, by user group, the mean pull / data ratio (TensorBoard's pull/ratio) and how far each
 period moved its adapter from its anchor. Per variant: the mean and standard deviation over
 seeds. Writes the stability/plasticity curve (NDCG@10 overall, dormant and new users against
@@ -40,9 +42,24 @@ def summary(run: str) -> dict:
         "groups_ndcg@10": {g: round(v["ndcg@10"], 5) for g, v in s["groups"].items() if v["ndcg@10"] is not None},
         "pull_over_data": s["pull_average"] and float(f"{s['pull_average']:.3g}"),
         "adapter_moved": {t: round(v, 4) for t, v in s["moved"].items() if v is not None},
+        "token_rows_moved": {t: round(v, 4) for t, v in token_rows_moved(run).items()},
         "bwt": round(s["bwt"], 5),
         "forgetting": round(s["forgetting"], 5),
     }
+
+
+def token_rows_moved(run: str) -> dict:
+    """Per LoRA period with a start: how far it moved the code-token rows (relative), from its
+    train_summary.json (periods trained before that was recorded: none)."""
+    out = {}
+    for t in sorted(os.listdir(os.path.join(run, "periods")), key=int):
+        path = os.path.join(run, "periods", t, "train_summary.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                moved = json.load(f).get("token_rows_relative_distance")
+            if moved is not None:
+                out[t] = moved
+    return out
 
 
 def mean_sd(xs: list) -> list:
@@ -59,6 +76,10 @@ def over_seeds(runs: list[dict]) -> dict:
         "ndcg@10": mean_sd([r["ndcg@10"] for r in runs]),
         "groups_ndcg@10": {g: mean_sd([r["groups_ndcg@10"].get(g) for r in runs]) for g in groups},
         "pull_over_data": mean_sd([r["pull_over_data"] for r in runs]),
+        "adapter_moved": mean_sd([statistics.mean(r["adapter_moved"].values()) for r in runs if r["adapter_moved"]]),
+        "token_rows_moved": mean_sd(
+            [statistics.mean(r["token_rows_moved"].values()) for r in runs if r.get("token_rows_moved")]
+        ),
         "seeds": len(runs),
     }
 
@@ -79,7 +100,7 @@ def plot(result: dict, path: str) -> None:
         if mean is not None:
             ax.axhspan(mean - sd, mean + sd, color="0.85", label="single (mean +- sd)")
             ax.axhline(mean, color="0.4", lw=1)
-        for form, marker in (("faithful", "o"), ("entries", "s")):
+        for form, marker in (("faithful", "o"), ("entries", "s"), ("entries, pull all", "^")):
             pts = sorted((v["lam"], *get(v)) for k, v in result["curve"].items() if v.get("form") == form)
             pts = [p for p in pts if p[1] is not None]
             if pts:
@@ -89,11 +110,14 @@ def plot(result: dict, path: str) -> None:
                     yerr=[p[2] for p in pts],
                     marker=marker,
                     capsize=3,
-                    label="peso, " + ("paper's KL (mean)" if form == "faithful" else "kl_scale entries"),
+                    label="peso, "
+                    + {"faithful": "paper's KL (mean)", "entries": "kl_scale entries"}.get(
+                        form, "kl_scale entries, pull all"
+                    ),
                 )
         ax.set_xscale("log")
         ax.set_xlabel("lambda")
-        ax.set_title(f"NDCG@10, windows 1-4, {title}")
+        ax.set_title(f"NDCG@10, windows {result.get('windows', '1-4')}, {title}")
     axes[0].set_ylabel("NDCG@10")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"peso's stability/plasticity curve: {result['data']} ({result['seeds']} seeds)")
@@ -115,6 +139,13 @@ def main() -> None:
     ap.add_argument(
         "--entries-lams", type=float, nargs="*", default=[0.02, 0.2, 2, 20], help="lambdas with kl_scale entries"
     )
+    ap.add_argument(
+        "--all-lams",
+        type=float,
+        nargs="*",
+        default=[0.2, 2, 20],
+        help="lambdas with kl_scale entries and method.pull=all",
+    )
     ap.add_argument("--jobs", type=int, default=2, help="runs trained at a time (one rank each)")
     ap.add_argument("--plot", default=os.path.join(REPO, "bench", "pull_sweep.png"), help="the curve's figure")
     a = ap.parse_args()
@@ -133,6 +164,14 @@ def main() -> None:
             overrides=["method.name=peso", "method.kl_scale=entries", f"method.lam={lam}"], lam=lam, form="entries"
         )
         for lam in a.entries_lams
+    }
+    variants |= {
+        f"all-lam{lam:g}": dict(
+            overrides=["method.name=peso", "method.kl_scale=entries", "method.pull=all", f"method.lam={lam}"],
+            lam=lam,
+            form="entries, pull all",
+        )
+        for lam in a.all_lams
     }
 
     def train(job: tuple[str, int]) -> tuple[tuple[str, int], dict]:
@@ -156,6 +195,10 @@ def main() -> None:
         }
         for name, spec in variants.items()
     }
+    for name in variants:  # paired with single on the same seed: the seed moves every method alike
+        result["curve"][name]["vs_single"] = [
+            round(runs[(name, s)]["ndcg@10"] - runs[("single", s)]["ndcg@10"], 5) for s in a.seeds
+        ]
     result["runs"] = {f"{name}-seed{seed}": r for (name, seed), r in runs.items()}
     result.update(machine=f"{platform.machine()} {os.cpu_count()} cores", date=time.strftime("%Y-%m-%d"))
     plot(result, a.plot)

@@ -12,8 +12,10 @@ and saves them (rank 0) to OUT for the test to compare.
 
 - vectors: the same as sequence, on a model with item vectors (train/model/item_vectors.py), whose
   projection's gradient is compared too.
+- pull_all: vectors with `method.pull: all`: the term also pulls the code-token rows and the
+  projection toward an anchor of theirs.
 
-    python probe_methods.py {zero3|plain} {kl|l2|cumulative|sequence|vectors} OUT [BASE]
+    python probe_methods.py {zero3|plain} {kl|l2|cumulative|sequence|vectors|pull_all} OUT [BASE]
 
 BASE: a Hugging Face folder to use instead of the tiny random model (a real backbone such as
 SmolLM2-135M; its vocabulary holds the token ids used here).
@@ -35,7 +37,7 @@ from train.common.config import load_config  # noqa: E402
 from train.dist.params import whole_shape  # noqa: E402
 from train.loop.data import collate  # noqa: E402
 from train.loop.loss import lm_loss  # noqa: E402
-from train.methods.proximal import ProximalTerm, pull_and_data_norms  # noqa: E402
+from train.methods.proximal import ProximalTerm, pull_and_data_norms, pulled_tensors  # noqa: E402
 from train.model.addons.frozen_sum import attach_frozen_adapters  # noqa: E402
 from train.model.build import apply_lora  # noqa: E402
 from train.model.item_vectors import attach_item_input, item_input_of  # noqa: E402
@@ -101,6 +103,17 @@ def anchor_of(model) -> dict:
     return out
 
 
+def anchor_of_everything(model) -> dict:
+    """method.pull=all's anchor: every pulled tensor (LoRA factors, code-token rows, projection)
+    moved by N(0, 0.05), before ZeRO-3 partitions them (they are whole on every rank then)."""
+    g = torch.Generator().manual_seed(3)
+    out = {}
+    for key, (module, weight_of) in pulled_tensors(model, "all").items():
+        w = weight_of(module).detach()
+        out[key] = w + 0.05 * torch.randn(w.shape, generator=g)
+    return out
+
+
 def sequence_batch(half: int, items: bool = False) -> dict:
     """One rank's micro-batch of the sequence objective: chunks of items (4 code tokens each)
     after a BOS, the codes of the items from `first` on labelled. `items`: the items of
@@ -149,7 +162,8 @@ def main():
     cfg = load_config(None, ["model.shape=tiny", "lora.r=4", "lora.dropout=0.0", "method.reduce=sum"])
     ids = torch.randint(0, 232, (2, 12), generator=torch.Generator().manual_seed(4))
     given = sys.argv[4] if len(sys.argv) > 4 else None
-    vectors = kind == "vectors"  # the sequence probe, on a model with item vectors
+    vectors = kind in ("vectors", "pull_all")  # the sequence probe, on a model with item vectors
+    pull = "all" if kind == "pull_all" else "lora"
     if mode == "plain":
         base = given or build(tmp)
         model = lora_model(base, cfg, vectors)
@@ -159,10 +173,11 @@ def main():
                 logits = model(input_ids=torch.cat([ids, ids + 1])).logits
             save_file({"logits": logits.contiguous()}, out)
             return
-        if kind in ("sequence", "vectors"):
+        if kind in ("sequence", "vectors", "pull_all"):
             # The two ranks' micro-batches, each normalized by its own labelled tokens, averaged
             # (as DeepSpeed averages the ranks' gradients); the term is counted once.
-            prox = ProximalTerm(model, anchor_of(model), "kl", "sum")
+            anchor = anchor_of_everything(model) if pull == "all" else anchor_of(model)
+            prox = ProximalTerm(model, anchor, "kl", "sum", pull=pull)
             with prox.collect():
                 first = mean_ce(model, sequence_batch(0, vectors))
             term = prox.term()
@@ -199,7 +214,7 @@ def main():
     }
     strategy.use_ds_config(ds)
     model = lora_model(base, cfg, vectors)
-    anchor = anchor_of(model)
+    anchor = anchor_of_everything(model) if pull == "all" else anchor_of(model)
     frozen = frozen_adapters(tmp, model) if kind == "cumulative" else None
     if frozen:
         attach_frozen_adapters(model, frozen)
@@ -222,8 +237,8 @@ def main():
         return
     from deepspeed.utils import safe_get_full_grad
 
-    if kind in ("sequence", "vectors"):
-        prox = ProximalTerm(engine.module, anchor, "kl", "sum")
+    if kind in ("sequence", "vectors", "pull_all"):
+        prox = ProximalTerm(engine.module, anchor, "kl", "sum", pull=pull)
         with prox.collect():
             ce = mean_ce(engine, sequence_batch(strategy.rank, vectors))
         term = prox.term()

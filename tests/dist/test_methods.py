@@ -74,6 +74,29 @@ def test_item_vectors_exact_under_zero3(tmp_path):
         assert (plain[k] - zero3[k]).abs().max() <= 1e-5 * scale, f"{k}: {(plain[k] - zero3[k]).abs().max()} of {scale}"
 
 
+def test_pull_all_exact_under_zero3(tmp_path):
+    """method.pull=all: the term over the LoRA factors, the code-token rows and the item-vector
+    projection; its value, the logged pull / data norms and every gradient on 2 partitioned ranks
+    equal one process's, and the rows and the projection do feel the term (their gradients differ
+    from the same model's without it by the term's part)."""
+    plain, zero3 = probe(tmp_path, "plain", "pull_all"), probe(tmp_path, "zero3", "pull_all")
+    without = probe(tmp_path, "plain", "vectors")  # the same live model, the term on the factors only
+    assert plain.keys() == zero3.keys() == without.keys()
+    assert abs(plain["term"].item() - zero3["term"].item()) <= 1e-6 * max(1.0, plain["term"].item())
+    for norm in ("pull_norm", "data_norm"):
+        assert plain[norm].item() > 0 and zero3[norm].item() == pytest.approx(plain[norm].item(), rel=1e-5), norm
+    # the data's share is the same model's gradient with or without the extra matrices: only the pull grew
+    assert plain["pull_norm"].item() > without["pull_norm"].item()
+    extra = [k for k in plain if "trainable_tokens" in k or "item_input.proj" in k]
+    assert len(extra) == 3  # the embedding's and the head's rows (untied), the projection
+    for k in extra:
+        assert (plain[k] - without[k]).abs().max() > 1e-6, f"{k}: the term does not reach it"
+    for k in (k for k in plain if k not in ("term", "pull_norm", "data_norm")):
+        scale = plain[k].abs().max()
+        assert scale > 0, k
+        assert (plain[k] - zero3[k]).abs().max() <= 1e-5 * scale, f"{k}: {(plain[k] - zero3[k]).abs().max()} of {scale}"
+
+
 def test_cumulative_forward_exact_under_zero3(tmp_path):
     plain, zero3 = probe(tmp_path, "plain", "cumulative"), probe(tmp_path, "zero3", "cumulative")
     assert torch.allclose(plain["logits"], zero3["logits"], atol=1e-6, rtol=0), (
@@ -154,6 +177,31 @@ def test_proximal_term_is_zero_at_the_start_and_positive_after_a_step(
         assert torch.equal(anchor[k], previous[k])
     with open(os.path.join(run, "periods", "2", "config.json")) as f:
         assert json.load(f)["config"]["method"]["name"] == "peso"
+
+
+def test_pull_all_holds_the_code_token_rows_near_their_anchor(after_two_periods, cds_data, ds_configs, tmp_path):
+    """A real period with method.pull=all: the anchor file holds period 1's code-token rows too,
+    and a strong pull keeps the rows closer to them than the same pull on the LoRA factors alone
+    (train_summary.json's token_rows_relative_distance)."""
+    moved = {}
+    for pull in ("lora", "all"):
+        run = _period2(
+            after_two_periods,
+            tmp_path / pull,
+            cds_data,
+            ds_configs[2],
+            "method.name=peso",
+            "method.kl_scale=entries",
+            "method.lam=100",
+            f"method.pull={pull}",
+        )
+        with open(os.path.join(run, "periods", "2", "train_summary.json")) as f:
+            moved[pull] = json.load(f)["token_rows_relative_distance"]
+    anchor = load_file(os.path.join(run, "periods", "2", "anchor.safetensors"))
+    previous = load_file(os.path.join(run, "periods", "1", "adapter", "adapter_model.safetensors"))
+    assert any("trainable_tokens" in k for k in anchor) and anchor.keys() == previous.keys()
+    assert all(torch.equal(anchor[k], previous[k]) for k in anchor)
+    assert 0 < moved["all"] < 0.5 * moved["lora"], moved
 
 
 def test_gradient_checkpointing_gives_the_same_peso_period_under_zero3(

@@ -29,20 +29,25 @@ def test_which_earlier_adapters_each_variant_freezes():
     assert frozen_adapter_periods(lora, "peso", 2) == []
 
 
-def _model():
-    cfg = load_config(None, ["model.shape=tiny", "lora.r=4", "lora.dropout=0.0"])
+def _base(layers: int = 2, tied: bool = False) -> LlamaForCausalLM:
+    """A random Llama of 116 tokens, the last 16 (NEW_TOKENS) the code tokens."""
     torch.manual_seed(0)
-    base = LlamaForCausalLM(
+    return LlamaForCausalLM(
         LlamaConfig(
             vocab_size=116,
             hidden_size=32,
             intermediate_size=64,
-            num_hidden_layers=2,
+            num_hidden_layers=layers,
             num_attention_heads=4,
             num_key_value_heads=2,
+            tie_word_embeddings=tied,
         )
     )
-    model = apply_lora(base, cfg.lora, NEW_TOKENS, seed=1)
+
+
+def _model():
+    cfg = load_config(None, ["model.shape=tiny", "lora.r=4", "lora.dropout=0.0"])
+    model = apply_lora(_base(), cfg.lora, NEW_TOKENS, seed=1)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for layer in lora_layers(model).values():

@@ -44,6 +44,8 @@ def test_tiny_config_loads_and_overrides_apply():
         (["lora.targets=[]"], "lora.targets: expected a non-empty list"),
         (["optim.betas=[0.9, x]"], "optim.betas[1]: expected a number, got 'x'"),
         (["optim.betas=[0.9]"], "optim.betas must be two numbers in [0, 1), got [0.9]"),
+        (["method.name=peso", "method.pull=rows"], "method.pull must be lora or all, not 'rows'"),
+        (["method.name=single", "method.pull=all"], "method single has none (methods with one: peso, l2)"),
     ],
 )
 def test_config_errors_name_the_problem(overrides, message):

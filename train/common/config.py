@@ -76,6 +76,12 @@ class MethodConfig:
         "peso's KL per matrix: none (the paper's term) or entries: times twice the matrix's entries, "
         "about its squared change (a pull of one strength whatever the matrix sizes; docs/methods.md)",
     )
+    pull: str = setting(
+        "lora",
+        "what the proximal term pulls toward period t-1: lora (the LoRA factors, the paper's) or all: "
+        "also the code-token rows and the item-vector projection, everything a LoRA period trains "
+        "(docs/methods.md)",
+    )
 
 
 @dataclass
@@ -299,6 +305,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"method.reduce must be sum or mean, not {cfg.method.reduce!r}")
     if cfg.method.kl_scale not in ("none", "entries"):
         raise ConfigError(f"method.kl_scale must be none or entries, not {cfg.method.kl_scale!r}")
+    if cfg.method.pull not in ("lora", "all"):
+        raise ConfigError(f"method.pull must be lora or all, not {cfg.method.pull!r}")
+    if cfg.method.pull != "lora" and method(cfg.method.name).term is None:
+        raise ConfigError(
+            f"method.pull={cfg.method.pull} extends a proximal term, and method {cfg.method.name} has none "
+            f"(methods with one: {', '.join(n for n in method_names() if method(n).term)})"
+        )
     if cfg.method.lam < 0 or cfg.method.temperature <= 0:
         raise ConfigError("method.lam must be >= 0 and method.temperature > 0")
     unknown = set(cfg.lora.targets) - set(LORA_TARGETS)

@@ -7,7 +7,7 @@
 <run>/periods/<t>/ds_ckpt/    DeepSpeed checkpoints inside the period
 <run>/periods/<t>/adapter/    the exported adapter (PEFT, safetensors)
 <run>/periods/<t>/model/      the exported full model (period 0 with model.period0=full)
-<run>/periods/<t>/anchor.safetensors   the previous period's LoRA factors (peso, l2)
+<run>/periods/<t>/anchor.safetensors   the previous period's LoRA factors (peso, l2; method.pull)
 <run>/periods/<t>/metrics.json evaluation of this period
 <run>/periods/<t>/recommendations.jsonl   window t's test users: their top items (evaluation)
 <run>/tb/                     TensorBoard

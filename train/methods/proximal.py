@@ -3,9 +3,15 @@ layers of the distance of each LoRA matrix M to M_prev, the adapter exported at 
 t-1 (the period's anchor, also saved as periods/<t>/anchor.safetensors). What the distance is,
 is the method's (`Distance`: train/methods/peso.py, l2.py); the rest is shared and here.
 
-Exact under ZeRO-3: a LoRA weight is only whole while its module runs, so each factor is copied
-in a forward hook on every lora_A / lora_B (never read outside its forward, which is silently 0
-with partitioned parameters).
+`method.pull: all` extends the same term to the rest of what a LoRA period trains: the code-token
+rows (peft's trainable-token deltas, one matrix per wrapped layer; one when tied) and the
+item-vector projection, toward their values at the end of period t-1 (the anchor's adapter file
+and its item_vectors.safetensors). Each is one more matrix in the sum; `reduce: mean` still
+divides by the number of LoRA layers, so adding them does not weaken the pull on the factors.
+
+Exact under ZeRO-3: a weight is only whole while its module runs, so each pulled tensor is copied
+in a forward hook on the module that uses it (every lora_A / lora_B; the trainable-tokens layer;
+the projection): never read outside its forward, which is silently 0 with partitioned parameters.
 
 The hooks only copy each factor (two operations); the distances are computed after the
 forward, every matrix of one size in one batch, so the term costs tens of kernels per step, not
@@ -30,7 +36,10 @@ from data_tools.atomic import atomic_write_bytes
 from data_tools.readback import load_safetensors
 from train.dist.params import is_partitioned
 from train.methods.registry import METHODS, method
+from train.model.item_vectors import has_item_vectors, item_input_of, load_item_vectors
 from train.model.lora import lora_factors, lora_layers
+
+PULLS = ("lora", "all")  # method.pull
 
 log = logging.getLogger(__name__)
 
@@ -90,30 +99,27 @@ class ProximalTerm:
         distance: Distance | str,
         reduce: str,
         device: torch.device = None,
+        pull: str = "lora",
     ):
         self.measure = distance_of_kind(distance) if isinstance(distance, str) else distance
         self.kind, self.reduce = self.measure.kind, reduce
         self.collecting = False
         self.seen: dict[str, torch.Tensor] = {}  # matrix -> its entries in this forward, fp32, flat
-        self.params: dict[str, nn.Parameter] = {}  # matrix -> the live LoRA weight
-        layers = lora_layers(model)
-        self.n_layers = len(layers)
+        self.params: dict[str, nn.Parameter] = {}  # matrix -> the live weight
+        self.n_layers = len(lora_layers(model))
         self.handles = []
         targets, missing = {}, []
-        for name, layer in layers.items():
-            for which in ("lora_A", "lora_B"):
-                key = f"{name}.{which}.weight"
-                if key not in anchor:
-                    missing.append(key)
-                    continue
-                targets[key] = anchor[key].to(device or "cpu", torch.float32).reshape(-1)  # vec M_prev
-                linear = layer.__getattr__(which)["default"]
-                self.params[key] = linear.weight
-                self.handles.append(linear.register_forward_hook(self._hook(key)))
+        for key, (module, weight_of) in pulled_tensors(model, pull).items():
+            if key not in anchor:
+                missing.append(key)
+                continue
+            targets[key] = anchor[key].to(device or "cpu", torch.float32).reshape(-1)  # vec M_prev
+            self.params[key] = weight_of(module)
+            self.handles.append(module.register_forward_hook(self._hook(key, weight_of)))
         if missing:
             raise ValueError(
-                f"the anchor lacks {len(missing)} LoRA matrices (first: {missing[0]}); "
-                "was the previous period trained with other lora.targets?"
+                f"the anchor lacks {len(missing)} of the matrices that method.pull={pull} pulls (first: "
+                f"{missing[0]}); was the previous period trained with other lora.targets or model add-ons?"
             )
         # Matrices of one size share a batch: [matrices, entries] targets, stacked once.
         self.groups: dict[int, list[str]] = {}
@@ -122,14 +128,14 @@ class ProximalTerm:
         self.targets = {n: torch.stack([targets[k] for k in keys]) for n, keys in self.groups.items()}
         self.measure.prepare(self.groups, self.targets)
 
-    def _hook(self, key: str):
+    def _hook(self, key: str, weight_of):
         def hook(module, inputs, output):
             if not self.collecting:
                 return
-            weight = module.weight
+            weight = weight_of(module)
             if is_partitioned(weight):
                 raise RuntimeError(
-                    "a LoRA weight is partitioned inside its own forward; the proximal term would be wrong"
+                    f"{key} is partitioned inside its own module's forward; the proximal term would be wrong"
                 )
             # A copy: under ZeRO-3 the gathered weight's storage is released (and reused) once the
             # module is done. Copying saves nothing for the backward, so a checkpoint's
@@ -179,9 +185,60 @@ class ProximalTerm:
         return out
 
 
+def _lora_weight(module: nn.Module) -> nn.Parameter:
+    return module.weight
+
+
+def _token_rows(module: nn.Module) -> nn.Parameter:
+    return module.trainable_tokens_delta["default"]
+
+
+def pulled_tensors(model: nn.Module, pull: str = "lora") -> dict[str, tuple[nn.Module, object]]:
+    """What the proximal term pulls, in the anchor's key names (peft's state-dict names; the
+    projection: the live parameter's name): key -> (the module whose forward uses it, a function
+    from that module to the live parameter). `pull`: lora (the LoRA factors) or all (also the
+    code-token rows and the item-vector projection)."""
+    if pull not in PULLS:
+        raise ValueError(f"method.pull must be one of {', '.join(PULLS)}, not {pull!r}")
+    out = {}
+    for name, layer in lora_layers(model).items():
+        for which in ("lora_A", "lora_B"):
+            out[f"{name}.{which}.weight"] = (layer.__getattr__(which)["default"], _lora_weight)
+    if pull == "lora":
+        return out
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    seen = set()
+    for name, module in model.named_modules():
+        if isinstance(module, TrainableTokensLayer) and "default" in module.trainable_tokens_delta:
+            delta = _token_rows(module)
+            if id(delta) not in seen:  # a tied head shares the embedding's rows: one matrix
+                seen.add(id(delta))
+                out[f"{name}.trainable_tokens_delta"] = (module, _token_rows)
+    item_input = item_input_of(model)
+    if item_input is not None:
+        name = next(n for n, m in model.named_modules() if m is item_input.proj)
+        out[f"{name}.weight"] = (item_input.proj, _lora_weight)
+    return out
+
+
+def anchor_state(plan_anchor: str, model: nn.Module, pull: str) -> dict[str, torch.Tensor]:
+    """The anchor's values of what `pull` pulls, from period t-1's adapter folder: its LoRA factors
+    (and with pull=all its code-token rows, and the projection from its item_vectors.safetensors,
+    under the live projection's name)."""
+    state = load_safetensors(os.path.join(plan_anchor, "adapter_model.safetensors"), what="the anchor's adapter")
+    if pull == "lora":
+        return lora_factors(state)
+    item_input = item_input_of(model)
+    if item_input is not None and has_item_vectors(plan_anchor):
+        name = next(n for n, m in model.named_modules() if m is item_input.proj)
+        state[f"{name}.weight"] = load_item_vectors(plan_anchor)["proj"]
+    return state
+
+
 def make_term(cfg, plan, run, model: nn.Module, strategy) -> ProximalTerm | None:
     """The proximal term of the period of `plan` (train/period/plan.py), for a method that has one
-    and a period that has an anchor; None otherwise. Rank 0 saves the anchor's LoRA factors as
+    and a period that has an anchor; None otherwise. Rank 0 saves the anchor's pulled tensors as
     periods/<t>/anchor.safetensors."""
     spec = method(cfg.method.name)
     if spec.term is None:
@@ -189,19 +246,19 @@ def make_term(cfg, plan, run, model: nn.Module, strategy) -> ProximalTerm | None
     if plan.anchor is None:
         log.info(f"{spec.name}: no previous adapter in period {plan.period}, so no proximal term this period")
         return None
-    anchor = lora_factors(
-        load_safetensors(os.path.join(plan.anchor, "adapter_model.safetensors"), what="the anchor's adapter")
-    )
+    anchor = anchor_state(plan.anchor, model, cfg.method.pull)
     if strategy.is_rank0:
         atomic_write_bytes(run.anchor_path(plan.period), save(anchor))
     distance = spec.distance_class().from_config(cfg.method, plan.anchor)
-    return ProximalTerm(model, anchor, distance, cfg.method.reduce, device=strategy.device)
+    return ProximalTerm(model, anchor, distance, cfg.method.reduce, device=strategy.device, pull=cfg.method.pull)
 
 
-def relative_distance(adapter: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> float:
-    """||theta - theta_start|| / ||theta_start|| over the LoRA factors of two adapter states: how
-    far a period moved its adapter from where it started (peso's anchor). NaN if the start is zero."""
-    keys = sorted(lora_factors(start))
+def relative_distance(adapter: dict[str, torch.Tensor], start: dict[str, torch.Tensor], rows: bool = False) -> float:
+    """||theta - theta_start|| / ||theta_start|| over the LoRA factors of two adapter states (with
+    `rows`: over their code-token rows instead): how far a period moved its adapter from where it
+    started (peso's anchor). NaN if the start is zero or has none."""
+    factors = lora_factors(start)
+    keys = sorted(k for k in start if (k not in factors) == rows)
     diff = sum(float((adapter[k].double() - start[k].double()).pow(2).sum()) for k in keys)
     base = sum(float(start[k].double().pow(2).sum()) for k in keys)
     return (diff / base) ** 0.5 if base > 0 else float("nan")

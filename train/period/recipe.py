@@ -336,7 +336,8 @@ class PeriodRecipe:
     def _pull_summary(self, progress: TrainingState) -> dict:
         """How hard the proximal term pulled over the period (the mean of its logged pull / data
         gradient-norm ratios), and how far the period moved its adapter from where it started:
-        ||theta - theta_start|| / ||theta_start|| over the LoRA factors (for peso: its anchor)."""
+        ||theta - theta_start|| / ||theta_start|| over the LoRA factors (for peso: its anchor), and
+        over the code-token rows."""
         out = {}
         ratios = [r for r in progress.pull_ratios if not math.isnan(r)]
         if ratios:
@@ -349,6 +350,8 @@ class PeriodRecipe:
                 for d in (plan.export_dir, plan.start_adapter)
             )
             out["adapter_relative_distance"] = relative_distance(end, start)
+            # what method.pull=all also pulls: the code-token rows (docs/methods.md)
+            out["token_rows_relative_distance"] = relative_distance(end, start, rows=True)
         return out
 
     def close(self, ended: bool) -> None:
