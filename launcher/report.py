@@ -93,6 +93,7 @@ def summarize(periods: dict, metric: str = "ndcg@10") -> dict:
     transitions, transitions_groups = averages(lambda w: w.get("transitions"))
     pull = {t: periods[t].get("train_summary", {}).get("pull_ratio_mean") for t in sorted(periods)}
     moved = {t: periods[t].get("train_summary", {}).get("adapter_relative_distance") for t in sorted(periods)}
+    rows_moved = {t: periods[t].get("train_summary", {}).get("token_rows_relative_distance") for t in sorted(periods)}
     earlier = [j for j in range(last) if j in R.get(j, {}) and j in R[last]]
     bwt = mean([R[last][j] - R[j][j] for j in earlier])
     forgetting = mean([max(R[i][j] for i in range(j, last) if j in R.get(i, {})) - R[last][j] for j in earlier])
@@ -113,6 +114,7 @@ def summarize(periods: dict, metric: str = "ndcg@10") -> dict:
         # the period moved its adapter from where it started (relative)
         "pull": pull,
         "moved": moved,
+        "rows_moved": rows_moved,  # the same over the code-token rows (what method.pull=all also pulls)
         "pull_average": mean([pull[t] for t in incremental if t in pull]),
     }
 
@@ -185,13 +187,18 @@ def _pull_table(sums: dict[str, dict]) -> list[str]:
     lines = [
         "",
         "Per period: pull / data, and how far the period moved its adapter from where it started "
-        "(||theta - theta_start|| / ||theta_start|| over the LoRA factors; for peso, its anchor):",
+        "(||theta - theta_start|| / ||theta_start|| over the LoRA factors; for peso, its anchor), and its "
+        "code-token rows (`rows`; method.pull=all pulls them too):",
         "",
         "| run | " + " | ".join(f"period {t}" for t in periods) + " |",
         "| --- | " + " | ".join("---" for _ in periods) + " |",
     ]
     for name, s in regularized.items():
-        cells = [f"{_ratio(s['pull'].get(t))}; moved {_ratio(s['moved'].get(t))}" for t in periods]
+        cells = [
+            f"{_ratio(s['pull'].get(t))}; moved {_ratio(s['moved'].get(t))}"
+            + ("" if s["rows_moved"].get(t) is None else f", rows {_ratio(s['rows_moved'].get(t))}")
+            for t in periods
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 

@@ -77,9 +77,11 @@ def test_markdown_and_plot(run, tmp_path):
 
 def test_the_pull_of_the_proximal_term_is_reported(run):
     """pull / data (the logged ratios' mean) over periods >= 1, and per period how far the
-    adapter moved from where it started."""
+    adapter moved from where it started, and its code-token rows (recorded since method.pull)."""
     for t, (ratio, moved) in {1: (2e-7, 0.5), 2: (4e-7, 0.25)}.items():
         summary = {"period": t, "pull_ratio_mean": ratio, "adapter_relative_distance": moved}
+        if t == 2:
+            summary["token_rows_relative_distance"] = 0.125
         with open(os.path.join(run, "periods", str(t), "train_summary.json"), "w") as f:
             json.dump(summary, f)
     s = summarize(load_run(run))
@@ -87,7 +89,7 @@ def test_the_pull_of_the_proximal_term_is_reported(run):
     text = markdown({"peso-run": load_run(run)})
     (row,) = [line for line in text.splitlines() if line.startswith("| peso-run | peso |")]
     assert row.endswith(" | 3e-07 |")  # the average table's last column
-    assert "| peso-run | 2e-07; moved 0.5 | 4e-07; moved 0.25 |" in text
+    assert "| peso-run | 2e-07; moved 0.5 | 4e-07; moved 0.25, rows 0.125 |" in text
 
 
 def test_the_plot_shows_coinciding_runs_both_references_and_whole_periods(run):

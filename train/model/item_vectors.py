@@ -2,7 +2,8 @@
 last code token (why: data_tools/cooccurrence.py).
 
 The vectors are fixed; what trains is one projection (`Linear(dim, hidden, bias=False)`), in
-period 0 and in every later period, like the code-token rows (no proximal term pulls on it).
+period 0 and in every later period, like the code-token rows (a proximal term pulls on it only
+with `method.pull: all`: train/methods/proximal.py).
 
 Per period t, rank 0 builds the vectors once from the training splits of windows 0..t (so items
 new in window t have one), rotated onto period t-1's vectors so that the projection trained on

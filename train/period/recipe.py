@@ -350,8 +350,10 @@ class PeriodRecipe:
                 for d in (plan.export_dir, plan.start_adapter)
             )
             out["adapter_relative_distance"] = relative_distance(end, start)
-            # what method.pull=all also pulls: the code-token rows (docs/methods.md)
-            out["token_rows_relative_distance"] = relative_distance(end, start, rows=True)
+            # what method.pull=all also pulls: the code-token rows (docs/methods.md), where there are any
+            rows = relative_distance(end, start, rows=True)
+            if not math.isnan(rows):
+                out["token_rows_relative_distance"] = rows
         return out
 
     def close(self, ended: bool) -> None:
