@@ -1,7 +1,7 @@
 """The continual study: peso against single and cumulative LoRA on real data, with seeds, the
 popularity reference, user groups, the R matrix and a lambda sweep.
 
-    python bench/continual_cds.py                       # the paper's Amazon CDs blocks (about 50 minutes on 2 cores)
+    python bench/continual_cds.py                       # the paper's Amazon CDs blocks (about 60 minutes on 2 cores)
     python bench/continual_cds.py --blocks DIR          # another folder of block_<k>.json (+ semantic_ids.json)
     python bench/continual_cds.py --movielens           # MovieLens-100K from the recbole wheel (converted, indexed)
     python bench/continual_cds.py --data DIR            # any dataset folder that has an item index
@@ -206,7 +206,7 @@ def main() -> None:
         f.write("\n".join(lines) + "\n")
     plot(runs, a.seeds, last, os.path.join(REPO, "bench", f"{a.name}.png"))
     pull_sweep.plot(
-        {"curve": curve, "data": os.path.basename(data.rstrip("/")), "seeds": len(a.seeds), "windows": f"1-{last}"},
+        {"curve": curve, "data": source_name(data), "seeds": len(a.seeds), "windows": f"1-{last}"},
         os.path.join(REPO, "bench", f"{a.name}_lambda.png"),
     )
     result.update(
@@ -361,6 +361,12 @@ def tables(runs: dict, w0: dict, seeds: list, last: int, cfg: dict, data: str) -
     return lines, result
 
 
+def source_name(data: str) -> str:
+    """The dataset's name for a figure: the folder its reviews came from (the manifest's sources)."""
+    sources = load_manifest(data).get("sources") or [{"path": data}]
+    return os.path.basename(os.path.dirname(sources[0]["path"])) or os.path.basename(data.rstrip("/"))
+
+
 def lambda_variants(a) -> dict:
     """The lambda sweep's peso runs per seed: folder name -> overrides, lambda and the term's form."""
     variants = {f"peso_lam{lam:g}": dict(overrides=[f"method.lam={lam}"], lam=lam, form="faithful") for lam in a.lams}
@@ -403,6 +409,9 @@ def curve_table(curve: dict, seeds: list, cfg: dict) -> list:
     def cell(ms: list, digits: int = 4) -> str:
         return "-" if ms[0] is None else f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
 
+    def ratio(ms: list) -> str:  # spans orders of magnitude (1e-4 at the authors' lambda)
+        return "-" if ms[0] is None else f"{ms[0]:.3g} ± {ms[1]:.2g}"
+
     lines = [
         "",
         f"The pull's strength: peso at each lambda ({len(seeds)} seeds; the paper's term reduced by the "
@@ -414,7 +423,8 @@ def curve_table(curve: dict, seeds: list, cfg: dict) -> list:
         "| peso | pull / data | moved | rows moved | NDCG@10 | dormant | new | continuing | vs single (per seed) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    order = sorted(curve, key=lambda n: (n != "single", curve[n].get("form", ""), curve[n].get("lam", 0)))
+    # single, then the paper's term by lambda, then kl_scale entries
+    order = sorted(curve, key=lambda n: (n != "single", curve[n].get("form") == "entries", curve[n].get("lam", 0)))
     for name in order:
         v = curve[name]
         label = (
@@ -426,7 +436,7 @@ def curve_table(curve: dict, seeds: list, cfg: dict) -> list:
         )
         groups = v["groups_ndcg@10"]
         lines.append(
-            f"| {label} | {cell(v['pull_over_data'], 3)} | {cell(v['adapter_moved'], 3)} | "
+            f"| {label} | {ratio(v['pull_over_data'])} | {cell(v['adapter_moved'], 3)} | "
             f"{cell(v['token_rows_moved'], 3)} | {cell(v['ndcg@10'])} | "
             + " | ".join(cell(groups.get(g, [None, None])) for g in ("dormant", "new", "continuing"))
             + " | "
