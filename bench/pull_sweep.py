@@ -42,24 +42,10 @@ def summary(run: str) -> dict:
         "groups_ndcg@10": {g: round(v["ndcg@10"], 5) for g, v in s["groups"].items() if v["ndcg@10"] is not None},
         "pull_over_data": s["pull_average"] and float(f"{s['pull_average']:.3g}"),
         "adapter_moved": {t: round(v, 4) for t, v in s["moved"].items() if v is not None},
-        "token_rows_moved": {t: round(v, 4) for t, v in token_rows_moved(run).items()},
+        "token_rows_moved": {t: round(v, 4) for t, v in s["rows_moved"].items() if v is not None},
         "bwt": round(s["bwt"], 5),
         "forgetting": round(s["forgetting"], 5),
     }
-
-
-def token_rows_moved(run: str) -> dict:
-    """Per LoRA period with a start: how far it moved the code-token rows (relative), from its
-    train_summary.json (periods trained before that was recorded: none)."""
-    out = {}
-    for t in sorted(os.listdir(os.path.join(run, "periods")), key=int):
-        path = os.path.join(run, "periods", t, "train_summary.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                moved = json.load(f).get("token_rows_relative_distance")
-            if moved is not None:
-                out[t] = moved
-    return out
 
 
 def mean_sd(xs: list) -> list:

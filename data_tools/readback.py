@@ -18,12 +18,13 @@ No torch here: safetensors and numpy are imported where a file of theirs is read
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
 
 import orjson  # the JSON-lines files are written with it; 3x faster than json on large ones (pending.jsonl)
+
+from data_tools.textio import sha256_file
 
 RAISE = object()  # `missing=RAISE`: a missing file is a DamagedFile (the default)
 
@@ -326,14 +327,11 @@ def check_shard(path: str, record: dict, *, what: str = "", remedy: str = "", fu
             remedy=remedy,
         )
     if full and record.get("sha256"):
-        digest = hashlib.sha256()
         try:
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 22):
-                    digest.update(chunk)
+            digest = sha256_file(path)
         except OSError as e:
             raise DamagedFile(path, f"cannot be read ({e.strerror or e})", what=what, remedy=remedy) from None
-        if digest.hexdigest() != record["sha256"]:
+        if digest != record["sha256"]:
             raise DamagedFile(
                 path,
                 "is damaged: its sha256 is not the one the manifest records (overwritten or edited since "

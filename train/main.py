@@ -95,7 +95,8 @@ def print_config(args) -> int:
 
 
 def check_inputs(args):
-    """Everything that can be checked before a process group exists."""
+    """Everything that can be checked before a process group exists; returns the config, the
+    DeepSpeed config template, the manifest, the run folder and the period's plan."""
     from data_tools.dataset import ITEM_INDEX, load_manifest
     from train.common.config import ConfigError, accumulation_steps, load_config
     from train.common.run_folder import RunFolder
@@ -134,7 +135,9 @@ def check_inputs(args):
     from train.model.addons import check_addons
 
     check_addons(cfg, run, period)  # what the period's model add-ons need (train/model/addons/)
-    accumulation_steps(cfg, int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1))
+    from train.common.launch_env import launch_rank_and_world
+
+    accumulation_steps(cfg, launch_rank_and_world()[1])
     check_device(run, period)
     if not args.eval_only and not args.restart_period:
         check_resume(run, period, cfg)
@@ -145,8 +148,8 @@ def check_inputs(args):
     from train.period.inputs import check_period_inputs
 
     # every file the period reads back, whole (a DamagedFile: one line, data_tools/readback.py)
-    check_period_inputs(cfg, run, manifest, period, eval_only=args.eval_only, restart=args.restart_period)
-    return cfg, ds_template, manifest, run, period
+    plan = check_period_inputs(cfg, run, manifest, period, eval_only=args.eval_only, restart=args.restart_period)
+    return cfg, ds_template, manifest, run, plan
 
 
 ALLOW_CPU = "PESO_ALLOW_CPU"  # set to 1 to train on the CPU although GPUs were given or used before
@@ -239,14 +242,14 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
     try:
-        cfg, ds_template, manifest, run, period = check_inputs(args)
+        cfg, ds_template, manifest, run, plan = check_inputs(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:  # a damaged file too (DamagedFile)
         return refuse(str(e))
     from data_tools.readback import DamagedFile
     from train.common.exit_codes import EXIT_USAGE, Refused
 
     try:
-        return train_period(cfg, ds_template, manifest, run, period, args.eval_only, args.restart_period)
+        return train_period(cfg, ds_template, manifest, run, plan)
     except Refused:  # the ranks agreed on an input error; its one line is out (DeepSpeedStrategy.agree)
         return EXIT_USAGE
     except DamagedFile as e:  # a file that changed while the period ran, met by this rank alone
@@ -267,11 +270,9 @@ def refuse(line: str) -> int:
     error meet them there, train/period/recipe.py): the line is out before a launcher stops the
     ranks, and no rank waits forever for one that left."""
     from train.common.exit_codes import EXIT_USAGE, Refused
+    from train.common.launch_env import launch_rank_and_world
 
-    env = os.environ
-    under_srun = "SLURM_PROCID" in env and "MASTER_ADDR" in env
-    world = int(env.get("WORLD_SIZE") or (env.get("SLURM_NTASKS") if under_srun else None) or 1)
-    if world <= 1:
+    if launch_rank_and_world()[1] <= 1:
         print(f"error: {line}", file=sys.stderr)
         return EXIT_USAGE
     from train.dist.strategy import DeepSpeedStrategy
@@ -288,14 +289,14 @@ def _write_failed(message: str) -> int:
     return 2
 
 
-def train_period(cfg, ds_template, manifest, run, period: int, eval_only: bool = False, restart: bool = False) -> int:
-    """Plan the period, then run it (train/period/recipe.py); returns the exit code."""
-    from train.period.plan import PeriodPlan
+def train_period(cfg, ds_template, manifest, run, plan) -> int:
+    """Run the planned period (train/period/recipe.py); returns the exit code."""
+    from train.common.launch_env import launch_rank_and_world
     from train.period.recipe import PeriodRecipe
 
-    plan = PeriodPlan.make(cfg, run, period, eval_only=eval_only, restart=restart)
-    if not eval_only and int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0) == 0:
-        run.record_window(period, manifest, cfg.data.path)  # what the period trains on: checked by later reruns
+    if not plan.eval_only and launch_rank_and_world()[0] == 0:
+        # what the period trains on: checked by later reruns
+        run.record_window(plan.period, manifest, cfg.data.path)
     return PeriodRecipe(cfg, ds_template, manifest, run, plan).run()
 
 

@@ -340,6 +340,7 @@ def _one_rank():
         world_size=1,
         barrier=lambda: None,
         broadcast_object=lambda obj: obj,
+        gather_to_rank0=lambda obj: [obj],
         all_reduce_sum=list,
         agree=agree,
     )

@@ -18,6 +18,7 @@ import data_tools.convert
 from data_tools.__main__ import main as data_tools_main
 from data_tools.atomic import WriteError
 from tests.unit.test_bad_input import good_stream, write_lines
+from tests.unit.test_damaged_inputs import _one_rank
 
 FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -167,10 +168,7 @@ def test_checkpoint_on_a_full_disk_keeps_the_complete_one_whole(tmp_path):
     from train.dist.checkpoint import COMPLETE, Checkpointer, tag_step
 
     folder = tmp_path / "ds_ckpt"
-    one_rank = SimpleNamespace(
-        is_rank0=True, rank=0, world_size=1, barrier=lambda: None, broadcast_object=lambda obj: obj
-    )
-    ckpt, engine = Checkpointer(one_rank, str(folder), keep=2), _Engine()
+    ckpt, engine = Checkpointer(_one_rank(), str(folder), keep=2), _Engine()
     ckpt.save(engine, 200, {"epoch": 0})
     engine.full = True
     with pytest.raises(
@@ -221,7 +219,7 @@ def test_training_on_a_full_disk_is_one_line_naming_the_run(tmp_path, monkeypatc
     import train.main
 
     run = SimpleNamespace(root=str(tmp_path / "run"))
-    monkeypatch.setattr(train.main, "check_inputs", lambda args: (None, None, None, run, 0))
+    monkeypatch.setattr(train.main, "check_inputs", lambda args: (None, None, None, run, None))
 
     def train_period(*args):
         raise FULL

@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from launcher.slurm import next_job_command, parse_scontrol_line
-from train.common.launch_env import free_port, tasks_per_node
+from train.common.launch_env import free_port, launch_rank_and_world, tasks_per_node
 
 JOB_LINE = (
     "JobId=42 JobName=cds study UserId=root(0) JobState=RUNNING Reason=None "
@@ -58,3 +58,20 @@ def test_free_port_is_free_and_a_taken_one_is_refused():
         s.listen()
         with pytest.raises(OSError):
             free_port("127.0.0.1", s.getsockname()[1], reuse_address=True)
+
+
+@pytest.mark.parametrize(
+    "environ, rank_and_world",
+    [
+        ({}, (0, 1)),
+        ({"RANK": "3", "WORLD_SIZE": "4"}, (3, 4)),  # torchrun, the deepspeed launcher
+        ({"WORLD_SIZE": "2"}, (0, 2)),
+        ({"SLURM_PROCID": "1", "SLURM_NTASKS": "8", "MASTER_ADDR": "node1"}, (1, 8)),  # srun, one task per rank
+        # a plain process inside an sbatch job (no srun): one process, whatever the job's task count
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}, (0, 1)),
+        # torchrun inside an srun task: torchrun's ranks, not SLURM's
+        ({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "MASTER_ADDR": "x"}, (1, 2)),
+    ],
+)
+def test_rank_and_world_before_the_process_group(environ, rank_and_world):
+    assert launch_rank_and_world(environ) == rank_and_world

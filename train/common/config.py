@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from train.methods.registry import method, method_names
+from train.methods.registry import PULLS, method, method_names
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -305,8 +305,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"method.reduce must be sum or mean, not {cfg.method.reduce!r}")
     if cfg.method.kl_scale not in ("none", "entries"):
         raise ConfigError(f"method.kl_scale must be none or entries, not {cfg.method.kl_scale!r}")
-    if cfg.method.pull not in ("lora", "all"):
-        raise ConfigError(f"method.pull must be lora or all, not {cfg.method.pull!r}")
+    if cfg.method.pull not in PULLS:
+        raise ConfigError(f"method.pull must be {' or '.join(PULLS)}, not {cfg.method.pull!r}")
     if cfg.method.pull != "lora" and method(cfg.method.name).term is None:
         raise ConfigError(
             f"method.pull={cfg.method.pull} extends a proximal term, and method {cfg.method.name} has none "

@@ -182,7 +182,7 @@ class Checkpointer:
             _fsync(mine)  # what this rank wrote
             sizes = {os.path.relpath(p, folder): os.path.getsize(p) for p in mine}
         # every rank has written and flushed its files (rank 0 waits for all of them here)
-        every = [sizes] if strategy.world_size == 1 else strategy.gather_to_rank0(sizes)
+        every = strategy.gather_to_rank0(sizes)
         if strategy.is_rank0:
             mark = {
                 "tag": tag,

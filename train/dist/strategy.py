@@ -18,7 +18,7 @@ import torch
 
 from data_tools.readback import DamagedFile
 from train.common.exit_codes import Refused
-from train.common.launch_env import free_port, tasks_per_node
+from train.common.launch_env import free_port, tasks_per_node, under_srun
 from train.dist.placement import misplaced, move_to
 
 
@@ -32,7 +32,7 @@ def _env_from_slurm() -> None:
     """Under `srun` (one task per rank, as slurm/continual.sh launches), the ranks come from
     SLURM; MASTER_ADDR and MASTER_PORT are exported by the launcher before srun."""
     e = os.environ
-    if "RANK" in e or "SLURM_PROCID" not in e or "MASTER_ADDR" not in e:
+    if not under_srun(e):
         return
     e.update(
         RANK=e["SLURM_PROCID"],

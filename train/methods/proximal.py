@@ -35,11 +35,9 @@ from safetensors.torch import save
 from data_tools.atomic import atomic_write_bytes
 from data_tools.readback import load_safetensors
 from train.dist.params import is_partitioned
-from train.methods.registry import METHODS, method
+from train.methods.registry import METHODS, PULLS, method
 from train.model.item_vectors import has_item_vectors, item_input_of, load_item_vectors
 from train.model.lora import lora_factors, lora_layers
-
-PULLS = ("lora", "all")  # method.pull
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +183,7 @@ class ProximalTerm:
         return out
 
 
-def _lora_weight(module: nn.Module) -> nn.Parameter:
+def _weight(module: nn.Module) -> nn.Parameter:
     return module.weight
 
 
@@ -203,7 +201,7 @@ def pulled_tensors(model: nn.Module, pull: str = "lora") -> dict[str, tuple[nn.M
     out = {}
     for name, layer in lora_layers(model).items():
         for which in ("lora_A", "lora_B"):
-            out[f"{name}.{which}.weight"] = (layer.__getattr__(which)["default"], _lora_weight)
+            out[f"{name}.{which}.weight"] = (layer.__getattr__(which)["default"], _weight)
     if pull == "lora":
         return out
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
@@ -215,11 +213,20 @@ def pulled_tensors(model: nn.Module, pull: str = "lora") -> dict[str, tuple[nn.M
             if id(delta) not in seen:  # a tied head shares the embedding's rows: one matrix
                 seen.add(id(delta))
                 out[f"{name}.trainable_tokens_delta"] = (module, _token_rows)
-    item_input = item_input_of(model)
-    if item_input is not None:
-        name = next(n for n, m in model.named_modules() if m is item_input.proj)
-        out[f"{name}.weight"] = (item_input.proj, _lora_weight)
+    projection = _item_projection(model)
+    if projection is not None:
+        key, module = projection
+        out[key] = (module, _weight)
     return out
+
+
+def _item_projection(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The item-vector projection's weight name and module, if the model has one."""
+    item_input = item_input_of(model)
+    if item_input is None:
+        return None
+    name = next(n for n, m in model.named_modules() if m is item_input.proj)
+    return f"{name}.weight", item_input.proj
 
 
 def anchor_state(plan_anchor: str, model: nn.Module, pull: str) -> dict[str, torch.Tensor]:
@@ -229,10 +236,9 @@ def anchor_state(plan_anchor: str, model: nn.Module, pull: str) -> dict[str, tor
     state = load_safetensors(os.path.join(plan_anchor, "adapter_model.safetensors"), what="the anchor's adapter")
     if pull == "lora":
         return lora_factors(state)
-    item_input = item_input_of(model)
-    if item_input is not None and has_item_vectors(plan_anchor):
-        name = next(n for n, m in model.named_modules() if m is item_input.proj)
-        state[f"{name}.weight"] = load_item_vectors(plan_anchor)["proj"]
+    projection = _item_projection(model)
+    if projection is not None and has_item_vectors(plan_anchor):
+        state[projection[0]] = load_item_vectors(plan_anchor)["proj"]
     return state
 
 

@@ -19,6 +19,8 @@ import importlib
 from dataclasses import dataclass
 
 FREEZES = ("none", "latest", "all")  # which earlier adapters a method adds to the model, frozen
+# method.pull: what a proximal term pulls, the LoRA factors (the paper's) or all a LoRA period trains
+PULLS = ("lora", "all")
 
 
 @dataclass(frozen=True)
